@@ -1,0 +1,91 @@
+"""The `sparsemerge` command line: parse options, call one library function, print.
+
+Heavy modules (torch, transformers, plotly) are imported inside commands, so `--help` is fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from mergekit_sparse.errors import SparseMergeError
+
+
+class Group(click.Group):
+    """Turns the library's user errors into one `Error:` line and exit code 1 (no traceback)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except SparseMergeError as e:
+            click.echo(f"Error: {e}", err=True)
+            ctx.exit(1)
+
+    def list_commands(self, ctx):
+        return list(self.commands)           # the order they are defined in: the workflow's order
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="mergekit-sparse")
+def cli():
+    """mergekit-sparse: find the parameters each fine-tuning task really changed, measure how the
+    tasks overlap, fuse checkpoints without the tasks destroying each other (CPI-FT), and train
+    only a sparse, well-chosen parameter set (GaLLoP).
+
+    \b
+    Start here:   sparsemerge demo
+    Typical run:  sparsemerge core --base base/ math/ code/ --p 1 -o cores/
+                  sparsemerge overlap cores/*.mask.safetensors --tau 0.1 --html overlap.html
+                  sparsemerge fuse math/ code/ --base base/ --p 1 -o fused/
+    """
+
+
+def emit(data: dict, as_json: bool, text: str) -> None:
+    """Print either the JSON document or the human summary."""
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+    else:
+        click.echo(text)
+
+
+def labels_for(paths) -> list[str]:
+    from mergekit_sparse.checkpoint import task_labels
+    return task_labels(paths)
+
+
+def json_option(f):
+    return click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (for scripts).")(f)
+
+
+def force_option(f):
+    return click.option("--force", is_flag=True, help="Replace an existing output.")(f)
+
+
+def scope_options(f):
+    f = click.option("--exclude", multiple=True, metavar="REGEX",
+                     help="Leave out tensors whose name matches (repeatable), e.g. 'embed|lm_head'.")(f)
+    f = click.option("--include", multiple=True, metavar="REGEX",
+                     help="Only tensors whose name matches (repeatable); default: all floating tensors.")(f)
+    return f
+
+
+def pickle_option(f):
+    return click.option("--allow-pickle", is_flag=True,
+                        help="Load pickled .bin/.pt weights with torch.load(weights_only=True).")(f)
+
+
+def progress_enabled() -> bool:
+    return sys.stderr.isatty()
+
+
+from . import commands  # noqa: E402,F401  (registers the commands on `cli`)
+
+
+def main() -> None:
+    cli(prog_name="sparsemerge")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,321 @@
+"""Open checkpoints lazily and read them one tensor at a time.
+
+A checkpoint is a single `.safetensors` file, a Hugging Face model folder (one file or
+shards with `model.safetensors.index.json`), or a Hub repo id resolved through the local
+Hugging Face cache. Opening one reads only headers: names, shapes and dtypes are known
+without touching tensor data, and every header is validated against the file size so a
+truncated or corrupt file fails at open time with a message naming it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError
+
+# safetensors dtype code -> (torch dtype, bytes per element)
+DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2), "I64": (torch.int64, 8), "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2), "I8": (torch.int8, 1), "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1),
+    "F8_E4M3": (torch.float8_e4m3fn, 1), "F8_E5M2": (torch.float8_e5m2, 1),
+}
+DTYPE_CODES = {dt: code for code, (dt, _) in DTYPES.items()}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives and what it looks like; no data."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: Path
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype.is_floating_point
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], bytes]:
+    """Parse and validate a safetensors header: (tensors, metadata, raw header bytes)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: file is empty or too short to be safetensors ({size} bytes)")
+            n = int.from_bytes(head, "little")
+            if n > min(size - 8, MAX_HEADER_BYTES):
+                raise CheckpointError(
+                    f"{path}: not a valid safetensors file (header length {n} exceeds the file size {size}); "
+                    "the file is truncated or not safetensors")
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from e
+    try:
+        header = json.loads(raw)
+        assert isinstance(header, dict)
+    except (ValueError, AssertionError):
+        raise CheckpointError(f"{path}: safetensors header is not valid JSON; the file is corrupt") from None
+    metadata = header.pop("__metadata__", None) or {}
+    infos: dict[str, TensorInfo] = {}
+    data_size, end_max = size - 8 - n, 0
+    for name, entry in header.items():
+        try:
+            dtype, itemsize = DTYPES[entry["dtype"]]
+            shape = tuple(int(s) for s in entry["shape"])
+            begin, end = (int(o) for o in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: header entry for '{name}' is malformed or has an unknown dtype "
+                                  f"({entry.get('dtype') if isinstance(entry, dict) else entry!r})") from None
+        info = TensorInfo(name, shape, dtype, path)
+        if end - begin != info.numel * itemsize or begin < 0:
+            raise CheckpointError(f"{path}: header says '{name}' is {entry['dtype']}{list(shape)} "
+                                  f"({info.numel * itemsize} bytes) but its offsets span {end - begin} bytes; "
+                                  "the file is corrupt")
+        if end > data_size:
+            raise CheckpointError(f"{path}: '{name}' ends at byte {end} but the file holds only {data_size} "
+                                  "data bytes; the file is truncated (re-download or re-save it)")
+        end_max = max(end_max, end)
+        infos[name] = info
+    return infos, metadata, raw
+
+
+def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is the user's file
+        raise CheckpointError(f"{path}: cannot load pickled weights with weights_only=True ({e})") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: pickled file is not a plain state dict of tensors")
+    return obj
+
+
+def _pickle_refusal(path: Path) -> CheckpointError:
+    return CheckpointError(
+        f"{path}: refusing pickled weights (loading a pickle can run arbitrary code); convert the model to "
+        "safetensors (model.save_pretrained(dir, safe_serialization=True)) or pass --allow-pickle to load "
+        "it with torch.load(weights_only=True)")
+
+
+class Checkpoint:
+    """A lazily opened checkpoint: headers in memory, tensors read on demand.
+
+    `tensor(name)` returns a tensor backed by the memory-mapped file (file-backed pages,
+    not anonymous memory); callers convert to float32 per tensor as they need it.
+    """
+
+    def __init__(self, path: Path, infos: dict[str, TensorInfo], *, folder: Path | None,
+                 headers: dict[Path, bytes], label: str, pickled: dict[str, torch.Tensor] | None = None):
+        self.path = path
+        self.folder = folder            # HF folder with config/tokenizer, or None for a bare file
+        self.label = label
+        self.infos = dict(sorted(infos.items()))
+        self._headers = headers
+        self._pickled = pickled
+        self._handles: dict[Path, object] = {}
+
+    # -- opening ------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, spec: str | os.PathLike, *, allow_pickle: bool = False) -> Checkpoint:
+        """Open a `.safetensors` file, an HF folder, or a Hub repo id found in the local cache."""
+        path = Path(spec)
+        if path.is_file():
+            if path.suffix in PICKLE_SUFFIXES:
+                if not allow_pickle:
+                    raise _pickle_refusal(path)
+                return cls._from_pickles([path], path, folder=None)
+            infos, _, raw = read_header(path)
+            return cls(path, infos, folder=None, headers={path: raw}, label=path.name.removesuffix(".safetensors"))
+        if path.is_dir():
+            return cls._open_folder(path, allow_pickle)
+        if re.fullmatch(r"[\w.\-]+/[\w.\-]+", str(spec)) and not str(spec).startswith("."):
+            return cls._open_folder(_resolve_hub(str(spec)), allow_pickle, label=str(spec))
+        raise CheckpointError(f"{spec}: no such file or folder (expected a .safetensors file, a model "
+                              "folder, or a Hub repo id such as org/name)")
+
+    @classmethod
+    def _open_folder(cls, folder: Path, allow_pickle: bool, label: str | None = None) -> Checkpoint:
+        label = label or folder.name
+        index = folder / INDEX_NAME
+        if index.is_file():
+            files = _shards_from_index(index)
+        elif (folder / SINGLE_NAME).is_file():
+            files = [folder / SINGLE_NAME]
+        else:
+            files = sorted(folder.glob("*.safetensors"))
+            files = [f for f in files if not f.name.endswith(".mask.safetensors")]
+        if not files:
+            pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+            if pickles and not allow_pickle:
+                raise _pickle_refusal(pickles[0])
+            if pickles:
+                return cls._from_pickles(pickles, folder, folder=folder)
+            raise CheckpointError(f"{folder}: folder holds no weights (no {SINGLE_NAME}, no {INDEX_NAME}, "
+                                  "no *.safetensors)")
+        infos: dict[str, TensorInfo] = {}
+        headers: dict[Path, bytes] = {}
+        for file in files:
+            file_infos, _, raw = read_header(file)
+            headers[file] = raw
+            for name, info in file_infos.items():
+                if name in infos:
+                    raise CheckpointError(f"{folder}: tensor '{name}' appears in two shards "
+                                          f"({infos[name].file.name}, {file.name})")
+                infos[name] = info
+        return cls(folder, infos, folder=folder, headers=headers, label=label)
+
+    @classmethod
+    def _from_pickles(cls, files: list[Path], path: Path, folder: Path | None) -> Checkpoint:
+        tensors: dict[str, torch.Tensor] = {}
+        for f in files:
+            tensors.update(_load_pickle(f))
+        infos = {n: TensorInfo(n, tuple(t.shape), t.dtype, files[0]) for n, t in tensors.items()}
+        return cls(path, infos, folder=folder, headers={}, label=path.stem, pickled=tensors)
+
+    # -- lazy facts ---------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return list(self.infos)
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted({i.file for i in self.infos.values()})
+
+    @property
+    def numel(self) -> int:
+        return sum(i.numel for i in self.infos.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(i.nbytes for i in self.infos.values())
+
+    def fingerprint(self) -> str:
+        """sha256 over every shard's header bytes and size: cheap, and changes with any re-save."""
+        h = hashlib.sha256()
+        for file, raw in sorted(self._headers.items()):
+            h.update(file.name.encode() + b"\0" + raw + str(file.stat().st_size).encode())
+        if self._pickled is not None:
+            for f in self.files:
+                h.update(f.read_bytes())
+        return h.hexdigest()
+
+    def sources(self) -> dict:
+        return {"path": str(self.path), "header_sha256": self.fingerprint()}
+
+    # -- data ---------------------------------------------------------------------------------
+    def tensor(self, name: str) -> torch.Tensor:
+        """Read one tensor (memory-mapped where possible)."""
+        info = self.infos.get(name)
+        if info is None:
+            raise CheckpointError(f"{self.path}: no tensor named '{name}'")
+        if self._pickled is not None:
+            return self._pickled[name]
+        handle = self._handles.get(info.file)
+        if handle is None:
+            from safetensors import safe_open
+            try:
+                handle = safe_open(str(info.file), framework="pt", device="cpu")
+            except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+                raise CheckpointError(f"{info.file}: cannot open safetensors file ({e})") from None
+            self._handles[info.file] = handle
+        try:
+            return handle.get_tensor(name)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{info.file}: cannot read tensor '{name}' ({e})") from None
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, tensors={len(self.infos)}, params={self.numel})"
+
+
+def _shards_from_index(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        assert isinstance(weight_map, dict)
+    except (ValueError, KeyError, AssertionError, TypeError):
+        raise CheckpointError(f"{index}: not a valid index (expected JSON with a 'weight_map' object)") from None
+    folder = index.parent.resolve()
+    files = []
+    for shard in sorted(set(weight_map.values())):
+        file = (folder / shard).resolve()
+        if folder not in file.parents:
+            raise CheckpointError(f"{index}: shard '{shard}' points outside the model folder; refusing it")
+        if not file.is_file():
+            raise CheckpointError(f"{index}: shard '{shard}' listed in the index is missing from {folder}")
+        files.append(file)
+    return files
+
+
+def _resolve_hub(repo_id: str) -> Path:
+    """Resolve a Hub repo id to a local snapshot folder (cache first; honours HF_HUB_OFFLINE)."""
+    from huggingface_hub import snapshot_download
+    patterns = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached: try the network unless offline
+        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+            raise CheckpointError(f"{repo_id}: not a local path, and not in the Hugging Face cache while "
+                                  "HF_HUB_OFFLINE is set; download it first or give a local path") from None
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{repo_id}: cannot resolve as a Hub repo ({type(e).__name__}); "
+                              "give a local path or check the repo id") from None
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def task_label(spec) -> str:
+    """A task's display name from its path: `runs/math/` -> math, `a.safetensors` -> a."""
+    p = Path(str(spec).rstrip("/"))
+    name = p.name
+    for suffix in (".mask.safetensors", ".safetensors", ".bin", ".pt"):
+        name = name.removesuffix(suffix)
+    return name or str(spec)
+
+
+def task_labels(specs) -> list[str]:
+    """Display names for several tasks; duplicates are an error (they would overwrite each other's outputs)."""
+    from .errors import OptionError
+    labels = [task_label(s) for s in specs]
+    seen: dict[str, str] = {}
+    for spec, label in zip(specs, labels):
+        if label in seen:
+            raise OptionError(f"two inputs have the task name '{label}' ({seen[label]} and {spec}); "
+                              "rename one of them so their outputs do not collide")
+        seen[label] = str(spec)
+    return labels

@@ -1,0 +1,148 @@
+"""Packed-bit parameter masks (METHODS §3).
+
+On disk a mask set is `*.mask.safetensors`: one uint8 tensor per parameter tensor holding
+the mask bits packed with `numpy.packbits` (big-endian bit order, padded to a whole byte),
+and `__metadata__["mergekit_sparse"]` holding JSON with the format version, every tensor's
+shape, the criterion, the percentage, the number selected, the threshold and the sources.
+Mask files are read lazily, one tensor at a time, like checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import read_header
+from .errors import CheckpointError, MismatchError
+from .writer import AtomicPath, SafetensorsStream, check_output
+
+FORMAT_VERSION = 1
+META_KEY = "mergekit_sparse"
+
+
+def pack(mask: torch.Tensor) -> np.ndarray:
+    """Bool tensor of any shape -> packed uint8 array of ceil(n / 8) bytes."""
+    return np.packbits(mask.reshape(-1).numpy().astype(bool, copy=False))
+
+
+def unpack(packed: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
+    n = int(np.prod(shape, dtype=np.int64))
+    return torch.from_numpy(np.unpackbits(packed, count=n).astype(bool)).view(shape)
+
+
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
+
+
+def popcount(packed: np.ndarray) -> int:
+    return int(_POPCOUNT[packed].sum()) if packed.size else 0
+
+
+def packed_size(shape: tuple[int, ...]) -> int:
+    return (int(np.prod(shape, dtype=np.int64)) + 7) // 8
+
+
+class MaskSet:
+    """A lazily read mask file: `shapes`, `meta`, and per-tensor `packed(name)` / `bool(name)`."""
+
+    def __init__(self, path: Path, shapes: dict[str, tuple[int, ...]], meta: dict):
+        self.path, self.shapes, self.meta = Path(path), dict(sorted(shapes.items())), meta
+        self._handle = None
+
+    @classmethod
+    def load(cls, path: str | Path) -> MaskSet:
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: mask file not found")
+        infos, metadata, _ = read_header(path)
+        try:
+            meta = json.loads(metadata[META_KEY])
+            shapes = {n: tuple(s) for n, s in meta["shapes"].items()}
+        except (KeyError, ValueError, TypeError):
+            raise CheckpointError(f"{path}: not a mergekit-sparse mask file (no '{META_KEY}' metadata); "
+                                  "create masks with `sparsemerge core` or `sparsemerge gallop`") from None
+        if meta.get("format_version", 0) > FORMAT_VERSION:
+            raise CheckpointError(f"{path}: mask format version {meta['format_version']} is newer than this "
+                                  f"tool's ({FORMAT_VERSION}); upgrade mergekit-sparse")
+        for name, shape in shapes.items():
+            info = infos.get(name)
+            if info is None or info.dtype != torch.uint8 or info.numel != packed_size(shape):
+                raise CheckpointError(f"{path}: tensor '{name}' is missing or has the wrong packed size")
+        return cls(path, shapes, meta)
+
+    @property
+    def label(self) -> str:
+        return self.meta.get("task") or self.path.name.removesuffix(".mask.safetensors").removesuffix(".safetensors")
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.shapes)
+
+    def numel(self) -> int:
+        return sum(int(np.prod(s, dtype=np.int64)) for s in self.shapes.values())
+
+    def packed(self, name: str) -> np.ndarray:
+        if self._handle is None:
+            from safetensors import safe_open
+            self._handle = safe_open(str(self.path), framework="np")
+        return self._handle.get_tensor(name)
+
+    def bool(self, name: str) -> torch.Tensor:
+        return unpack(self.packed(name), self.shapes[name])
+
+    def count(self, name: str | None = None) -> int:
+        if name is not None:
+            return popcount(self.packed(name))
+        return sum(popcount(self.packed(n)) for n in self.names)
+
+    def check_fits(self, shapes: dict[str, tuple[int, ...]], where) -> None:
+        """Raise unless this mask covers exactly the given tensors with the same shapes."""
+        missing = [n for n in shapes if n not in self.shapes]
+        extra = [n for n in self.shapes if n not in shapes]
+        if missing or extra:
+            what = f"has no mask for '{missing[0]}'" if missing else f"masks '{extra[0]}', which is not in scope"
+            raise MismatchError(f"mask {self.path} does not fit {where}: it {what} ({len(missing)} missing, "
+                                f"{len(extra)} extra); was it made for another model or another scope?")
+        for n, s in shapes.items():
+            if tuple(self.shapes[n]) != tuple(s):
+                raise MismatchError(f"mask {self.path} does not fit {where}: '{n}' is {list(self.shapes[n])} "
+                                    f"in the mask but {list(s)} in the model; it was made for another model")
+
+
+class MaskWriter:
+    """Stream a mask set to disk tensor by tensor (header first, atomic rename at the end)."""
+
+    def __init__(self, out: Path, shapes: dict[str, tuple[int, ...]], meta: dict, *, force: bool = False,
+                 inputs: list[Path] = ()):
+        self.out = Path(out)
+        check_output(self.out, list(inputs), force=force)
+        self.shapes = shapes = dict(sorted(shapes.items()))          # written in sorted-name order
+        meta = {"format_version": FORMAT_VERSION, **meta, "shapes": {n: list(s) for n, s in shapes.items()}}
+        plan = [(n, torch.uint8, (packed_size(s),)) for n, s in shapes.items()]
+        self._atomic = AtomicPath(self.out, force=force, is_dir=False)
+        self._stream = SafetensorsStream(self._atomic.tmp, plan, {META_KEY: json.dumps(meta)})
+
+    def write(self, name: str, mask: torch.Tensor) -> None:
+        self._stream.write(name, torch.from_numpy(pack(mask)))
+
+    def __enter__(self) -> MaskWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:
+            self._stream.abort()
+            self._atomic.discard()
+            return False
+        self._stream.close()
+        self._atomic.commit()
+        return False
+
+
+def save_masks(out: Path, masks: dict[str, torch.Tensor], meta: dict, *, force: bool = False) -> Path:
+    """Write in-memory boolean masks (small models, tests, training) as a mask file."""
+    with MaskWriter(out, {n: tuple(m.shape) for n, m in masks.items()}, meta, force=force) as w:
+        for name in sorted(masks):
+            w.write(name, masks[name])
+    return Path(out)

@@ -1,0 +1,115 @@
+"""Which tensors take part (METHODS §1): floating tensors present with identical shape in
+every checkpoint, narrowed by include/exclude regular expressions on tensor names."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from .checkpoint import Checkpoint
+from .errors import MismatchError, OptionError
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Tensor names in scope (sorted: the order of every pass and of the tie rule) and their shapes."""
+
+    shapes: dict[str, tuple[int, ...]]
+    copied: tuple[str, ...] = ()                      # in the checkpoints but not selected (ints, excluded)
+    dtype_differences: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.shapes)
+
+    def numel(self, name: str | None = None) -> int:
+        if name is not None:
+            return _prod(self.shapes[name])
+        return sum(_prod(s) for s in self.shapes.values())
+
+    def to_json(self) -> dict:
+        return {"tensors": len(self.shapes), "parameters": self.numel(), "copied": list(self.copied),
+                "dtype_differences": {k: list(v) for k, v in self.dtype_differences.items()}}
+
+
+def _prod(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _compile(patterns: tuple[str, ...] | list[str], flag: str) -> list[re.Pattern]:
+    out = []
+    for p in patterns:
+        try:
+            out.append(re.compile(p))
+        except re.error as e:
+            raise OptionError(f"{flag} {p!r} is not a valid regular expression ({e})") from None
+    return out
+
+
+def name_filter(include=(), exclude=()):
+    """A predicate on tensor names: matches some include (all when none given) and no exclude."""
+    inc, exc = _compile(include, "--include"), _compile(exclude, "--exclude")
+
+    def keep(name: str) -> bool:
+        return (not inc or any(p.search(name) for p in inc)) and not any(p.search(name) for p in exc)
+    return keep
+
+
+def align(checkpoints: list[Checkpoint], *, include=(), exclude=(), allow_empty: bool = False) -> Scope:
+    """Check that the checkpoints line up and return the scope.
+
+    Missing tensors and shape differences are errors naming the tensor and both files, unless
+    the tensor is excluded. Dtype differences are allowed (computation is float32) and recorded.
+    """
+    keep = name_filter(include, exclude)
+    first = checkpoints[0]
+    all_names = sorted(set().union(*(c.infos for c in checkpoints)))
+    shapes: dict[str, tuple[int, ...]] = {}
+    copied, dtype_diff = [], {}
+    for name in all_names:
+        if not keep(name):
+            copied.append(name)
+            continue
+        owners = [c for c in checkpoints if name in c.infos]
+        if len(owners) != len(checkpoints):
+            missing = next(c for c in checkpoints if name not in c.infos)
+            raise MismatchError(f"tensor '{name}' is in {owners[0].path} but missing from {missing.path}; "
+                                f"exclude it with --exclude '{re.escape(name)}' if that is intended")
+        infos = [c.infos[name] for c in checkpoints]
+        ref = infos[0]
+        for c, info in zip(checkpoints, infos):
+            if info.shape != ref.shape:
+                raise MismatchError(f"shape mismatch for '{name}': {first.path} {list(ref.shape)} vs "
+                                    f"{c.path} {list(info.shape)}; the checkpoints are not fine-tunes of "
+                                    "one model (resize the vocabulary first, or exclude the tensor)")
+            if info.dtype.is_floating_point != ref.dtype.is_floating_point:
+                raise MismatchError(f"dtype mismatch for '{name}': {first.path} {ref.dtype} vs {c.path} "
+                                    f"{info.dtype} (one floating, one not)")
+        if not ref.is_float:
+            copied.append(name)
+            continue
+        dtypes = {str(i.dtype).removeprefix("torch.") for i in infos}
+        if len(dtypes) > 1:
+            dtype_diff[name] = tuple(str(i.dtype).removeprefix("torch.") for i in infos)
+        shapes[name] = ref.shape
+    if not shapes and not allow_empty:
+        raise OptionError("no tensor is in scope: the include/exclude patterns leave nothing to select")
+    return Scope(shapes, tuple(copied), dtype_diff)
+
+
+def read_float(ckpt: Checkpoint, name: str) -> torch.Tensor:
+    """One tensor as float32, flattened."""
+    return ckpt.tensor(name).reshape(-1).float()
+
+
+def check_finite(t: torch.Tensor, name: str, where) -> None:
+    from .errors import NonFiniteError
+    if not torch.isfinite(t).all():
+        bad = int((~torch.isfinite(t)).sum())
+        raise NonFiniteError(f"{where}: tensor '{name}' holds {bad} NaN/Inf value(s); fix or re-export the "
+                             "checkpoint (they would poison every selection and merge)")

@@ -1,0 +1,261 @@
+"""Stream tensors out to safetensors files with memory bounded by one tensor.
+
+`safetensors.torch.save_file` needs every tensor of a file in memory at once. Since every
+output's names, dtypes and shapes are known before any data is computed, the header can be
+written first and tensors appended one by one: the file is byte-for-byte valid safetensors
+(read back with `safe_open` in the tests), and memory never holds more than the current tensor.
+
+Outputs go to a temporary sibling path that is renamed into place only when complete, so an
+interrupted run leaves nothing that looks finished.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .checkpoint import DTYPE_CODES, INDEX_NAME, SINGLE_NAME
+from .errors import OptionError, OutputError
+
+REFERENCE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
+                   "added_tokens.json", "chat_template.jinja")
+
+
+def check_output(out: Path, inputs: list[Path], *, force: bool) -> None:
+    """Refuse to overwrite an input, to write inside an input folder, or an existing output without force."""
+    out_r = out.resolve()
+    for p in inputs:
+        p_r = Path(p).resolve()
+        if out_r == p_r or p_r in out_r.parents or out_r in p_r.parents:
+            raise OutputError(f"output {out} would overwrite or nest inside the input {p}; choose another -o path")
+    if out.exists() and not force:
+        raise OutputError(f"output {out} already exists; pass --force to replace it or choose another -o path")
+    parent = out_r.parent
+    if not parent.exists():
+        try:
+            parent.mkdir(parents=True)
+        except OSError as e:
+            raise OutputError(f"cannot create the output folder {parent} ({e.strerror})") from None
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"output folder {parent} is not writable; choose another -o path")
+
+
+def _os_error(e: OSError, where: Path) -> OutputError:
+    if e.errno == errno.ENOSPC:
+        return OutputError(f"no space left on the device while writing {where}; free space or write elsewhere "
+                           "(the partial output was removed)")
+    return OutputError(f"cannot write {where} ({e.strerror}); the partial output was removed")
+
+
+class SafetensorsStream:
+    """One safetensors file written header-first; `write` must follow the planned order."""
+
+    def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
+        header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+        offset = 0
+        self._order = []
+        for name, dtype, shape in entries:
+            n = 1
+            for s in shape:
+                n *= s
+            nbytes = n * dtype.itemsize
+            header[name] = {"dtype": DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            self._order.append((name, dtype, tuple(shape), nbytes))
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.path = path
+        self.total = offset
+        self._f = open(path, "wb")
+        self._f.write(len(raw).to_bytes(8, "little") + raw)
+        self._next = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        exp_name, dtype, shape, nbytes = self._order[self._next]
+        if name != exp_name or tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise RuntimeError(f"writer expected {exp_name} {dtype} {shape}, got {name} {tensor.dtype} "
+                               f"{tuple(tensor.shape)}")  # a bug in the caller, not a user mistake
+        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._f.write(memoryview(data))
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self._order):
+            raise RuntimeError(f"{self.path}: {len(self._order) - self._next} tensors never written")
+        self._f.close()
+
+    def abort(self) -> None:
+        self._f.close()
+
+
+class AtomicPath:
+    """A temporary sibling of `out` that replaces `out` on commit and vanishes on failure."""
+
+    def __init__(self, out: Path, *, force: bool, is_dir: bool):
+        self.out = out
+        self.tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+        self.force = force
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp) if self.tmp.is_dir() else self.tmp.unlink()
+        if is_dir:
+            self.tmp.mkdir(parents=True)
+
+    def commit(self) -> None:
+        if self.out.exists():
+            if not self.force:
+                raise OutputError(f"output {self.out} appeared while writing; pass --force to replace it")
+            old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
+            os.replace(self.out, old)
+            os.replace(self.tmp, self.out)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            os.replace(self.tmp, self.out)
+
+    def discard(self) -> None:
+        if self.tmp.is_dir():
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        elif self.tmp.exists():
+            self.tmp.unlink()
+
+
+class CheckpointWriter:
+    """Write a checkpoint tensor by tensor: a single file, or an HF folder (optionally sharded).
+
+    Usage::
+
+        with CheckpointWriter(out, plan, folder=True, reference=src_dir) as w:
+            for name, dtype, shape in plan:
+                w.write(name, tensor)
+
+    `plan` lists (name, dtype, shape) in the order tensors will be written. Shards are cut by
+    `shard_bytes` (None: one file). On leaving the block without error the output is renamed
+    into place; on error the temporary output is removed.
+    """
+
+    def __init__(self, out: Path, plan: list[tuple[str, torch.dtype, tuple[int, ...]]], *, folder: bool,
+                 shard_bytes: int | None = None, metadata: dict[str, str] | None = None,
+                 reference: Path | None = None, inputs: list[Path] = (), force: bool = False,
+                 config_dtype: torch.dtype | None = None):
+        self.out = Path(out)
+        check_output(self.out, list(inputs), force=force)
+        self.plan, self.folder, self.metadata = plan, folder, metadata or {}
+        self.reference, self.config_dtype = reference, config_dtype
+        self.shards = _cut_shards(plan, shard_bytes) if folder else [plan]
+        self._atomic = AtomicPath(self.out, force=force, is_dir=folder)
+        self._stream: SafetensorsStream | None = None
+        self._shard_i = -1
+        self._in_shard = 0
+        self.weight_map: dict[str, str] = {}
+
+    def _shard_path(self, i: int) -> Path:
+        if not self.folder:
+            return self._atomic.tmp
+        if len(self.shards) == 1:
+            return self._atomic.tmp / SINGLE_NAME
+        return self._atomic.tmp / f"model-{i + 1:05d}-of-{len(self.shards):05d}.safetensors"
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        try:
+            if self._stream is None or self._in_shard == len(self.shards[self._shard_i]):
+                if self._stream is not None:
+                    self._stream.close()
+                self._shard_i += 1
+                self._in_shard = 0
+                self._stream = SafetensorsStream(self._shard_path(self._shard_i), self.shards[self._shard_i],
+                                                 {"format": "pt", **self.metadata})
+            self._stream.write(name, tensor)
+        except OSError as e:
+            raise _os_error(e, self.out) from None
+        self.weight_map[name] = self._shard_path(self._shard_i).name
+        self._in_shard += 1
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:
+            if self._stream is not None:
+                self._stream.abort()
+            self._atomic.discard()
+            return False
+        try:
+            if self._stream is None:  # an empty plan still yields a valid file
+                self._stream = SafetensorsStream(self._shard_path(0), [], {"format": "pt", **self.metadata})
+            self._stream.close()
+            if self.folder:
+                self._finish_folder()
+            self._atomic.commit()
+        except OSError as e:
+            self._atomic.discard()
+            raise _os_error(e, self.out) from None
+        except BaseException:
+            self._atomic.discard()
+            raise
+        return False
+
+    def _finish_folder(self) -> None:
+        tmp = self._atomic.tmp
+        if len(self.shards) > 1:
+            total = sum(_nbytes(d, s) for _, d, s in self.plan)
+            index = {"metadata": {"total_size": total, **self.metadata}, "weight_map": self.weight_map}
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2))
+        if self.reference is not None:
+            for fname in REFERENCE_FILES:
+                src = Path(self.reference) / fname
+                if src.is_file():
+                    shutil.copyfile(src, tmp / fname)
+            cfg = tmp / "config.json"
+            if self.config_dtype is not None and cfg.is_file():
+                data = json.loads(cfg.read_text())
+                key = "dtype" if "dtype" in data else "torch_dtype"
+                data[key] = str(self.config_dtype).removeprefix("torch.")
+                cfg.write_text(json.dumps(data, indent=2))
+
+
+def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    n = dtype.itemsize
+    for s in shape:
+        n *= s
+    return n
+
+
+def _cut_shards(plan, shard_bytes: int | None) -> list[list]:
+    if not shard_bytes:
+        return [list(plan)]
+    shards, cur, size = [], [], 0
+    for entry in plan:
+        nb = _nbytes(entry[1], entry[2])
+        if cur and size + nb > shard_bytes:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(entry)
+        size += nb
+    if cur or not shards:
+        shards.append(cur)
+    return shards
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '1024' -> bytes."""
+    t = text.strip().upper()
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    for u, m in sorted(units.items(), key=lambda x: -len(x[0])):
+        if t.endswith(u):
+            t, mult = t[: -len(u)], m
+            break
+    else:
+        mult = 1
+    try:
+        value = float(t) * mult
+    except ValueError:
+        raise OptionError(f"shard size {text!r} is not a size; use e.g. 5GB or 500MB") from None
+    if value <= 0:
+        raise OptionError(f"shard size {text!r} must be positive")
+    return int(value)
