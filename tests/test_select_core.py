@@ -1,0 +1,182 @@
+"""Exact top-k selection and core regions against naive in-memory oracles."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from cli.main import cli
+from mergekit_sparse.checkpoint import Checkpoint
+from mergekit_sparse.core import compute_cores
+from mergekit_sparse.errors import OptionError
+from mergekit_sparse.masks import MaskSet
+from mergekit_sparse.scope import align
+from mergekit_sparse import select
+
+
+def naive_topk(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """Oracle: concatenate in sorted-name order, stable sort descending, take the first k."""
+    names = sorted(scores)
+    flat = torch.cat([scores[n].reshape(-1).float() for n in names])
+    order = torch.sort(flat, descending=True, stable=True).indices[:k]
+    chosen = torch.zeros(flat.numel(), dtype=torch.bool)
+    chosen[order] = True
+    out, start = {}, 0
+    for n in names:
+        out[n] = chosen[start:start + scores[n].numel()].view(scores[n].shape)
+        start += scores[n].numel()
+    return out
+
+
+def run_global(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    total = sum(s.numel() for s in scores.values())
+    sel = select.GlobalTopK(k, total)
+    for _ in range(2):
+        for n in sorted(scores):
+            sel.observe(n, scores[n].reshape(-1).float())
+        sel.next_pass()
+    out = {n: sel.select(n, scores[n].reshape(-1).float()).view(scores[n].shape) for n in sorted(scores)}
+    assert sel.selected == k
+    return out
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("frac", [0.001, 0.1, 0.5, 1.0])
+def test_global_topk_equals_naive_with_planted_ties(seed, frac):
+    g = torch.Generator().manual_seed(seed)
+    scores = {"z": torch.randn(50, 40, generator=g).abs(), "a": torch.randn(333, generator=g).abs(),
+              "m": torch.randint(0, 4, (30, 30), generator=g).float()}       # many ties
+    scores["a"][::7] = 2.0                                                   # ties at a value in range
+    scores["z"][0, :5] = 2.0
+    k = max(1, int(frac * sum(s.numel() for s in scores.values())))
+    got = run_global(scores, k)
+    want = naive_topk(scores, k)
+    for n in scores:
+        assert torch.equal(got[n], want[n]), n
+
+
+def test_global_topk_handles_negative_scores_and_all_zero():
+    scores = {"a": -torch.arange(10.0), "b": torch.zeros(10)}
+    assert torch.equal(torch.cat([run_global(scores, 12)[n] for n in "ab"]),
+                       torch.cat([naive_topk(scores, 12)[n] for n in "ab"]))
+    zeros = {"a": torch.zeros(7), "b": torch.zeros(5)}
+    got = run_global(zeros, 9)
+    assert got["a"].all() and got["b"][:2].all() and not got["b"][2:].any()
+
+
+def test_nan_scores_are_an_error_naming_the_tensor():
+    sel = select.GlobalTopK(1, 3)
+    with pytest.raises(Exception, match="tensor 'w'"):
+        sel.observe("w", torch.tensor([1.0, float("nan"), 0.0]))
+
+
+def test_topk_mask_single_tensor_tie_rule():
+    mask, t = select.topk_mask(torch.tensor([1.0, 3.0, 3.0, 3.0, 0.5]), 2)
+    assert mask.tolist() == [False, True, True, False, False] and t == 3.0
+
+
+def test_k_for_gives_smallest_usable_p():
+    with pytest.raises(OptionError, match=r"selects no parameter of the 1000 in scope; the smallest usable value is 0.1"):
+        select.k_for(0.05, 1000)
+    with pytest.raises(OptionError, match="out of range"):
+        select.k_for(120, 1000)
+    assert select.k_for(100, 1000) == 1000
+
+
+def naive_core(base: dict, task: dict, names, percent, per_tensor):
+    deltas = {n: (task[n].float() - base[n].float()).abs() for n in names}
+    if per_tensor:
+        return {n: naive_topk({n: d}, int(percent * d.numel() // 100))[n] for n, d in deltas.items()}
+    return naive_topk(deltas, int(percent * sum(d.numel() for d in deltas.values()) // 100))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_core_masks_equal_naive_oracle(tiny_base, tmp_path, dtype, per_tensor):
+    base_sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(tiny_base / "model.safetensors").items()}
+    save_file(base_sd, tmp_path / "base.safetensors")
+    g = torch.Generator().manual_seed(3)
+    tasks = []
+    for i in range(2):
+        sd = {k: (v.float() + 0.05 * torch.randn(v.shape, generator=g)).to(dtype) for k, v in base_sd.items()}
+        sd["model.norm.weight"] = base_sd["model.norm.weight"].clone()      # all-zero deltas: ties
+        save_file(sd, tmp_path / f"t{i}.safetensors")
+        tasks.append(sd)
+    base = Checkpoint.open(tmp_path / "base.safetensors")
+    cks = [Checkpoint.open(tmp_path / f"t{i}.safetensors") for i in range(2)]
+    scope = align([base, *cks])
+    summaries = compute_cores(base, cks, scope, percent=7.5, out_dir=tmp_path / "cores", labels=["t0", "t1"],
+                              per_tensor=per_tensor)
+    for i, s in enumerate(summaries):
+        want = naive_core(base_sd, tasks[i], scope.names, 7.5, per_tensor)
+        masks = MaskSet.load(s.mask_path)
+        masks.check_fits(scope.shapes, "base")
+        for n in scope.names:
+            assert torch.equal(masks.bool(n), want[n]), n
+        assert s.selected == sum(int(w.sum()) for w in want.values()) == masks.count()
+
+
+def test_core_cli_on_planted_files(planted, tmp_path):
+    out = tmp_path / "cores"
+    r = CliRunner().invoke(cli, ["core", "--base", str(planted["base"]), str(planted["a"]), str(planted["b"]),
+                                 "--p", "25", "-o", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.output)
+    assert [t["selected"] for t in data["tasks"]] == [3, 3]            # 25 % of 12 float params
+    a = MaskSet.load(out / "a.mask.safetensors")
+    assert a.bool("b.w")[0, :2].all() and a.bool("a.w")[1, 1]          # the planted moves, by eye
+    b = MaskSet.load(out / "b.mask.safetensors")
+    assert b.bool("a.w")[1, 1] and b.bool("a.w").sum() == 3             # then ties by flat index: a.w[0,0], [0,1]
+    assert b.bool("a.w")[0, 0] and b.bool("a.w")[0, 1]
+    meta = a.meta
+    assert meta["criterion"] == "delta" and meta["percent"] == 25 and meta["selected"] == 3
+    assert meta["threshold"] == 3.0 and len(meta["sources"]) == 2
+    core_json = json.loads((out / "core.json").read_text())
+    assert core_json["settings"]["p"] == 25 and core_json["scope"]["copied"] == ["n.steps"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--p", "0"], "Invalid value for '--p'"),
+    (["--p", "abc"], "Invalid value for '--p'"),
+    (["--p", "1"], "smallest usable value is 8.33"),
+])
+def test_core_cli_rejects_bad_p(planted, tmp_path, args, message):
+    r = CliRunner().invoke(cli, ["core", "--base", str(planted["base"]), str(planted["a"]), *args,
+                                 "-o", str(tmp_path / "o")])
+    assert r.exit_code != 0 and message in r.output, r.output
+    assert not (tmp_path / "o" / "a.mask.safetensors").exists()
+
+
+def test_core_cli_nan_is_an_error_naming_tensor_and_file(planted, tmp_path):
+    sd = load_file(planted["a"])
+    sd["b.w"][1, 1] = float("nan")
+    save_file(sd, tmp_path / "nan.safetensors")
+    r = CliRunner().invoke(cli, ["core", "--base", str(planted["base"]), str(tmp_path / "nan.safetensors"),
+                                 "--p", "50", "-o", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "tensor 'b.w' in" in r.output and "nan.safetensors holds NaN/Inf" in r.output
+    assert not (tmp_path / "o" / "nan.mask.safetensors").exists()
+
+
+def test_core_cli_mismatch_and_existing_output(planted, tmp_path):
+    save_file({"a.w": torch.ones(2, 3)}, tmp_path / "short.safetensors")
+    r = CliRunner().invoke(cli, ["core", "--base", str(planted["base"]), str(tmp_path / "short.safetensors"),
+                                 "--p", "50", "-o", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "tensor 'b.w' is in" in r.output and "missing from" in r.output
+    args = ["core", "--base", str(planted["base"]), str(planted["a"]), "--p", "50", "-o", str(tmp_path / "o2")]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 1 and "already exists; pass --force" in r.output
+    assert CliRunner().invoke(cli, args + ["--force"]).exit_code == 0
+
+
+def test_mask_for_another_model_does_not_fit(planted, tiny_base, tmp_path):
+    CliRunner().invoke(cli, ["core", "--base", str(planted["base"]), str(planted["a"]), "--p", "50",
+                             "-o", str(tmp_path / "o")])
+    m = MaskSet.load(tmp_path / "o" / "a.mask.safetensors")
+    scope = align([Checkpoint.open(tiny_base)])
+    with pytest.raises(Exception, match="does not fit .* made for another model"):
+        m.check_fits(scope.shapes, tiny_base)
