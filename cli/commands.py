@@ -73,3 +73,54 @@ def core(tasks, base, percent, scope_kind, out_dir, include, exclude, allow_pick
     lines += [f"{s.task:<20} {s.selected:>12,} {s.total:>14,} {s.threshold:>12.4g}  {s.mask_path}" for s in summaries]
     lines.append(f"wrote {out_dir / 'core.json'}")
     emit(data, as_json, "\n".join(lines))
+
+
+@cli.command()
+@click.argument("tasks", nargs=-1, required=True)
+@click.option("--base", help="Pretrained checkpoint: core regions are computed from |θ_task − θ_base|.")
+@click.option("--p", "percent", type=PERCENT, default=1.0, show_default=True, help="Core size in % (with --base).")
+@click.option("--scope", "scope_kind", type=click.Choice(["global", "per-tensor"]), default="global",
+              show_default=True, help="Core selection across the model or inside each tensor.")
+@click.option("--masks", multiple=True, help="Core mask files instead of --p, one per task in order (repeatable).")
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path),
+              help="Output file or folder (mirrors the fusion base). Default: fused.safetensors or fused/.")
+@click.option("--omega", type=click.FloatRange(0, 1), help="For two models: SLERP(θ_b, θ_a, ω). Default 0.5.")
+@click.option("--weights", help="Comma-separated fold weights, one per task (then one for --onto if separate).")
+@click.option("--conflict", type=click.Choice(["max-delta", "last", "mean"]), default="max-delta",
+              show_default=True, help="Who wins a position in several cores.")
+@click.option("--onto", help="Fusion base. Default: the last task given.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="Output dtype. Default: the fusion base's.")
+@click.option("--shard-size", help="Shard a folder output, e.g. 5GB.")
+@click.option("--check/--no-check", default=True, show_default=True,
+              help="Folder outputs: load with transformers and check the logits are finite before finishing.")
+@scope_options
+@pickle_option
+@force_option
+@json_option
+def fuse(tasks, base, percent, scope_kind, masks, out, omega, weights, conflict, onto, dtype, shard_size, check,
+         include, exclude, allow_pickle, force, as_json):
+    """Fuse fine-tuned checkpoints: SLERP everything, then write back each task's core region (CPI-FT stage 3).
+
+    \b
+    Example (two task models, cores = top 1 % of |Δ| against the base):
+      sparsemerge fuse a.safetensors b.safetensors --base base.safetensors --p 1
+    """
+    from mergekit_sparse.errors import OptionError
+    from mergekit_sparse.fuse_cli import run_fuse
+    if not base and not masks:
+        raise OptionError("fuse needs core regions: give --base BASE (cores = top --p % of |Δ|) or --masks "
+                          "M1 M2 ... from `sparsemerge core`")
+    if omega is not None and weights:
+        raise OptionError("give either --omega (two models) or --weights, not both")
+    data = run_fuse(list(tasks), base=base, percent=percent, per_tensor=scope_kind == "per-tensor",
+                    masks=list(masks), out=out, omega=omega, weights=weights, conflict=conflict, onto=onto,
+                    dtype=dtype, shard_size=shard_size, check=check, include=include, exclude=exclude,
+                    allow_pickle=allow_pickle, force=force, progress=progress_enabled())
+    c = data["counts"]
+    text = "\n".join([f"fused {', '.join(c['tasks'])} onto {c['onto']} -> {data['output']}",
+                      f"core positions overwritten: " + ", ".join(f"{k} {v:,}" for k, v in c["overwritten"].items()),
+                      f"conflicts: " + (", ".join(f"{k} {v:,}" for k, v in c["conflicts"].items()) or "none"),
+                      f"interpolated (non-core): {c['interpolated']:,}; nearly colinear (lerp) tensors: "
+                      f"{len(c['linear_tensors'])}"])
+    emit(data, as_json, text)

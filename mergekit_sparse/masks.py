@@ -86,8 +86,8 @@ class MaskSet:
     def packed(self, name: str) -> np.ndarray:
         if self._handle is None:
             from safetensors import safe_open
-            self._handle = safe_open(str(self.path), framework="np")
-        return self._handle.get_tensor(name)
+            self._handle = safe_open(str(self.path), framework="pt")   # memory-mapped, no copy
+        return self._handle.get_tensor(name).numpy()
 
     def bool(self, name: str) -> torch.Tensor:
         return unpack(self.packed(name), self.shapes[name])

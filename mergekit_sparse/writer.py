@@ -142,8 +142,10 @@ class CheckpointWriter:
     def __init__(self, out: Path, plan: list[tuple[str, torch.dtype, tuple[int, ...]]], *, folder: bool,
                  shard_bytes: int | None = None, metadata: dict[str, str] | None = None,
                  reference: Path | None = None, inputs: list[Path] = (), force: bool = False,
-                 config_dtype: torch.dtype | None = None):
+                 config_dtype: torch.dtype | None = None, validate=None):
         self.out = Path(out)
+        self.validate = validate         # called with the finished temporary path before the rename
+        self.extra_files: dict[str, str] = {}
         check_output(self.out, list(inputs), force=force)
         self.plan, self.folder, self.metadata = plan, folder, metadata or {}
         self.reference, self.config_dtype = reference, config_dtype
@@ -191,6 +193,8 @@ class CheckpointWriter:
             self._stream.close()
             if self.folder:
                 self._finish_folder()
+            if self.validate is not None:
+                self.validate(self._atomic.tmp)
             self._atomic.commit()
         except OSError as e:
             self._atomic.discard()
@@ -200,8 +204,14 @@ class CheckpointWriter:
             raise
         return False
 
+    def add_file(self, name: str, text: str) -> None:
+        """A small text file to put in the output folder (written before the rename)."""
+        self.extra_files[name] = text
+
     def _finish_folder(self) -> None:
         tmp = self._atomic.tmp
+        for fname, text in self.extra_files.items():
+            (tmp / fname).write_text(text)
         if len(self.shards) > 1:
             total = sum(_nbytes(d, s) for _, d, s in self.plan)
             index = {"metadata": {"total_size": total, **self.metadata}, "weight_map": self.weight_map}

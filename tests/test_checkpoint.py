@@ -169,7 +169,7 @@ def test_inspect_cli_on_file_and_folder_with_base(tiny_base, tiny_tasks, planted
     assert "3 tensors, 13 parameters" in r.output
     r = CliRunner().invoke(cli, ["inspect", str(tiny_tasks[0]), "--base", str(tiny_base), "--json"])
     assert r.exit_code == 0, r.output
-    data = json.loads(r.output)
+    data = json.loads(r.stdout)
     rel = data["base"]["relative_delta_norm"]
     hot = [v for k, v in rel.items() if "layers.0.self_attn" in k]
     cold = [v for k, v in rel.items() if "layers.1.mlp" in k]

@@ -125,7 +125,7 @@ def test_core_cli_on_planted_files(planted, tmp_path):
     r = CliRunner().invoke(cli, ["core", "--base", str(planted["base"]), str(planted["a"]), str(planted["b"]),
                                  "--p", "25", "-o", str(out), "--json"])
     assert r.exit_code == 0, r.output
-    data = json.loads(r.output)
+    data = json.loads(r.stdout)
     assert [t["selected"] for t in data["tasks"]] == [3, 3]            # 25 % of 12 float params
     a = MaskSet.load(out / "a.mask.safetensors")
     assert a.bool("b.w")[0, :2].all() and a.bool("a.w")[1, 1]          # the planted moves, by eye

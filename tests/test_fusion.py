@@ -1,0 +1,165 @@
+"""Fusion: SLERP maths checkable by eye, core overwrite policies, the streaming driver and the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from cli.main import cli
+from mergekit_sparse.fusion import fold_weights, overwrite_cores, slerp
+
+
+def mergekit_slerp(t, v0, v1, dot_threshold=0.9995, eps=1e-8):
+    """The reference semantics (mergekit's numpy slerp), written out independently as the oracle."""
+    v0c, v1c = v0.copy(), v1.copy()
+    n0, n1 = np.linalg.norm(v0), np.linalg.norm(v1)
+    v0 = v0 / n0 if n0 > eps else v0
+    v1 = v1 / n1 if n1 > eps else v1
+    dot = np.sum(v0 * v1)
+    if np.abs(dot) > dot_threshold:
+        return (1 - t) * v0c + t * v1c
+    th = np.arccos(dot)
+    return np.sin(th - th * t) / np.sin(th) * v0c + np.sin(th * t) / np.sin(th) * v1c
+
+
+def test_slerp_endpoints_return_inputs():
+    a, b = torch.randn(5, 4), torch.randn(5, 4)
+    assert torch.allclose(slerp(a, b, 0.0), a, atol=1e-6) and torch.allclose(slerp(a, b, 1.0), b, atol=1e-6)
+
+
+def test_slerp_of_orthogonal_unit_vectors_is_the_sin_weighted_result():
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    assert torch.allclose(slerp(a, b, 0.5), torch.tensor([math.sqrt(0.5), math.sqrt(0.5)]))
+    assert torch.allclose(slerp(a, b, 1 / 3), torch.tensor([math.cos(math.pi / 6), math.sin(math.pi / 6)]))
+
+
+def test_slerp_colinear_inputs_fall_back_to_linear():
+    a = torch.tensor([1.0, 2.0, 3.0])
+    assert torch.allclose(slerp(a, 3 * a, 0.25), 1.5 * a)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_slerp_agrees_with_mergekit_semantics(seed):
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(64, 16, generator=g), torch.randn(64, 16, generator=g)
+    want = mergekit_slerp(0.3, a.numpy().astype(np.float32), b.numpy().astype(np.float32))
+    assert np.allclose(slerp(a, b, 0.3).numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_fold_weights_follow_methods():
+    assert fold_weights([1, 1]) == [0.5]
+    assert fold_weights([1, 1, 1]) == [0.5, 1 / 3]
+
+
+@pytest.mark.parametrize("policy, want", [("max-delta", [9.0, 20.0, 0.0]), ("last", [10.0, 20.0, 0.0]),
+                                          ("mean", [9.5, 20.0, 0.0])])
+def test_conflicts_resolved_as_each_policy_says(policy, want):
+    out = torch.zeros(3)
+    values = [torch.tensor([9.0, 0.0, 0.0]), torch.tensor([10.0, 20.0, 0.0])]
+    masks = [torch.tensor([True, False, False]), torch.tensor([True, True, False])]
+    deltas = [torch.tensor([5.0, 0.0, 0.0]), torch.tensor([1.0, 3.0, 0.0])]
+    overwrite_cores(out, values, masks, deltas, policy)
+    assert out.tolist() == want
+
+
+def run(*args):
+    r = CliRunner().invoke(cli, [str(a) for a in args])
+    assert r.exit_code == 0, r.output
+    return r
+
+
+def test_p100_with_one_task_onto_base_returns_the_task_exactly(planted, tmp_path):
+    out = tmp_path / "f.safetensors"
+    run("fuse", planted["a"], "--onto", planted["base"], "--base", planted["base"], "--p", 100, "-o", out)
+    got, want = load_file(out), load_file(planted["a"])
+    for k in ("a.w", "b.w"):
+        assert torch.equal(got[k], want[k])
+    assert torch.equal(got["n.steps"], want["n.steps"])
+
+
+def test_fuse_two_files_streaming_equals_naive(planted, tmp_path):
+    out = tmp_path / "f.safetensors"
+    r = run("fuse", planted["a"], planted["b"], "--base", planted["base"], "--p", 25, "-o", out, "--json")
+    data = json.loads(r.stdout)
+    base, a, b = (load_file(planted[k]) for k in ("base", "a", "b"))
+    got = load_file(out)
+    # naive: SLERP(b, a, 0.5) everywhere, then cores (top 3 of 12 |Δ| each) written back, max-delta wins
+    for name in ("a.w", "b.w"):
+        want = slerp(b[name], a[name], 0.5)
+        if name == "b.w":
+            want[0, :2] = a[name][0, :2]                     # a's core: its two +5 moves
+        else:
+            want[1, 1] = b[name][1, 1]                        # both cores; |Δ_b| = 4 > |Δ_a| = 3: b wins
+            want[0, 0], want[0, 1] = b[name][0, 0], b[name][0, 1]   # b's tie-broken zero-delta picks
+        assert torch.allclose(got[name], want), name
+    c = data["counts"]
+    assert c["conflicts"] == {"a~b": 1} and c["core_positions"] == 5 and c["interpolated"] == 7
+    assert json.loads((tmp_path / "f.safetensors.fuse.json").read_text())["counts"]["conflicts"] == {"a~b": 1}
+
+
+def test_fuse_tiny_llama_folder_loads_in_transformers_and_generates(tiny_base, tiny_tasks, tmp_path):
+    out = tmp_path / "fused"
+    r = run("fuse", tiny_tasks[0], tiny_tasks[1], "--base", tiny_base, "--p", 1, "-o", out, "--json",
+            "--dtype", "bfloat16")
+    assert json.loads(r.stdout)["checked"] is True
+    assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file() and (out / "fuse.json").is_file()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert model.dtype == torch.bfloat16
+    ids = tok("12+3=", return_tensors="pt").input_ids
+    gen = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert gen.shape[1] == ids.shape[1] + 4
+
+
+def test_fuse_with_mask_files_equals_on_the_fly_cores(tiny_base, tiny_tasks, tmp_path):
+    run("core", "--base", tiny_base, tiny_tasks[0], tiny_tasks[1], "--p", 2, "-o", tmp_path / "cores")
+    masks = [tmp_path / "cores" / f"{n}.mask.safetensors" for n in ("math", "code")]
+    run("fuse", tiny_tasks[0], tiny_tasks[1], "--masks", masks[0], "--masks", masks[1], "--base", tiny_base,
+        "-o", tmp_path / "m", "--no-check")
+    run("fuse", tiny_tasks[0], tiny_tasks[1], "--base", tiny_base, "--p", 2, "-o", tmp_path / "p", "--no-check")
+    a, b = load_file(tmp_path / "m" / "model.safetensors"), load_file(tmp_path / "p" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fuse_three_models_folds_in_order_with_weights(planted, tmp_path):
+    out = tmp_path / "f.safetensors"
+    run("fuse", planted["a"], planted["b"], "--onto", planted["base"], "--masks",
+        *_empty_masks(planted, tmp_path), "--conflict", "last", "--weights", "1,2,1", "-o", out)
+    base, a, b = (load_file(planted[k]) for k in ("base", "a", "b"))
+    got = load_file(out)
+    want = slerp(slerp(base["a.w"], a["a.w"], 0.5), b["a.w"], 0.5)    # t = 1/(1+1), then 2/(1+1+2)
+    assert torch.allclose(got["a.w"], want)
+
+
+def _empty_masks(planted, tmp_path):
+    """Two all-false mask files for the planted models: fusion is then the SLERP fold alone."""
+    from mergekit_sparse.masks import save_masks
+    args = []
+    for k in ("a", "b"):
+        p = tmp_path / f"{k}.mask.safetensors"
+        save_masks(p, {"a.w": torch.zeros(2, 3, dtype=torch.bool), "b.w": torch.zeros(3, 2, dtype=torch.bool)},
+                   {"criterion": "none"})
+        args += ["--masks", p]
+    return args[1:]
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "fuse needs core regions: give --base BASE"),
+    (["--base", "{base}", "--omega", "1.5"], "Invalid value for '--omega'"),
+    (["--base", "{base}", "--weights", "1,x"], "must be comma-separated numbers"),
+    (["--base", "{base}", "--weights", "1,1,1"], "--weights needs 2 non-negative numbers"),
+    (["--masks", "{a}"], "--masks needs one mask file per task"),
+    (["--base", "{base}", "-o", "{a}"], "would overwrite or nest inside the input"),
+])
+def test_fuse_cli_user_errors(planted, tmp_path, args, message):
+    args = [a.format(**{k: str(v) for k, v in planted.items()}) for a in args]
+    r = CliRunner().invoke(cli, ["fuse", str(planted["a"]), str(planted["b"]), *args])
+    assert r.exit_code != 0 and message in r.output, r.output
+    assert "Traceback" not in r.output
