@@ -80,7 +80,7 @@ def progress_enabled() -> bool:
     return sys.stderr.isatty()
 
 
-from . import commands  # noqa: E402,F401  (registers the commands on `cli`)
+from . import commands, overlap_cmd  # noqa: E402,F401  (registers the commands on `cli`)
 
 
 def main() -> None:

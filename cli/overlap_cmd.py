@@ -1,0 +1,87 @@
+"""`sparsemerge overlap`."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import click
+
+from .main import cli, emit, force_option, json_option, labels_for, pickle_option, progress_enabled, scope_options
+
+
+@cli.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--base", help="Treat INPUTS as task checkpoints and compute their cores against BASE first.")
+@click.option("--p", "percent", type=click.FloatRange(0, 100, min_open=True), default=1.0, show_default=True,
+              help="Core size in % (with --base).")
+@click.option("--tau", type=click.FloatRange(0, 1), default=0.1, show_default=True,
+              help="Group tasks whose Jaccard overlap S ≥ τ.")
+@click.option("--order", type=click.Choice(["random", "input", "least-overlap"]), default="random",
+              show_default=True, help="Stage order of the groups (see README).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --order random.")
+@click.option("-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path), default=Path("groups.json"),
+              show_default=True, help="The groups file.")
+@click.option("--html", "html_out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write an interactive report (one offline HTML file).")
+@click.option("--save-masks", type=click.Path(file_okay=False, path_type=Path),
+              help="With --base: keep the computed core masks in this folder.")
+@scope_options
+@pickle_option
+@force_option
+@json_option
+def overlap(inputs, base, percent, tau, order, seed, out, html_out, save_masks, include, exclude, allow_pickle,
+            force, as_json):
+    """Measure how tasks' core regions overlap (Jaccard) and group the tasks (CPI-FT stage 2).
+
+    INPUTS are mask files from `sparsemerge core`, or task checkpoints when --base is given.
+
+    \b
+    Examples:
+      sparsemerge overlap cores/*.mask.safetensors --tau 0.1 --html overlap.html
+      sparsemerge overlap --base base/ runs/math runs/code runs/chat --p 1 --order input
+    """
+    from mergekit_sparse.masks import MaskSet
+    from mergekit_sparse.overlap import compute_overlap, group_tasks, groups_document
+    from mergekit_sparse.writer import check_output
+
+    labels = labels_for(inputs)
+    check_output(out, list(inputs), force=force)
+    if html_out:
+        check_output(html_out, list(inputs), force=force)
+    settings = {"inputs": list(inputs), "base": base, "p": percent if base else None, "tau": tau,
+                "order": order, "seed": seed}
+    with tempfile.TemporaryDirectory() as tmp:
+        if base:
+            from mergekit_sparse.checkpoint import Checkpoint
+            from mergekit_sparse.core import compute_cores
+            from mergekit_sparse.scope import align
+            base_ck = Checkpoint.open(base, allow_pickle=allow_pickle)
+            tasks = [Checkpoint.open(t, allow_pickle=allow_pickle) for t in inputs]
+            scope = align([base_ck, *tasks], include=include, exclude=exclude)
+            mask_dir = save_masks or Path(tmp)
+            summaries = compute_cores(base_ck, tasks, scope, percent=percent, out_dir=mask_dir, labels=labels,
+                                      force=force, progress=progress_enabled())
+            paths = [s.mask_path for s in summaries]
+        else:
+            paths = list(inputs)
+        masks = [MaskSet.load(p) for p in paths]
+        result = compute_overlap(masks, labels)
+    groups = group_tasks(result.matrix, labels, tau=tau, order=order, seed=seed)
+    doc = groups_document(result, groups, tau=tau, order=order, seed=seed, settings=settings)
+    tmp_out = out.with_name(f".{out.name}.partial")
+    tmp_out.write_text(json.dumps(doc, indent=2))
+    tmp_out.replace(out)
+    if html_out:
+        from reports.overlap import write_overlap_report
+        write_overlap_report(doc, html_out)
+    m = doc["matrix"]
+    width = max(len(t) for t in labels)
+    lines = [" " * width + "  " + "  ".join(f"{t[:8]:>8}" for t in labels)]
+    lines += [f"{t:<{width}}  " + "  ".join(f"{v:8.4f}" for v in row) for t, row in zip(labels, m)]
+    lines += [f"groups (stage order, τ = {tau}): " + " | ".join(", ".join(g) for g in groups), f"wrote {out}"]
+    if html_out:
+        lines.append(f"wrote {html_out}")
+    brief = {k: doc[k] for k in ("tasks", "tau", "order", "seed", "matrix", "chance", "sizes", "groups")}
+    emit(brief | {"output": str(out), "html": str(html_out) if html_out else None}, as_json, "\n".join(lines))
