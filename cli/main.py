@@ -23,8 +23,11 @@ class Group(click.Group):
             click.echo(f"Error: {e}", err=True)
             ctx.exit(1)
 
-    def list_commands(self, ctx):
-        return list(self.commands)           # the order they are defined in: the workflow's order
+    ORDER = ("demo", "run", "inspect", "core", "overlap", "fuse", "gradients", "gallop", "train", "retrain", "eval",
+             "forget")
+
+    def list_commands(self, ctx):            # the workflow's order, not the alphabet's
+        return sorted(self.commands, key=lambda c: self.ORDER.index(c) if c in self.ORDER else len(self.ORDER))
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -80,7 +83,7 @@ def progress_enabled() -> bool:
     return sys.stderr.isatty()
 
 
-from . import commands, overlap_cmd  # noqa: E402,F401  (registers the commands on `cli`)
+from . import commands, gallop_cmd, overlap_cmd  # noqa: E402,F401  (registers the commands on `cli`)
 
 
 def main() -> None:

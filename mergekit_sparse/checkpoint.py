@@ -225,6 +225,13 @@ class Checkpoint:
                 h.update(f.read_bytes())
         return h.hexdigest()
 
+    def content_sha256(self) -> str:
+        """sha256 over every weight file's bytes (a full read): identifies the parameter values."""
+        h = hashlib.sha256()
+        for f in self.files:
+            h.update(sha256_file(f).encode())
+        return h.hexdigest()
+
     def sources(self) -> dict:
         return {"path": str(self.path), "header_sha256": self.fingerprint()}
 

@@ -1,0 +1,90 @@
+"""`sparsemerge gradients` and `sparsemerge gallop`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from .main import cli, emit, force_option, json_option, progress_enabled, scope_options
+
+
+@cli.command()
+@click.option("--model", required=True, help="HF model folder (with tokenizer) to take gradients at.")
+@click.option("--data", required=True, help="Task JSONL: {prompt, response} or {text} per line.")
+@click.option("--fraction", type=click.FloatRange(0, 1, min_open=True), default=0.1, show_default=True,
+              help="Share of the data in the seeded subset (d_s).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--max-len", type=click.IntRange(2), default=256, show_default=True, help="Truncate examples (tokens).")
+@click.option("-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Gradient file (float32 safetensors with metadata).")
+@force_option
+@json_option
+def gradients(model, data, fraction, seed, batch_size, max_len, out, force, as_json):
+    """Mean gradient of the task loss at MODEL over a seeded subset of DATA (GaLLoP's signal).
+
+    \b
+    Example:
+      sparsemerge gradients --model base/ --data math.jsonl --fraction 0.1 -o grads.safetensors
+    """
+    from mergekit_sparse.gradients import compute_gradients
+    meta = compute_gradients(model, data, out, fraction=fraction, seed=seed, batch_size=batch_size,
+                             max_len=max_len, force=force, progress=progress_enabled())
+    emit(meta | {"output": str(out)}, as_json, f"mean gradient over {meta['examples']} examples -> {out}")
+
+
+@cli.command()
+@click.option("--params", required=True, help="The model whose parameters are scored (θ).")
+@click.option("--grads", required=True, help="Gradient file from `sparsemerge gradients`.")
+@click.option("--rho", type=click.FloatRange(0, 100, min_open=True), default=1.0, show_default=True,
+              help="Select the top ρ % (1 means 1 %).")
+@click.option("--criterion", type=click.Choice(["gallop", "saft", "pafi", "random"]), default="gallop",
+              show_default=True, help="gallop |g|/(|θ|+ε), saft |g|, pafi lowest |θ|, random (seeded).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random criterion.")
+@click.option("-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("gallop.mask.safetensors"), show_default=True)
+@click.option("--html", "html_out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Report comparing all four criteria (one offline HTML file).")
+@click.option("--sample", type=click.IntRange(100), default=20000, show_default=True,
+              help="Entries sampled for the report's density plot.")
+@scope_options
+@force_option
+@json_option
+def gallop(params, grads, rho, criterion, seed, out, html_out, sample, include, exclude, force, as_json):
+    """Select the sparse trainable set: exact top-ρ % of the GaLLoP score |g| / (|θ| + ε) (or a baseline).
+
+    \b
+    Example:
+      sparsemerge gallop --params base/ --grads grads.safetensors --rho 1 --html gallop.html
+    """
+    from mergekit_sparse.checkpoint import Checkpoint
+    from mergekit_sparse.gallop import CRITERIA, check_gradients_fit, select_sparse
+    from mergekit_sparse.scope import align
+    from mergekit_sparse.writer import check_output
+    p_ck, g_ck = Checkpoint.open(params), Checkpoint.open(grads)
+    scope = align([p_ck, g_ck], include=include, exclude=exclude)
+    check_output(out, [p_ck.path, g_ck.path], force=force)
+    if html_out:
+        check_output(html_out, [p_ck.path, g_ck.path], force=force)
+    warning = check_gradients_fit(p_ck, g_ck)
+    if warning:
+        click.echo(warning, err=True)
+    criteria = list(CRITERIA) if html_out else [criterion]
+    if criterion in criteria:
+        criteria.remove(criterion)
+    criteria.insert(0, criterion)
+    res = select_sparse(p_ck, g_ck, scope, rho=rho, criteria=criteria, main=criterion, out=out, seed=seed,
+                        sample_size=sample if html_out else 0, force=force, progress=progress_enabled(),
+                        sources={"params": p_ck.sources(), "grads": g_ck.sources()})
+    doc = {"rho": rho, "main": criterion, "mask": str(out), "warning": warning, **res.to_json()}
+    summary_path = Path(f"{out}".removesuffix(".mask.safetensors").removesuffix(".safetensors") + ".json")
+    summary_path.write_text(json.dumps(doc, indent=2))
+    if html_out:
+        from reports.gallop import write_gallop_report
+        write_gallop_report(doc | {"sample": res.sample}, html_out)
+    s = res.summaries[criterion]
+    text = (f"{criterion}: selected {s.selected:,} of {s.total:,} ({rho} %), threshold {s.threshold:.4g}\n"
+            f"wrote {out} and {summary_path}" + (f" and {html_out}" if html_out else ""))
+    emit({k: v for k, v in doc.items()} | {"summary": str(summary_path)}, as_json, text)
