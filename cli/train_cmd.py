@@ -1,0 +1,103 @@
+"""`sparsemerge train` and `sparsemerge retrain`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .eval_cmd import parse_pairs
+from .main import cli, emit, force_option, json_option, progress_enabled
+
+
+def train_options(f):
+    opts = [
+        click.option("--steps", type=click.IntRange(1), default=100, show_default=True, help="Optimizer steps."),
+        click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True),
+        click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True,
+                     help="Examples per optimizer step (global, across processes)."),
+        click.option("--grad-accum", type=click.IntRange(1), default=1, show_default=True,
+                     help="Micro-batches per step."),
+        click.option("--warmup", type=click.IntRange(0), default=0, show_default=True, help="Warm-up steps."),
+        click.option("--schedule", type=click.Choice(["cosine", "linear", "constant"]), default="cosine",
+                     show_default=True),
+        click.option("--weight-decay", type=click.FloatRange(0), default=0.0, show_default=True),
+        click.option("--clip", type=click.FloatRange(0), default=1.0, show_default=True,
+                     help="Clip the gradient norm (0: off)."),
+        click.option("--eval-every", type=click.IntRange(0), default=0, show_default=True,
+                     help="Held-out loss every N steps (needs --eval-fraction)."),
+        click.option("--eval-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True),
+        click.option("--max-len", type=click.IntRange(2), default=128, show_default=True),
+        click.option("--save-every", type=click.IntRange(0), default=0, show_default=True,
+                     help="Resumable snapshot every N steps."),
+        click.option("--seed", type=int, default=0, show_default=True),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def make_config(kw: dict):
+    from mergekit_sparse.trainer import TrainConfig
+    keys = ("steps", "lr", "batch_size", "grad_accum", "warmup", "schedule", "weight_decay", "clip", "eval_every",
+            "eval_fraction", "max_len", "save_every", "seed")
+    cfg = {k: kw.pop(k) for k in keys}
+    cfg["clip"] = cfg["clip"] or None
+    return TrainConfig(**cfg)
+
+
+@cli.command("train")
+@click.option("--model", required=True, help="HF model folder (with tokenizer) to start from.")
+@click.option("--data", required=True, help="Task JSONL: {prompt, response} or {text} per line.")
+@click.option("--mask", help="Train only the entries this mask selects (e.g. from `sparsemerge gallop`).")
+@click.option("-o", "--output", "out", type=click.Path(file_okay=False, path_type=Path), required=True)
+@train_options
+@force_option
+@json_option
+def train_cmd(model, data, mask, out, force, as_json, **kw):
+    """Fine-tune MODEL on DATA: fully, or only the entries of --mask (every other entry stays bit-identical).
+
+    Runs unchanged under `torchrun --nproc-per-node N` (DDP; gloo on CPU, nccl on GPU).
+
+    \b
+    Example:
+      sparsemerge train --model base/ --data math.jsonl --mask gallop.mask.safetensors --steps 200 -o runs/math
+    """
+    from mergekit_sparse.staged import run_train
+    summary = run_train(model, data, out, cfg=make_config(kw), mask=mask, force=force, progress=progress_enabled())
+    f = summary["final"]
+    emit(summary | {"output": str(out)}, as_json,
+         f"trained {f.get('step')} steps, final loss {f.get('loss', float('nan')):.4f}, "
+         f"{summary['trainable']:,} trainable entries -> {out}")
+
+
+@cli.command()
+@click.option("--model", required=True, help="The fused model (HF folder) to retrain.")
+@click.option("--groups", required=True, help="groups.json from `sparsemerge overlap` (stage order).")
+@click.option("--masks", "masks_dir", required=True, help="Folder with <task>.mask.safetensors core masks.")
+@click.option("--data", "data", multiple=True, required=True, metavar="TASK=PATH", help="Training data per task.")
+@click.option("--per-task", type=click.IntRange(1), help="Examples per task per stage (balanced sample).")
+@click.option("--fraction", type=click.FloatRange(0, 1, min_open=True),
+              help="Or: this share of the smallest task, per task.")
+@click.option("-o", "--output", "out", type=click.Path(file_okay=False, path_type=Path), required=True)
+@train_options
+@force_option
+@json_option
+def retrain(model, groups, masks_dir, data, per_task, fraction, out, force, as_json, **kw):
+    """Staged retraining: stage k trains group k with the cores of all earlier groups frozen (CPI-FT stage 4).
+
+    Each finished stage is saved as OUT/stage-k; a rerun resumes after the last finished stage.
+
+    \b
+    Example:
+      sparsemerge retrain --model fused/ --groups groups.json --masks cores/ \\
+          --data math=math.jsonl --data code=code.jsonl --per-task 200 --steps 100 -o retrained/
+    """
+    from mergekit_sparse.staged import retrain as run
+    doc = run(model, groups, masks_dir, parse_pairs(data, "--data"), out, cfg=make_config(kw), per_task=per_task,
+              fraction=fraction, force=force, progress=progress_enabled())
+    lines = [f"stage {s['stage']}: {', '.join(s['group'])}" + (" (done earlier, skipped)" if s.get("skipped") else
+             f" — {s['examples']} examples, {s['frozen_parameters']:,} frozen, final loss {s['final'].get('loss', 0):.4f}")
+             for s in doc["stages"]]
+    lines.append(f"final model: {doc['final_model']}")
+    emit(doc, as_json, "\n".join(lines))

@@ -1,0 +1,263 @@
+"""One readable training loop: masked AdamW, accumulation, clipping, warm-up + cosine/linear schedule,
+evaluation loss, a JSONL log, resume, and torch.distributed (DDP) when run under torchrun.
+
+The loss of an optimizer step is the mean over every labelled token of the step's micro-batches on
+every rank, so one process and N processes with the same global batch compute the same update.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import IGNORE, collate, encode
+from .errors import OptionError
+from .optim import MaskedAdamW
+from .writer import CheckpointWriter
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 100
+    lr: float = 1e-3
+    batch_size: int = 8              # global examples per optimizer step (all ranks, all micro-batches)
+    grad_accum: int = 1
+    warmup: int = 0
+    schedule: str = "cosine"         # cosine | linear | constant
+    weight_decay: float = 0.0
+    clip: float | None = 1.0
+    eval_every: int = 0
+    eval_fraction: float = 0.0
+    max_len: int = 128
+    seed: int = 0
+    save_every: int = 0              # steps between resumable snapshots (0: only at the end)
+    sparse_below: float = 0.1
+
+    def check(self) -> None:
+        problems = []
+        if self.steps < 1:
+            problems.append(f"--steps {self.steps} must be at least 1")
+        if not self.lr > 0:
+            problems.append(f"--lr {self.lr} must be positive")
+        if self.batch_size < 1 or self.grad_accum < 1 or self.batch_size % self.grad_accum:
+            problems.append(f"--batch-size {self.batch_size} must be a positive multiple of --grad-accum {self.grad_accum}")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            problems.append(f"--schedule {self.schedule!r} is not cosine, linear or constant")
+        if not 0 <= self.eval_fraction < 1:
+            problems.append(f"--eval-fraction {self.eval_fraction} must be in [0, 1)")
+        if problems:
+            raise OptionError("; ".join(problems))
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warm-up, then the schedule to 0."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    if cfg.schedule == "constant":
+        return cfg.lr
+    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    if cfg.schedule == "linear":
+        return cfg.lr * (1 - frac)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+class Dist:
+    """Rank/world from torchrun's environment; a no-op in one process."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        if self.world > 1 and not torch.distributed.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            torch.distributed.init_process_group(backend)
+
+    def sum(self, x: float) -> float:
+        if self.world == 1:
+            return x
+        t = torch.tensor([x], dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return float(t[0])
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def _token_loss_sum(model, batch) -> tuple[torch.Tensor, int]:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    target = batch["labels"][:, 1:]
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                             ignore_index=IGNORE, reduction="sum")
+    return loss, int((target != IGNORE).sum())
+
+
+@torch.no_grad()
+def eval_loss(model, examples, pad_id: int, batch_size: int = 16) -> float:
+    model.eval()
+    total, n = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        loss, k = _token_loss_sum(model, collate(examples[i:i + batch_size], pad_id))
+        total, n = total + float(loss), n + k
+    model.train()
+    return total / max(1, n)
+
+
+def save_model(model, out: Path, *, reference: Path, force: bool, metadata: dict | None = None,
+               extra_files: dict[str, str] | None = None, inputs=()) -> None:
+    """Stream the model's state dict out as an HF folder with the reference's config and tokenizer."""
+    sd = model.state_dict()
+    plan = [(n, t.dtype, tuple(t.shape)) for n, t in sorted(sd.items())]
+    with CheckpointWriter(out, plan, folder=True, reference=reference, force=force,
+                          metadata={k: str(v) for k, v in (metadata or {}).items()}, inputs=list(inputs)) as w:
+        for n, _, _ in plan:
+            w.write(n, sd[n])
+        for name, text in (extra_files or {}).items():
+            w.add_file(name, text)
+
+
+def train(model, tokenizer, records: list[dict], *, cfg: TrainConfig, masks: dict[str, torch.Tensor] | None,
+          out: Path, reference: Path, force: bool = False, progress: bool = False,
+          record: dict | None = None) -> dict:
+    """Train `model` in place and save it to `out`; returns a summary (also written to out/train.json).
+
+    A work folder `<out>.work/` holds the JSONL log and resumable snapshots; a rerun with the same
+    settings resumes from the last snapshot, and the folder is removed once `out` is complete.
+    """
+    cfg.check()
+    dist = Dist()
+    torch.manual_seed(cfg.seed)
+    work = Path(f"{out}.work")
+    settings = {"config": asdict(cfg), "examples": len(records), **(record or {})}
+    examples = [encode(tokenizer, r, cfg.max_len) for r in records]
+    examples = [e for e in examples if any(lbl != IGNORE for lbl in e.labels[1:])]
+    if not examples:
+        raise OptionError("no example has a response token left after truncation; raise --max-len")
+    g = torch.Generator().manual_seed(cfg.seed)
+    perm = torch.randperm(len(examples), generator=g).tolist()
+    n_eval = int(cfg.eval_fraction * len(examples))
+    eval_set = [examples[i] for i in perm[:n_eval]]
+    train_set = [examples[i] for i in perm[n_eval:]]
+    named = [(n, p) for n, p in model.named_parameters()]
+    opt = MaskedAdamW(named, masks, lr=cfg.lr, weight_decay=cfg.weight_decay, sparse_below=cfg.sparse_below)
+    start = _resume_point(work, settings)                # read-only on every rank, then one writer
+    if start:
+        _load_snapshot(work, model, opt)
+    dist.barrier()
+    if dist.rank == 0:
+        _prepare_work(work, settings, start)
+    dist.barrier()
+    ddp = model
+    if dist.world > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+    model.train()
+    micro = cfg.batch_size // cfg.grad_accum
+    if micro % dist.world:
+        raise OptionError(f"--batch-size {cfg.batch_size} / --grad-accum {cfg.grad_accum} = {micro} examples per "
+                          f"micro-batch cannot be split evenly over {dist.world} processes")
+    per_rank = micro // dist.world
+    order = _order(len(train_set), cfg.steps * cfg.batch_size, cfg.seed)
+    log = open(work / "log.jsonl", "a") if dist.rank == 0 else None
+    last = {}
+    for step in tqdm(range(start, cfg.steps), desc="train", disable=not progress or dist.rank, initial=start,
+                     total=cfg.steps):
+        t0 = time.perf_counter()
+        ids = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+        micro_batches = []
+        for a in range(cfg.grad_accum):
+            chunk = ids[a * micro:(a + 1) * micro]
+            mine = chunk[dist.rank * per_rank:(dist.rank + 1) * per_rank]
+            micro_batches.append(collate([train_set[i] for i in mine], tokenizer.pad_token_id))
+        n_tokens = dist.sum(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches))
+        loss_total = 0.0
+        for b in micro_batches:
+            loss_sum, _ = _token_loss_sum(ddp, b)
+            (loss_sum * dist.world / n_tokens).backward()            # DDP averages over ranks
+            loss_total += float(loss_sum.detach())
+        lr = lr_at(step, cfg)
+        gnorm = opt.step(lr=lr, clip=cfg.clip)
+        opt.zero_grad()
+        last = {"step": step + 1, "loss": dist.sum(loss_total) / n_tokens, "lr": lr, "grad_norm": gnorm,
+                "step_time": time.perf_counter() - t0}
+        if cfg.eval_every and eval_set and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+            last["eval_loss"] = eval_loss(model, eval_set, tokenizer.pad_token_id)
+        if log:
+            log.write(json.dumps(last) + "\n")
+            log.flush()
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps and dist.rank == 0:
+            _snapshot(work, model, opt, step + 1)
+    if log:
+        log.close()
+    summary = {"settings": settings, "final": last, "optimizer_state_bytes": opt.state_bytes(),
+               "trainable": sum(int(m.sum()) for m in masks.values()) if masks else sum(p.numel() for _, p in named),
+               "world_size": dist.world}
+    if dist.rank == 0:
+        save_model(model, out, reference=reference, force=force, metadata={"trained_by": "mergekit-sparse"},
+                   extra_files={"train.json": json.dumps(summary, indent=2, default=str),
+                                "train_log.jsonl": (work / "log.jsonl").read_text()})
+        shutil.rmtree(work, ignore_errors=True)
+    dist.barrier()
+    return summary
+
+
+def _order(n: int, count: int, seed: int) -> list[int]:
+    """`count` example indices: seeded shuffles of 0..n-1, one epoch after another."""
+    g = torch.Generator().manual_seed(seed + 1)
+    out = []
+    while len(out) < count:
+        out += torch.randperm(n, generator=g).tolist()
+    return out[:count]
+
+
+def _snapshot(work: Path, model, opt: MaskedAdamW, step: int) -> None:
+    """Atomically write model weights + optimizer state + step (the resume point)."""
+    from safetensors.torch import save_file
+    tmp = work / "snapshot.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    (tmp / "step.json").write_text(json.dumps({"step": step}))
+    final = work / "snapshot"
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def _resume_point(work: Path, settings: dict) -> int:
+    """The step of the last snapshot when it was made with the same settings, else 0."""
+    try:
+        same = json.loads((work / "settings.json").read_text()) == json.loads(
+            json.dumps(settings, sort_keys=True, default=str))
+        return json.loads((work / "snapshot" / "step.json").read_text())["step"] if same else 0
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def _load_snapshot(work: Path, model, opt: MaskedAdamW) -> None:
+    from safetensors.torch import load_file
+    snap = work / "snapshot"
+    with torch.no_grad():
+        sd = load_file(snap / "model.safetensors")
+        for n, t in model.state_dict().items():
+            t.copy_(sd[n])
+    opt.load_state_dict(torch.load(snap / "optimizer.pt", weights_only=True))
+
+
+def _prepare_work(work: Path, settings: dict, start: int) -> None:
+    """Fresh work folder when starting over; when resuming, drop log lines past the snapshot."""
+    if not start:
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "settings.json").write_text(json.dumps(settings, sort_keys=True, default=str))
+    log = work / "log.jsonl"
+    if start and log.exists():
+        lines = [ln for ln in log.read_text().splitlines() if json.loads(ln)["step"] <= start]
+        log.write_text("".join(ln + "\n" for ln in lines))
