@@ -125,7 +125,11 @@ class MaskWriter:
         self._stream = SafetensorsStream(self._atomic.tmp, plan, {META_KEY: json.dumps(meta)})
 
     def write(self, name: str, mask: torch.Tensor) -> None:
-        self._stream.write(name, torch.from_numpy(pack(mask)))
+        from .writer import _os_error
+        try:
+            self._stream.write(name, torch.from_numpy(pack(mask)))
+        except OSError as e:
+            raise _os_error(e, self.out) from None
 
     def __enter__(self) -> MaskWriter:
         return self
@@ -135,8 +139,12 @@ class MaskWriter:
             self._stream.abort()
             self._atomic.discard()
             return False
-        self._stream.close()
-        self._atomic.commit()
+        try:
+            self._stream.close()
+            self._atomic.commit()
+        except BaseException:
+            self._atomic.discard()
+            raise
         return False
 
 

@@ -16,8 +16,10 @@ LM_EVAL_DEFAULT_METRICS = ("acc,none", "exact_match,none", "exact_match,strict-m
                            "exact_match,flexible-extract", "acc", "exact_match")
 
 
-def ood_tasks(table: dict[str, float], trained: str) -> list[str]:
-    return [t for t in table if t != trained]
+def ood_tasks(table: dict[str, float], trained: str | list[str]) -> list[str]:
+    """Every task but the trained one(s) (a multi-task run passes the list of its tasks)."""
+    trained = [trained] if isinstance(trained, str) else list(trained)
+    return [t for t in table if t not in trained]
 
 
 def mean(xs) -> float | None:
@@ -47,17 +49,23 @@ def sequential(acc_after_a: dict[str, float], acc_after_b: dict[str, float], a: 
     return {"delta_A": acc_after_b[a] - acc_after_a[a], "delta_B": acc_after_b[b] - acc_after_a[b]}
 
 
-def run_metrics(vanilla: dict[str, float], run: dict[str, float], trained: str) -> dict:
-    """Everything about one run, with the warning METHODS asks for when the ratio is undefined."""
+def run_metrics(vanilla: dict[str, float], run: dict[str, float], trained: str | list[str]) -> dict:
+    """Everything about one run, with the warning METHODS asks for when the ratio is undefined.
+
+    `trained` is the run's task, or the list of tasks of a multi-task run (ID = their mean).
+    """
     missing = [t for t in vanilla if t not in run]
-    if trained not in vanilla:
-        raise OptionError(f"trained task '{trained}' is not in the vanilla table (tasks: {', '.join(vanilla)})")
+    trained_list = [trained] if isinstance(trained, str) else list(trained)
+    for t in trained_list:
+        if t not in vanilla:
+            raise OptionError(f"trained task '{t}' is not in the vanilla table (tasks: {', '.join(vanilla)})")
     if missing:
         raise DataError(f"the run's table lacks task(s) {', '.join(missing)} that the vanilla table has")
     fr = forget_ratio(vanilla, run, trained)
     rate, count = collapse({t: run[t] for t in vanilla}, trained)
     ood = ood_tasks(vanilla, trained)
-    out = {"trained": trained, "id_accuracy": run[trained], "ood_accuracy": mean(run[t] for t in ood),
+    out = {"trained": trained, "id_accuracy": mean(run[t] for t in trained_list),
+           "ood_accuracy": mean(run[t] for t in ood),
            "vanilla_ood_accuracy": mean(vanilla[t] for t in ood), "forget_ratio": fr,
            "collapse_rate": rate, "collapse_count": count, "ood_tasks": len(ood)}
     if fr is None:

@@ -24,8 +24,12 @@ def load_model(folder: str | Path, *, dtype=None):
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{folder}: cannot load the tokenizer ({type(e).__name__}); the folder needs "
                               "tokenizer.json / tokenizer_config.json") from None
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False,
-                                                 dtype=dtype if dtype is not None else "auto")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False,
+                                                     dtype=dtype if dtype is not None else "auto")
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for unusable folders
+        raise CheckpointError(f"{folder}: transformers cannot build a causal LM from this folder "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); remote code is never run") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     torch.manual_seed(0)

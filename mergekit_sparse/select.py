@@ -19,7 +19,7 @@ import torch
 
 from .errors import NonFiniteError, OptionError
 
-CHUNK = 1 << 24          # elements per chunk: bounds temporaries to ~100 MB
+CHUNK = 1 << 22          # elements per chunk: bounds temporaries to a few tens of MB
 BINS = 1 << 16
 
 

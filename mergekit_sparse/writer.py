@@ -53,6 +53,22 @@ def _os_error(e: OSError, where: Path) -> OutputError:
     return OutputError(f"cannot write {where} ({e.strerror}); the partial output was removed")
 
 
+def _fault_injection() -> None:
+    """Test hook: MERGEKIT_SPARSE_FAULT=kill:N or enospc:N makes the N-th tensor write of the process
+    die by SIGKILL or fail with ENOSPC, so the fault tests hit a real mid-write state."""
+    spec = os.environ.get("MERGEKIT_SPARSE_FAULT")
+    if not spec:
+        return
+    kind, _, n = spec.partition(":")
+    _fault_injection.count = getattr(_fault_injection, "count", 0) + 1
+    if _fault_injection.count == int(n):
+        if kind == "kill":
+            import signal
+            os.kill(os.getpid(), signal.SIGKILL)
+        if kind == "enospc":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
 class SafetensorsStream:
     """One safetensors file written header-first; `write` must follow the planned order."""
 
@@ -83,6 +99,7 @@ class SafetensorsStream:
             raise RuntimeError(f"writer expected {exp_name} {dtype} {shape}, got {name} {tensor.dtype} "
                                f"{tuple(tensor.shape)}")  # a bug in the caller, not a user mistake
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        _fault_injection()
         self._f.write(memoryview(data))
         self._next += 1
 
@@ -95,6 +112,16 @@ class SafetensorsStream:
         self._f.close()
 
 
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class AtomicPath:
     """A temporary sibling of `out` that replaces `out` on commit and vanishes on failure."""
 
@@ -102,6 +129,9 @@ class AtomicPath:
         self.out = out
         self.tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
         self.force = force
+        for stale in out.parent.glob(f".{out.name}.partial-*"):     # left by a killed run
+            if not _alive(stale.name.rsplit("-", 1)[-1]):
+                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
         if self.tmp.exists():
             shutil.rmtree(self.tmp) if self.tmp.is_dir() else self.tmp.unlink()
         if is_dir:

@@ -1,0 +1,50 @@
+"""`sparsemerge core` on generated bf16 Llama-shaped checkpoints, next to a plain read in the same run.
+
+    python bench/bench_core.py [--sizes 0.25e9 0.5e9] [--threads 2 1]
+
+Targets (issue 3): wall ≤ 1.5 × the plain read (3 passes, the algorithm's pass count); peak
+RssAnon ≤ 2 × largest tensor in float32 + 400 MB, not growing with model size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import subprocess
+import sys
+
+from common import BIN, HERE, mb, measure, sparsemerge, table
+from gen_checkpoints import llama_shapes
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", type=float, nargs="+", default=[0.25e9, 0.5e9])
+    ap.add_argument("--threads", type=int, nargs="+", default=[2, 1])
+    ap.add_argument("--p", type=float, default=1.0)
+    args = ap.parse_args()
+    rows = []
+    for size in args.sizes:
+        root = HERE / "out" / f"ckpt-{size:.2g}"
+        subprocess.run([sys.executable, str(HERE / "gen_checkpoints.py"), "--out", str(root), "--params", str(size),
+                        "--tasks", "2"], check=True)
+        shapes, _ = llama_shapes(size)
+        largest = max(math.prod(s) for _, s in shapes)
+        bound = 2 * largest * 4 + 400e6
+        inputs = [str(root / x) for x in ("base", "task0", "task1")]
+        for threads in args.threads:
+            plain = measure([str(BIN / "python"), str(HERE / "plain_read.py"), *inputs, "--passes", "3"], threads=threads)
+            out = root / "cores"
+            shutil.rmtree(out, ignore_errors=True)
+            ours = measure([sparsemerge(), "core", "--base", inputs[0], *inputs[1:], "--p", str(args.p), "-o", str(out),
+                            "--force"], threads=threads)
+            rows.append((f"{size / 1e9:.2f}B", threads, f"{plain['wall']:.1f}s", f"{ours['wall']:.1f}s",
+                         f"{ours['wall'] / plain['wall']:.2f}x", mb(ours["anon"]), mb(ours["rss"]), mb(bound),
+                         "ok" if ours["anon"] <= bound else "OVER"))
+    print(table(rows, ("params", "threads", "plain read x3", "core", "ratio", "peak anon", "peak rss",
+                       "anon bound", "bound")))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""`sparsemerge fuse` of two generated bf16 task checkpoints with a base (p = 1), next to (a) the floor
+— a process reading every input tensor as float32 once per pass our algorithm makes (3) and writing
+the output bytes — and (b) mergekit's slerp of the same two models when mergekit is installed in
+bench/.mergekit-venv (see bench/README.md; the column is skipped otherwise). Same thread count.
+
+    python bench/bench_fuse.py [--size 0.5e9] [--threads 2 1]
+
+Targets (issue 5): wall ≤ 1.5 × floor and ≤ 0.4 × mergekit slerp; peak RssAnon ≤ 2 × largest
+tensor in float32 + 400 MB; `sparsemerge --help` under 0.5 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import subprocess
+import sys
+import time
+
+from common import BIN, HERE, mb, measure, sparsemerge, table
+from gen_checkpoints import llama_shapes
+
+MERGEKIT = HERE / ".mergekit-venv" / "bin" / "mergekit-yaml"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", type=float, default=0.5e9)
+    ap.add_argument("--threads", type=int, nargs="+", default=[2, 1])
+    args = ap.parse_args()
+    root = HERE / "out" / f"ckpt-{args.size:.2g}"
+    subprocess.run([sys.executable, str(HERE / "gen_checkpoints.py"), "--out", str(root), "--params", str(args.size),
+                    "--tasks", "2"], check=True)
+    shapes, _ = llama_shapes(args.size)
+    bound = 2 * max(math.prod(s) for _, s in shapes) * 4 + 400e6
+    base, a, b = (str(root / x) for x in ("base", "task0", "task1"))
+    rows = []
+    for threads in args.threads:
+        floor = measure([str(BIN / "python"), str(HERE / "plain_read.py"), base, a, b, "--passes", "3",
+                         "--write", str(root / "floor.bin")], threads=threads)
+        out = root / "fused"
+        shutil.rmtree(out, ignore_errors=True)
+        ours = measure([sparsemerge(), "fuse", a, b, "--base", base, "--p", "1", "-o", str(out), "--force",
+                        "--no-check"], threads=threads)
+        mk = "not installed"
+        if MERGEKIT.exists():
+            cfg = root / "slerp.yaml"
+            cfg.write_text(f"merge_method: slerp\nbase_model: {b}\nmodels:\n  - model: {a}\n  - model: {b}\n"
+                           f"parameters:\n  t: 0.5\ndtype: bfloat16\n")
+            shutil.rmtree(root / "mk", ignore_errors=True)
+            m = measure([str(MERGEKIT), str(cfg), str(root / "mk")], threads=threads)
+            mk = f"{m['wall']:.1f}s (ours {ours['wall'] / m['wall']:.2f}x)"
+        rows.append((threads, f"{floor['wall']:.1f}s", f"{ours['wall']:.1f}s", f"{ours['wall'] / floor['wall']:.2f}x",
+                     mk, mb(ours["anon"]), mb(ours["rss"]), mb(bound), "ok" if ours["anon"] <= bound else "OVER"))
+    print(table(rows, ("threads", "floor", "fuse", "vs floor", "mergekit slerp", "peak anon", "peak rss",
+                       "anon bound", "bound")))
+    t = time.perf_counter()
+    subprocess.run([sparsemerge(), "--help"], capture_output=True, check=True)
+    print(f"sparsemerge --help: {time.perf_counter() - t:.2f}s (target < 0.5 s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Generate Llama-shaped HF checkpoints (base + tasks with planted deltas), streaming, seeded.
+
+    python bench/gen_checkpoints.py --out bench/out/ckpt --params 0.5e9 --tasks 2 --dtype bfloat16
+
+Each task = base + small noise everywhere + large deltas planted in a task-specific layer's
+q_proj rows (so the core regions have a known structure). Written with the project's streaming
+writer: memory stays at a few tensors, whatever the size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import zlib
+from pathlib import Path
+
+import torch
+
+from mergekit_sparse.writer import CheckpointWriter
+
+
+def llama_shapes(params: float, hidden: int = 1536, inter: int = 4096, vocab: int = 32000) -> list[tuple[str, tuple]]:
+    per_layer = 4 * hidden * hidden + 3 * hidden * inter + 2 * hidden
+    layers = max(1, round((params - 2 * vocab * hidden) / per_layer))
+    shapes = [("model.embed_tokens.weight", (vocab, hidden)), ("lm_head.weight", (vocab, hidden)),
+              ("model.norm.weight", (hidden,))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes += [(p + "self_attn.q_proj.weight", (hidden, hidden)), (p + "self_attn.k_proj.weight", (hidden, hidden)),
+                   (p + "self_attn.v_proj.weight", (hidden, hidden)), (p + "self_attn.o_proj.weight", (hidden, hidden)),
+                   (p + "mlp.gate_proj.weight", (inter, hidden)), (p + "mlp.up_proj.weight", (inter, hidden)),
+                   (p + "mlp.down_proj.weight", (hidden, inter)), (p + "input_layernorm.weight", (hidden,)),
+                   (p + "post_attention_layernorm.weight", (hidden,))]
+    return sorted(shapes), layers
+
+
+def tensor(name: str, shape, seed: int, task: int | None, layers: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(zlib.crc32(f"{name}:{seed}".encode()))
+    w = torch.randn(shape, generator=g) * 0.02 if len(shape) > 1 else torch.ones(shape)
+    if task is not None:
+        gt = torch.Generator().manual_seed(zlib.crc32(f"{name}:{seed}:{task}".encode()))
+        w += torch.randn(shape, generator=gt) * 0.002
+        if f"layers.{task % layers}.self_attn.q_proj" in name:
+            w[: shape[0] // 8] += 0.05
+    return w
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--params", type=float, default=0.5e9)
+    ap.add_argument("--tasks", type=int, default=2)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
+    shapes, layers = llama_shapes(args.params)
+    plan = [(n, dtype, s) for n, s in shapes]
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 1536,
+           "intermediate_size": 4096, "num_hidden_layers": layers, "num_attention_heads": 12,
+           "num_key_value_heads": 12, "vocab_size": 32000, "max_position_embeddings": 2048,
+           "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": args.dtype}
+    args.out.mkdir(parents=True, exist_ok=True)
+    for label, task in [("base", None)] + [(f"task{t}", t) for t in range(args.tasks)]:
+        folder = args.out / label
+        if folder.exists():
+            continue
+        ref = args.out / "_config"
+        ref.mkdir(exist_ok=True)
+        (ref / "config.json").write_text(json.dumps(cfg))
+        with CheckpointWriter(folder, plan, folder=True, reference=ref, shard_bytes=int(2e9)) as w:
+            for n, d, s in plan:
+                w.write(n, tensor(n, s, args.seed, task, layers).to(d))
+        print(f"wrote {folder}")
+    total = sum(torch.Size(s).numel() for _, s in shapes)
+    print(f"{total / 1e9:.2f} B parameters, {layers} layers, largest tensor {max(torch.Size(s).numel() for _, s in shapes):,}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,269 @@
+"""Hardening: the bad-input matrix through the CLI, faults (SIGKILL, ENOSPC), determinism, security.
+
+Every matrix row: exit code non-zero, one `Error:` line (no traceback) containing the expected
+words, and no output left behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from cli.main import cli
+
+
+def sha(path: Path) -> str:
+    if path.is_file():
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f.relative_to(path).as_posix().encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture
+def world(tmp_path, planted, tiny_base, tiny_tasks):
+    """Named inputs for the matrix: good ones and one bad file of every kind."""
+    w = {k: str(v) for k, v in planted.items()}
+    w["tiny"], w["math"], w["code"] = str(tiny_base), str(tiny_tasks[0]), str(tiny_tasks[1])
+    w["missing"] = str(tmp_path / "missing.safetensors")
+    (tmp_path / "empty_dir").mkdir()
+    w["empty_dir"] = str(tmp_path / "empty_dir")
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    w["empty"] = str(tmp_path / "empty.safetensors")
+    (tmp_path / "trunc.safetensors").write_bytes(planted["a"].read_bytes()[:-7])
+    w["trunc"] = str(tmp_path / "trunc.safetensors")
+    hdr = json.dumps({"a.w": {"dtype": "F64", "shape": [2, 3], "data_offsets": [0, 24]}}).encode()
+    (tmp_path / "lie.safetensors").write_bytes(len(hdr).to_bytes(8, "little") + hdr + b"\0" * 24)
+    w["lie"] = str(tmp_path / "lie.safetensors")
+    bad_index = tmp_path / "bad_index"
+    shutil.copytree(tiny_base, bad_index)
+    (bad_index / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "../../etc/passwd"}}))
+    w["bad_index"] = str(bad_index)
+    torch.save({"a.w": torch.ones(2, 3)}, tmp_path / "pickle.bin")
+    w["pickle"] = str(tmp_path / "pickle.bin")
+    sd = load_file(planted["a"])
+    save_file({"a.w": sd["a.w"], "b.w": sd["b.w"]}, tmp_path / "noint.safetensors")
+    w["names"] = str(tmp_path / "noint.safetensors")
+    save_file({**sd, "b.w": torch.ones(2, 3)}, tmp_path / "shape.safetensors")
+    w["shape"] = str(tmp_path / "shape.safetensors")
+    save_file({**sd, "a.w": torch.ones(2, 3, dtype=torch.int32)}, tmp_path / "intdtype.safetensors")
+    w["dtype"] = str(tmp_path / "intdtype.safetensors")
+    save_file({**sd, "a.w": torch.full((2, 3), float("inf"))}, tmp_path / "inf.safetensors")
+    w["inf"] = str(tmp_path / "inf.safetensors")
+    grads = {k: torch.zeros_like(v) for k, v in load_file(Path(tiny_base) / "model.safetensors").items()}
+    grads["model.norm.weight"][0] = float("nan")
+    save_file(grads, tmp_path / "nan_grads.safetensors")
+    w["nan_grads"] = str(tmp_path / "nan_grads.safetensors")
+    from mergekit_sparse.masks import save_masks
+    save_masks(tmp_path / "other.mask.safetensors", {"x.w": torch.ones(4, dtype=torch.bool)}, {})
+    w["other_mask"] = str(tmp_path / "other.mask.safetensors")
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": "a", "response": \n')
+    w["bad_jsonl"] = str(tmp_path / "bad.jsonl")
+    (tmp_path / "a_file").write_text("x")
+    w["under_file"] = str(tmp_path / "a_file" / "out")
+    (tmp_path / "exists").mkdir()
+    (tmp_path / "exists" / "core.json").write_text("{}")               # an earlier run's output
+    w["exists"] = str(tmp_path / "exists")
+    w["out"] = str(tmp_path / "out")
+    w["out_st"] = str(tmp_path / "out.safetensors")
+    return w
+
+
+MATRIX = [
+    # (id, argv template, words the one Error line must contain)
+    ("missing file", "core --base {missing} {a} --p 50 -o {out}", "missing.safetensors: no such file or folder"),
+    ("folder without weights", "core --base {empty_dir} {a} --p 50 -o {out}", "folder holds no weights"),
+    ("empty file", "inspect {empty}", "empty.safetensors: file is empty"),
+    ("truncated safetensors", "fuse {trunc} {b} --base {base} --p 50 -o {out_st}", "truncated"),
+    ("header lies about dtype", "inspect {lie}", "its offsets span 24"),
+    ("index outside the folder", "inspect {bad_index}", "points outside the model folder"),
+    ("pickled weights", "core --base {pickle} {a} --p 50 -o {out}", "refusing pickled weights"),
+    ("mismatched names", "core --base {base} {names} --p 50 -o {out}", "'n.steps' is in"),
+    ("mismatched shapes", "fuse {a} {shape} --base {base} --p 50 -o {out_st}", "shape mismatch for 'b.w'"),
+    ("mismatched dtypes", "core --base {base} {dtype} --p 50 -o {out}", "dtype mismatch for 'a.w'"),
+    ("Inf weights", "fuse {inf} {b} --base {base} --p 50 -o {out_st}", "tensor 'a.w' in"),
+    ("NaN gradients", "gallop --params {tiny} --grads {nan_grads} --rho 5 -o {out_st}", "NaN/Inf gradients"),
+    ("mask for another model", "fuse {a} {b} --masks {other_mask} --masks {other_mask} --conflict last -o {out_st}",
+     "does not fit"),
+    ("gradients for another model", "gallop --params {tiny} --grads {a} --rho 5 -o {out_st}", "missing from"),
+    ("p out of range", "core --base {base} {a} --p 101 -o {out}", "Invalid value for '--p'"),
+    ("p not a number", "fuse {a} {b} --base {base} --p x -o {out_st}", "Invalid value for '--p'"),
+    ("rho out of range", "gallop --params {tiny} --grads {tiny} --rho 0 -o {out_st}", "Invalid value for '--rho'"),
+    ("tau out of range", "overlap {a} {b} --tau 1.5 -o {out}", "Invalid value for '--tau'"),
+    ("omega out of range", "fuse {a} {b} --base {base} --omega -0.1 -o {out_st}", "Invalid value for '--omega'"),
+    ("duplicate task names", "core --base {base} {a} {a} --p 50 -o {out}", "two inputs have the task name 'a'"),
+    ("output equal to an input", "fuse {a} {b} --base {base} --p 50 -o {b} --force", "would overwrite or nest inside"),
+    ("existing output", "core --base {base} {a} --p 50 -o {exists}", "already exists; pass --force"),
+    ("unwritable output folder", "fuse {a} {b} --base {base} --p 50 -o {under_file}/x.safetensors",
+     "cannot create the output folder"),
+    ("malformed JSONL", "gradients --model {tiny} --data {bad_jsonl} -o {out_st}", "bad.jsonl:3: not valid JSON"),
+    ("malformed JSONL (train)", "train --model {tiny} --data {bad_jsonl} -o {out}", "bad.jsonl:3: not valid JSON"),
+    ("training data for eval", "eval --model {tiny} --task t={bad_jsonl} -o {out_st}", "bad.jsonl:3"),
+]
+
+
+@pytest.mark.parametrize("argv, words", [pytest.param(a, w, id=i) for i, a, w in MATRIX])
+def test_bad_input_matrix(world, argv, words):
+    before = {k: sha(Path(v)) for k, v in world.items() if Path(v).exists()}
+    r = CliRunner().invoke(cli, [x.format(**world) for x in argv.split()])
+    assert r.exit_code != 0, r.output
+    assert words in r.output, r.output
+    assert "Traceback" not in r.output
+    errors = [ln for ln in r.output.splitlines() if ln.startswith("Error")]
+    assert len(errors) == 1, r.output
+    for k in ("out", "out_st"):
+        assert not Path(world[k]).exists(), f"{k} was written"
+    assert [p.name for p in Path(world["exists"]).iterdir()] == ["core.json"]
+    after = {k: sha(Path(v)) for k, v in world.items() if Path(v).exists()}
+    assert before == after                                           # inputs untouched
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([str(Path(sys.executable).parent / "sparsemerge"), *map(str, args)], capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, timeout=300)
+
+
+@pytest.mark.parametrize("command", ["fuse", "core"])
+def test_sigkill_mid_write_leaves_no_complete_output_and_a_rerun_succeeds(tiny_base, tiny_tasks, tmp_path, command):
+    inputs = [tiny_base, *tiny_tasks[:2]]
+    before = [sha(p) for p in inputs]
+    out = tmp_path / "out"
+    args = (["fuse", tiny_tasks[0], tiny_tasks[1], "--base", tiny_base, "--p", "5", "-o", out] if command == "fuse"
+            else ["core", "--base", tiny_base, tiny_tasks[0], tiny_tasks[1], "--p", "5", "-o", out])
+    r = run_cli(*args, env={"MERGEKIT_SPARSE_FAULT": "kill:5"})
+    assert r.returncode == -9
+    if command == "fuse":
+        assert not out.exists()
+    else:
+        assert not list(out.glob("*.mask.safetensors")) and not (out / "core.json").exists()
+    assert [sha(p) for p in inputs] == before
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr
+    assert not [p for p in tmp_path.rglob("*partial*")]
+    assert [sha(p) for p in inputs] == before
+
+
+def test_sigkill_mid_retrain_resumes(tiny_base, tiny_tasks, tmp_path):
+    from test_training import write_jsonl
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"{i}=", "response": str(i)} for i in range(20)])
+    assert run_cli("core", "--base", tiny_base, *tiny_tasks, "--p", "5", "-o", tmp_path / "cores").returncode == 0
+    masks = [tmp_path / "cores" / f"{t}.mask.safetensors" for t in ("math", "code", "chat")]
+    assert run_cli("overlap", *masks, "--tau", "0.2", "--order", "input", "-o", tmp_path / "g.json").returncode == 0
+    args = ["retrain", "--model", tiny_tasks[0], "--groups", tmp_path / "g.json", "--masks", tmp_path / "cores",
+            *[x for t in ("math", "code", "chat") for x in ("--data", f"{t}={data}")], "--per-task", "4", "--steps", "2",
+            "--batch-size", "4", "-o", tmp_path / "rt"]
+    # each stage's model save writes 21 tensors; die inside stage 2's save
+    r = run_cli(*args, env={"MERGEKIT_SPARSE_FAULT": "kill:30"})
+    assert r.returncode == -9
+    assert (tmp_path / "rt" / "stage-1" / "stage.json").is_file() and not (tmp_path / "rt" / "stage-2").exists()
+    r = run_cli(*args, "--json")
+    assert r.returncode == 0, r.stderr
+    stages = json.loads(r.stdout)["stages"]
+    assert stages[0].get("skipped") and not stages[1].get("skipped")
+
+
+@pytest.mark.parametrize("command", ["fuse", "core"])
+def test_enospc_gives_a_clear_error_and_removes_temporary_files(tiny_base, tiny_tasks, tmp_path, command):
+    out = tmp_path / "out"
+    args = (["fuse", tiny_tasks[0], tiny_tasks[1], "--base", tiny_base, "--p", "5", "-o", out] if command == "fuse"
+            else ["core", "--base", tiny_base, tiny_tasks[0], "--p", "5", "-o", out])
+    r = run_cli(*args, env={"MERGEKIT_SPARSE_FAULT": "enospc:3"})
+    assert r.returncode == 1
+    assert "Error: no space left on the device while writing" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists() or not any(out.iterdir())
+    assert not [p for p in tmp_path.rglob("*partial*")]
+
+
+def test_determinism_two_runs_byte_identical_and_across_thread_counts(tiny_base, tiny_tasks, tmp_path):
+    """core, overlap, fuse, gradients, gallop, train, eval: same inputs and seed -> same bytes, at 1 and 2 threads.
+
+    Training and gradients are compared at a tolerance across thread counts only if needed: the
+    float reductions of matmuls may split differently with threads (see tests/README.md)."""
+    from test_training import write_jsonl
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"rev {w}=", "response": w[::-1]} for w in
+                                              ["abc", "bca", "cab", "aab", "bba", "cca", "abb", "bcc"]])
+    outputs = {}
+    for run in ("a", "b", "c"):                      # a, b: in this process at 1 thread; c: a process at 2
+        d = tmp_path / run
+        steps = [
+            ["core", "--base", tiny_base, tiny_tasks[0], tiny_tasks[1], "--p", "5", "-o", d / "cores"],
+            ["overlap", d / "cores" / "math.mask.safetensors", d / "cores" / "code.mask.safetensors", "--order", "random",
+             "--seed", "3", "-o", d / "groups.json"],
+            ["fuse", tiny_tasks[0], tiny_tasks[1], "--base", tiny_base, "--p", "5", "-o", d / "fused", "--no-check"],
+            ["gradients", "--model", tiny_base, "--data", data, "--fraction", "0.5", "--seed", "2", "-o", d / "g.safetensors"],
+            ["gallop", "--params", tiny_base, "--grads", d / "g.safetensors", "--rho", "5", "--criterion", "random",
+             "-o", d / "r.mask.safetensors"],
+            ["train", "--model", tiny_base, "--data", data, "--steps", "3", "--batch-size", "4", "-o", d / "trained"],
+            ["eval", "--model", tiny_base, "--task", f"t={data}", "-o", d / "acc.json"],
+        ]
+        for s in steps:
+            if run == "c":
+                r = run_cli(*s, env={"OMP_NUM_THREADS": "2"})
+                assert r.returncode == 0, (s, r.stderr)
+            else:
+                r = CliRunner().invoke(cli, [str(x) for x in s])
+                assert r.exit_code == 0, (s, r.output)
+        groups = json.loads((d / "groups.json").read_text())
+        groups.pop("settings")                                            # holds this run's own paths
+        outputs[run] = {
+            "masks": sha(d / "cores" / "math.mask.safetensors"), "groups": groups,
+            "fused": sha(d / "fused" / "model.safetensors"), "gallop": _mask_content(d / "r.mask.safetensors"),
+            "grads": load_file(d / "g.safetensors"), "trained": load_file(d / "trained" / "model.safetensors"),
+            "acc": json.loads((d / "acc.json").read_text())["tasks"]}
+    for key in ("masks", "groups", "fused", "gallop", "acc"):
+        assert outputs["a"][key] == outputs["b"][key] == outputs["c"][key], key
+    for key in ("grads", "trained"):
+        for n in outputs["a"][key]:
+            assert torch.equal(outputs["a"][key][n], outputs["b"][key][n]), (key, n)        # same threads: exact
+            assert torch.allclose(outputs["a"][key][n], outputs["c"][key][n], atol=1e-6), (key, n)
+
+
+def _mask_content(path: Path):
+    """Bits and metadata of a mask file, without `sources` (which name this run's own input paths)."""
+    from mergekit_sparse.masks import MaskSet
+    m = MaskSet.load(path)
+    meta = {k: v for k, v in m.meta.items() if k != "sources"}
+    return meta, {n: m.packed(n).tobytes() for n in m.names}
+
+
+def test_remote_code_is_never_run(tiny_base, tmp_path):
+    evil = tmp_path / "evil"
+    shutil.copytree(tiny_base, evil)
+    marker = tmp_path / "pwned"
+    (evil / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    cfg = json.loads((evil / "config.json").read_text())
+    cfg.update({"model_type": "evil", "auto_map": {"AutoModelForCausalLM": "modeling_evil.EvilModel",
+                                                   "AutoConfig": "modeling_evil.EvilConfig"}})
+    (evil / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "x.jsonl").write_text('{"prompt": "a", "response": "b"}\n')
+    r = CliRunner().invoke(cli, ["eval", "--model", str(evil), "--task", f"t={tmp_path / 'x.jsonl'}",
+                                 "-o", str(tmp_path / "acc.json")])
+    assert r.exit_code == 1 and "remote code is never run" in r.output, r.output
+    assert not marker.exists()
+
+
+def test_no_file_is_written_outside_the_chosen_output(planted, tmp_path, monkeypatch):
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    before = {p for p in tmp_path.rglob("*")}
+    out = tmp_path / "only-here"
+    for args in (["core", "--base", planted["base"], planted["a"], planted["b"], "--p", "25", "-o", out / "cores"],
+                 ["overlap", out / "cores" / "a.mask.safetensors", out / "cores" / "b.mask.safetensors",
+                  "-o", out / "g.json", "--html", out / "r.html"],
+                 ["fuse", planted["a"], planted["b"], "--base", planted["base"], "--p", "25", "-o", out / "f.safetensors"]):
+        r = CliRunner().invoke(cli, [str(a) for a in args])
+        assert r.exit_code == 0, r.output
+    new = {p for p in tmp_path.rglob("*")} - before
+    assert new and all(p == out or out in p.parents for p in new), sorted(map(str, new))
