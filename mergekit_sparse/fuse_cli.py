@@ -55,7 +55,7 @@ def run_fuse(tasks: list[str], *, base: str | None, percent: float, per_tensor: 
                 "onto": onto_ck.sources(), "p": None if masks else percent,
                 "scope": "per-tensor" if per_tensor else "global", "masks": list(masks), "weights": w,
                 "omega": omega, "conflict": conflict, "dtype": dtype, "include": list(include),
-                "exclude": list(exclude)}
+                "exclude": list(exclude), "scope": scope.to_json()}
     report = fuse(task_cks, labels, onto=onto_ck, onto_is_task=onto_idx, scope=scope, out=out, base=base_ck,
                   masks=mask_sets, percent=percent, per_tensor=per_tensor, weights=w, conflict=conflict,
                   dtype=getattr(torch, dtype) if dtype else None,

@@ -181,3 +181,16 @@ def test_cli_user_error_is_one_line_without_traceback(tmp_path):
     assert r.exit_code == 1
     assert r.output.startswith("Error: ") and "no such file or folder" in r.output
     assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_inspect_cli_on_a_sharded_folder(tiny_base, tmp_path):
+    ck = Checkpoint.open(tiny_base)
+    out = tmp_path / "sharded"
+    with CheckpointWriter(out, [(n, i.dtype, i.shape) for n, i in ck.infos.items()], folder=True,
+                          shard_bytes=30_000, reference=tiny_base) as w:
+        for name in ck.names:
+            w.write(name, ck.tensor(name))
+    r = CliRunner().invoke(cli, ["inspect", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert len(data["shards"]) > 1 and data["parameters"] == ck.numel and data["has_config"]

@@ -163,3 +163,17 @@ def test_fuse_cli_user_errors(planted, tmp_path, args, message):
     r = CliRunner().invoke(cli, ["fuse", str(planted["a"]), str(planted["b"]), *args])
     assert r.exit_code != 0 and message in r.output, r.output
     assert "Traceback" not in r.output
+
+
+def test_readme_card_command_on_single_files(tiny_base, tiny_tasks, tmp_path, monkeypatch):
+    """`sparsemerge fuse a.safetensors b.safetensors --base base.safetensors --p 1`, output in the cwd."""
+    import shutil
+    for name, src in (("base", tiny_base), ("a", tiny_tasks[0]), ("b", tiny_tasks[1])):
+        shutil.copy(src / "model.safetensors", tmp_path / f"{name}.safetensors")
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(cli, ["fuse", "a.safetensors", "b.safetensors", "--base", "base.safetensors", "--p", "1"])
+    assert r.exit_code == 0, r.output
+    fused = load_file(tmp_path / "fused.safetensors")
+    assert fused.keys() == load_file(tmp_path / "a.safetensors").keys()
+    record = json.loads((tmp_path / "fused.safetensors.fuse.json").read_text())
+    assert sum(record["counts"]["overwritten"].values()) > 0 and record["settings"]["scope"]["tensors"] == len(fused)
