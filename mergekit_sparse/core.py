@@ -1,9 +1,12 @@
 """Core regions (CPI-FT stage 1, METHODS §2): the exact top-p % of |θ_task − θ_base|.
 
-Passes over the checkpoints (each pass reads the base and every task once, one tensor at a time):
-  global scope      3 passes (radix select: histogram, threshold bucket, emit masks)
-  per-tensor scope  1 pass   (each tensor selects inside itself, in memory)
-Several tasks share the passes, so the base is read once per pass whatever the task count.
+Passes over the checkpoints (each reads the base and every task, tensor by tensor, in chunks):
+  global scope      a sampling pass (~2 % of each tensor, in blocks) and one full pass that counts,
+                    collects the candidates near the threshold and writes the sure bits; the chosen
+                    candidates are then patched into the mask files. Should the sampled window
+                    miss, two radix passes and a selection pass follow (see `select`).
+  per-tensor scope  one pass (each tensor selects inside itself, in memory)
+Several tasks share every pass, so the base is read once per pass whatever the task count.
 """
 
 from __future__ import annotations
@@ -13,22 +16,21 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint
 from .errors import NonFiniteError, OptionError
-from .masks import MaskWriter
+from .masks import MaskWriter, pack
 from .names import layer_key
 from .scope import Scope
-from .select import GlobalTopK, k_for, topk_mask
+from .select import TopK, chunk_ranges, k_for, sample_ranges, topk_mask
 from .stats import hist_quantiles, key_histogram
 
 
 class PerTensorTopK:
-    """Same interface as GlobalTopK, for `per-tensor` scope: ⌊p·n/100⌋ inside each tensor, one pass."""
-
-    passes = 1
+    """For `per-tensor` scope: ⌊p·n/100⌋ inside each tensor, in one pass over whole tensors."""
 
     def __init__(self, percent: float, scope: Scope):
         k_for(percent, scope.numel(), what="p")            # validates the range
@@ -41,17 +43,15 @@ class PerTensorTopK:
         self.selected = 0
         self.thresholds: dict[str, float] = {}
 
-    def observe(self, name, scores) -> None:  # nothing to learn before selecting
-        pass
-
-    def next_pass(self) -> None:
-        pass
+    def wants(self) -> None:
+        return None
 
     @property
     def threshold(self) -> float:
         return min(self.thresholds.values(), default=float("nan"))
 
-    def select(self, name: str, scores: torch.Tensor) -> torch.Tensor:
+    def select(self, name: str, start: int, scores: torch.Tensor) -> torch.Tensor:
+        """`scores` must be the whole tensor (start 0)."""
         mask, t = topk_mask(scores, int(self.percent * scores.numel() // 100))
         self.thresholds[name] = t
         self.selected += int(mask.sum())
@@ -62,13 +62,18 @@ def make_selector(percent: float, scope: Scope, *, per_tensor: bool = False):
     if per_tensor:
         return PerTensorTopK(percent, scope)
     total = scope.numel()
-    return GlobalTopK(k_for(percent, total, what="p"), total)
+    return TopK(k_for(percent, total, what="p"), total)
 
 
-def abs_delta(base_f32: torch.Tensor, task: Checkpoint, name: str) -> torch.Tensor:
-    """|θ_task − θ_base| for one tensor, float32, flattened (one new buffer)."""
-    d = task.tensor(name).reshape(-1).to(torch.float32, copy=True)
-    return d.sub_(base_f32).abs_()
+def delta_chunks(base: Checkpoint, tasks: list[Checkpoint]):
+    """chunks(name, ranges) -> (start, [|θ_task − θ_base| for each task]) per range, float32 (read lazily)."""
+    def chunks(name: str, ranges):
+        w0_raw = base.tensor(name).reshape(-1)
+        raws = [t.tensor(name).reshape(-1) for t in tasks]
+        for s, e in ranges:
+            w0 = w0_raw[s:e].float()
+            yield s, [torch.sub(r[s:e].float(), w0).abs_() for r in raws]           # (e - s,) each
+    return chunks
 
 
 def _nonfinite(name: str, ckpts: list[Checkpoint]) -> NonFiniteError:
@@ -79,21 +84,38 @@ def _nonfinite(name: str, ckpts: list[Checkpoint]) -> NonFiniteError:
     return NonFiniteError(f"tensor '{name}': the difference of two checkpoints overflows float32 (Inf)")
 
 
+def run_passes(selectors: list, scope: Scope, chunks, *, sources, progress: bool = False, desc: str = "select",
+               emit=None) -> None:
+    """Feed the selectors until each can select. `sources[i]` are the checkpoints behind selector i
+    (named in a NaN error); `emit(i, name, start, sure_mask_chunk, n)` sees the count pass's sure bits."""
+    p = 0
+    while kinds := {s.wants() for s in selectors} - {None}:
+        p += 1
+        full = "full" in kinds
+        for name in tqdm(scope.names, desc=f"{desc}: pass {p}", disable=not progress, leave=False):
+            n = scope.numel(name)
+            ranges = chunk_ranges(n) if full else sample_ranges(name, n, scope.numel())
+            for start, scores in chunks(name, ranges):
+                for i, (sel, sc) in enumerate(zip(selectors, scores)):
+                    if sel.wants() is None:
+                        continue
+                    counting = getattr(sel, "phase", None) == "count"
+                    try:
+                        sel.observe(name, start, sc)
+                    except NonFiniteError:
+                        raise _nonfinite(name, sources[i]) from None
+                    if emit is not None and counting:
+                        emit(i, name, start, sel.preliminary(sc), n)
+        for sel in selectors:
+            sel.end_pass()
+
+
 def prepare_selectors(base: Checkpoint, tasks: list[Checkpoint], scope: Scope, *, percent: float,
                       per_tensor: bool = False, progress: bool = False, desc: str = "core") -> list:
-    """Run every pass but the last; returns selectors whose `select(name, delta)` emits masks."""
+    """Selectors that have seen every pass they need; `select(name, start, delta_chunk)` emits masks."""
     selectors = [make_selector(percent, scope, per_tensor=per_tensor) for _ in tasks]
-    passes = selectors[0].passes
-    for p in range(passes - 1):
-        for name in tqdm(scope.names, desc=f"{desc}: pass {p + 1}/{passes}", disable=not progress, leave=False):
-            w0 = base.tensor(name).reshape(-1).float()
-            for sel, task in zip(selectors, tasks):
-                d = abs_delta(w0, task, name)
-                if p == 0 and not torch.isfinite(d).all():
-                    raise _nonfinite(name, [base, task])
-                sel.observe(name, d)
-        for sel in selectors:
-            sel.next_pass()
+    run_passes(selectors, scope, delta_chunks(base, tasks), sources=[[base, t] for t in tasks], progress=progress,
+               desc=desc)
     return selectors
 
 
@@ -122,34 +144,68 @@ def compute_cores(base: Checkpoint, tasks: list[Checkpoint], scope: Scope, *, pe
                   out_dir: Path, labels: list[str], per_tensor: bool = False, force: bool = False,
                   progress: bool = False) -> list[CoreSummary]:
     """Write `<label>.mask.safetensors` per task into `out_dir` and return their summaries."""
-    selectors = prepare_selectors(base, tasks, scope, percent=percent, per_tensor=per_tensor,
-                                  progress=progress)
+    selectors = [make_selector(percent, scope, per_tensor=per_tensor) for _ in tasks]
     meta_common = {"criterion": "delta", "percent": percent, "scope": "per-tensor" if per_tensor else "global",
                    "base": base.sources(), "total": scope.numel()}
-    writers = []
+
+    def open_writers():
+        return [MaskWriter(out_dir / f"{label}.mask.safetensors", scope.shapes,
+                           {**meta_common, "task": label, "selected": sel.k, "sources": [base.sources(), t.sources()]},
+                           force=force, inputs=[base.path, t.path])
+                for sel, t, label in zip(selectors, tasks, labels)]
+
+    counts = [dict() for _ in tasks]                       # name -> selected
+    hists = [torch.zeros(1 << 16, dtype=torch.int64) for _ in tasks]
+    writers: list[MaskWriter] = []
     try:
-        for sel, task, label in zip(selectors, tasks, labels):
-            meta = {**meta_common, "task": label, "selected": sel.k, "threshold": sel.threshold,
-                    "sources": [base.sources(), task.sources()]}
-            writers.append(MaskWriter(out_dir / f"{label}.mask.safetensors", scope.shapes, meta, force=force,
-                                      inputs=[base.path, task.path]))
-        counts = [defaultdict(int) for _ in tasks]
-        hists = [torch.zeros(1 << 16, dtype=torch.int64) for _ in tasks]
-        per_tensor_counts: list[dict] = [{} for _ in tasks]
-        for name in tqdm(scope.names, desc=f"core: pass {selectors[0].passes}/{selectors[0].passes}",
-                         disable=not progress, leave=False):
-            w0 = base.tensor(name).reshape(-1).float()
-            for i, (sel, task, w) in enumerate(zip(selectors, tasks, writers)):
-                d = abs_delta(w0, task, name)
-                if sel.passes == 1 and not torch.isfinite(d).all():
-                    raise _nonfinite(name, [base, task])
-                mask = sel.select(name, d)
-                hists[i] += key_histogram(d)
-                w.write(name, mask.view(scope.shapes[name]))
-                c = int(mask.sum())
-                per_tensor_counts[i][name] = {"selected": c, "numel": d.numel()}
-                counts[i][layer_key(name)] += c
-        for w in writers:
+        if per_tensor:
+            writers = open_writers()
+            for name in tqdm(scope.names, desc="core", disable=not progress, leave=False):
+                (_, deltas), = delta_chunks(base, tasks)(name, [(0, scope.numel(name))])
+                for i, (sel, d) in enumerate(zip(selectors, deltas)):
+                    if not torch.isfinite(d).all():
+                        raise _nonfinite(name, [base, tasks[i]])
+                    mask = sel.select(name, 0, d)
+                    hists[i] += key_histogram(d)
+                    writers[i].write(name, mask.view(scope.shapes[name]))
+                    counts[i][name] = int(mask.sum())
+        else:
+            writers = open_writers()
+            pending: list[list[np.ndarray]] = [[] for _ in tasks]
+
+            def emit(i, name, start, sure, n):             # the count pass writes the sure bits
+                pending[i].append(pack(sure))
+                counts[i][name] = counts[i].get(name, 0) + int(sure.sum())
+                if start + sure.numel() == n:
+                    writers[i].write_packed(name, np.concatenate(pending[i]))
+                    pending[i] = []
+            run_passes(selectors, scope, delta_chunks(base, tasks), sources=[[base, t] for t in tasks],
+                       progress=progress, desc="core", emit=emit)
+            if all(sel.phase == "window" for sel in selectors):
+                for i, sel in enumerate(selectors):
+                    for name, pos in sel.extra.items():
+                        writers[i].set_bits(name, pos)
+                        counts[i][name] += len(pos)
+                    sel.selected = sel.k
+            else:                                          # a window missed (or p = 100): one selection pass
+                for w in writers:
+                    w.__exit__(OSError, None, None)
+                writers, counts = open_writers(), [dict() for _ in tasks]
+                for name in tqdm(scope.names, desc="core: select", disable=not progress, leave=False):
+                    parts = [[] for _ in tasks]
+                    for start, deltas in delta_chunks(base, tasks)(name, chunk_ranges(scope.numel(name))):
+                        for i, (sel, d) in enumerate(zip(selectors, deltas)):
+                            parts[i].append(sel.select(name, start, d))
+                    for i in range(len(tasks)):
+                        mask = torch.cat(parts[i])
+                        writers[i].write(name, mask.view(scope.shapes[name]))
+                        counts[i][name] = int(mask.sum())
+            for i, sel in enumerate(selectors):
+                sample = getattr(sel, "sample_sorted", None)
+                if sample is not None and sample.numel():
+                    hists[i] += key_histogram(sample)
+        for w, sel in zip(writers, selectors):
+            w.update_meta(threshold=sel.threshold, selected=sel.k)
             w.__exit__(None, None, None)
     except BaseException as e:
         for w in writers:
@@ -160,11 +216,16 @@ def compute_cores(base: Checkpoint, tasks: list[Checkpoint], scope: Scope, *, pe
         layer_sizes[layer_key(name)] += scope.numel(name)
     out = []
     for i, (sel, task, label) in enumerate(zip(selectors, tasks, labels)):
-        assert sel.selected == sel.k, "selector emitted a count other than k"
+        total_sel = sum(counts[i].values())
+        assert total_sel == sel.k, f"selected {total_sel} instead of k = {sel.k}"
+        per_layer = defaultdict(int)
+        for name, c in counts[i].items():
+            per_layer[layer_key(name)] += c
         out.append(CoreSummary(
-            task=label, source=str(task.path), selected=sel.selected, total=scope.numel(),
-            threshold=sel.threshold, per_tensor=per_tensor_counts[i],
-            per_layer={k: counts[i][k] / layer_sizes[k] for k in layer_sizes},
+            task=label, source=str(task.path), selected=total_sel, total=scope.numel(),
+            threshold=sel.threshold,
+            per_tensor={n: {"selected": counts[i].get(n, 0), "numel": scope.numel(n)} for n in scope.names},
+            per_layer={k: per_layer[k] / layer_sizes[k] for k in layer_sizes},
             delta_quantiles=hist_quantiles(hists[i]), mask_path=str(out_dir / f"{label}.mask.safetensors")))
     return out
 

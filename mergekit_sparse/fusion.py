@@ -4,8 +4,8 @@ Pure maths first (`slerp`, `slerp_coefficients`, `overwrite_cores`), then the st
 The driver keeps one float32 output buffer per tensor and reads inputs in chunks from the
 memory-mapped files, so anonymous memory stays near one float32 copy of the largest tensor.
 
-Passes: with cores computed on the fly from `--base/--p`, two selection passes (base + tasks)
-and one fusion pass; with mask files, the fusion pass only.
+Passes: with cores computed on the fly from `--base/--p`, a sampling pass and a counting pass
+(base + tasks; see `select`) and the fusion pass; with mask files, the fusion pass only.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint
-from .core import prepare_selectors
+from .core import PerTensorTopK, prepare_selectors
 from .errors import NonFiniteError, OptionError
 from .masks import MaskSet
 from .scope import Scope
@@ -204,9 +204,9 @@ def _fuse_tensor(name, tasks, others, onto, t_values, base, masks, selectors, co
         for s, e in _chunks(n):
             fused[s:e].mul_(c0).add_(theta[s:e].float(), alpha=c1)
     full_masks = None
-    if selectors is not None and selectors[0].passes == 1:      # per-tensor selection needs whole tensors
+    if selectors is not None and isinstance(selectors[0], PerTensorTopK):   # needs whole tensors
         w0 = base.tensor(name).reshape(-1).float()
-        full_masks = [sel.select(name, (t.tensor(name).reshape(-1).float() - w0).abs()) for sel, t in
+        full_masks = [sel.select(name, 0, (t.tensor(name).reshape(-1).float() - w0).abs()) for sel, t in
                       zip(selectors, tasks)]
     raw = [t.tensor(name).reshape(-1) for t in tasks]
     packed = [m.bool(name).reshape(-1) for m in masks] if masks is not None else None
@@ -220,7 +220,7 @@ def _fuse_tensor(name, tasks, others, onto, t_values, base, masks, selectors, co
         elif full_masks is not None:
             chunk_masks = [m[s:e] for m in full_masks]
         else:
-            chunk_masks = [sel.select(name, d) for sel, d in zip(selectors, deltas)]
+            chunk_masks = [sel.select(name, s, d) for sel, d in zip(selectors, deltas)]
         won, covered = overwrite_cores(fused[s:e], values, chunk_masks, deltas, conflict)
         for i, w in enumerate(won):
             report.overwritten[report.tasks[i]] += w

@@ -24,15 +24,25 @@ from .errors import NonFiniteError, OptionError
 from .masks import MaskWriter
 from .names import layer_key, module_of
 from .scope import Scope
-from .select import GlobalTopK, k_for
+from .select import TopK, chunk_ranges, k_for
 from .stats import hist_quantiles, key_histogram
 
 EPS = 1e-8
 CRITERIA = ("gallop", "saft", "pafi", "random")
 
 
-def score(criterion: str, theta: torch.Tensor, grad: torch.Tensor, *, name: str = "", seed: int = 0) -> torch.Tensor:
-    """The selection score of every entry (float32, same shape as θ)."""
+def hash_uniform(name: str, seed: int, start: int, n: int) -> torch.Tensor:
+    """Seeded U[0, 1) scores for flat positions start..start+n of tensor `name`: a hash of the
+    position, so any slice of a tensor gets the same values whatever pass reads it."""
+    x = torch.arange(start, start + n, dtype=torch.int64) + (zlib.crc32(name.encode()) << 20) + seed * 0x9E3779B9
+    for mult in (0xBF58476D1CE4E5B9 - (1 << 64), 0x94D049BB133111EB - (1 << 64)):      # splitmix64 finaliser
+        x = (x ^ (x >> 31 & ((1 << 33) - 1))) * mult
+    return ((x >> 40) & ((1 << 24) - 1)).float() / (1 << 24)
+
+
+def score(criterion: str, theta: torch.Tensor, grad: torch.Tensor, *, name: str = "", seed: int = 0,
+          start: int = 0) -> torch.Tensor:
+    """The selection score of every entry (float32, same shape as θ); `start` is the flat offset of a chunk."""
     if criterion == "gallop":
         return grad.abs() / (theta.abs() + EPS)
     if criterion == "saft":
@@ -40,8 +50,7 @@ def score(criterion: str, theta: torch.Tensor, grad: torch.Tensor, *, name: str 
     if criterion == "pafi":
         return -theta.abs()
     if criterion == "random":
-        g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-        return torch.rand(theta.shape, generator=g)
+        return hash_uniform(name, seed, start, theta.numel()).view(theta.shape)
     raise OptionError(f"--criterion {criterion!r} is not one of {', '.join(CRITERIA)}")
 
 
@@ -74,34 +83,35 @@ class GallopResult:
                 "sample_size": len(self.sample.get("log_theta", []))}
 
 
-def _read(ck: Checkpoint, name: str) -> torch.Tensor:
-    return ck.tensor(name).reshape(-1).float()
+STATS_STRIDE = 16          # the selected-vs-rest quantiles look at every 16th entry
 
 
 def select_sparse(params: Checkpoint, grads: Checkpoint, scope: Scope, *, rho: float, criteria: list[str],
                   main: str, out: Path | None, seed: int = 0, sample_size: int = 0, force: bool = False,
                   progress: bool = False, sources: dict | None = None) -> GallopResult:
-    """Select the top ρ % under each criterion; write the `main` criterion's mask to `out`."""
+    """Select the top ρ % under each criterion; write the `main` criterion's mask to `out`.
+
+    Passes over (θ, g): sampling + counting (see `select`), then one selection pass.
+    """
+    from .core import run_passes
     for c in criteria:
         score(c, torch.zeros(1), torch.zeros(1))                      # validates the name
     total = scope.numel()
     k = k_for(rho, total, what="rho")
-    sels = {c: GlobalTopK(k, total) for c in criteria}
-    for p in range(2):
-        for name in tqdm(scope.names, desc=f"gallop: pass {p + 1}/3", disable=not progress, leave=False):
-            theta, g = _read(params, name), _read(grads, name)
-            if p == 0:
-                for t, what, ck in ((theta, "weights", params), (g, "gradients", grads)):
-                    if not torch.isfinite(t).all():
-                        raise NonFiniteError(f"tensor '{name}' in {ck.path} holds NaN/Inf {what}")
-            for c, sel in sels.items():
-                sel.observe(name, score(c, theta, g, name=name, seed=seed))
-        for sel in sels.values():
-            sel.next_pass()
+    sels = [TopK(k, total) for _ in criteria]
+
+    def chunks(name, ranges):
+        th_raw, g_raw = params.tensor(name).reshape(-1), grads.tensor(name).reshape(-1)
+        for s, e in ranges:
+            th, g = th_raw[s:e].float(), g_raw[s:e].float()
+            if not torch.isfinite(g).all():
+                raise NonFiniteError(f"tensor '{name}' in {grads.path} holds NaN/Inf gradients")
+            yield s, [score(c, th, g, name=name, seed=seed, start=s) for c in criteria]
+    run_passes(sels, scope, chunks, sources=[[params, grads]] * len(criteria), progress=progress, desc="gallop")
     writer = None
     if out is not None:
         meta = {"criterion": main, "rho": rho, "percent": rho, "selected": k, "total": total,
-                "threshold": sels[main].threshold, "seed": seed, "sources": sources or {}}
+                "threshold": sels[criteria.index(main)].threshold, "seed": seed, "sources": sources or {}}
         writer = MaskWriter(out, scope.shapes, meta, force=force, inputs=[params.path, grads.path])
     counts = {c: defaultdict(int) for c in criteria}
     sizes_layer, sizes_module = defaultdict(int), defaultdict(int)
@@ -112,37 +122,45 @@ def select_sparse(params: Checkpoint, grads: Checkpoint, scope: Scope, *, rho: f
     g_gen = torch.Generator().manual_seed(seed)
     sample = {"log_theta": [], "log_grad": [], **{c: [] for c in criteria}}
     try:
-        for name in tqdm(scope.names, desc="gallop: pass 3/3", disable=not progress, leave=False):
-            theta, g = _read(params, name), _read(grads, name)
-            masks = {}
-            for c, sel in sels.items():
-                s = score(c, theta, g, name=name, seed=seed)
-                m = sel.select(name, s)
-                masks[c] = m
-                h = hists[c]
-                h["score"] += key_histogram(s)
-                h["g_sel"] += key_histogram(g.abs()[m])
-                h["g_rest"] += key_histogram(g.abs()[~m])
-                h["t_sel"] += key_histogram(theta.abs()[m])
-                h["t_rest"] += key_histogram(theta.abs()[~m])
+        for name in tqdm(scope.names, desc="gallop: select", disable=not progress, leave=False):
+            n = scope.numel(name)
+            th_raw, g_raw = params.tensor(name).reshape(-1), grads.tensor(name).reshape(-1)
+            parts = {c: [] for c in criteria}
+            for s, e in chunk_ranges(n):
+                theta, g = th_raw[s:e].float(), g_raw[s:e].float()
+                masks = {}
+                for c, sel in zip(criteria, sels):
+                    sc = score(c, theta, g, name=name, seed=seed, start=s)
+                    m = sel.select(name, s, sc)
+                    masks[c] = m
+                    parts[c].append(m)
+                    h = hists[c]
+                    ms, ts, gs = m[::STATS_STRIDE], theta[::STATS_STRIDE].abs(), g[::STATS_STRIDE].abs()
+                    h["score"] += key_histogram(sc[::STATS_STRIDE])
+                    h["g_sel"] += key_histogram(gs[ms])
+                    h["g_rest"] += key_histogram(gs[~ms])
+                    h["t_sel"] += key_histogram(ts[ms])
+                    h["t_rest"] += key_histogram(ts[~ms])
+                for i, a in enumerate(criteria):
+                    for b in criteria[i + 1:]:
+                        inter[(a, b)] += int((masks[a] & masks[b]).sum())
+                if sample_size:
+                    m_n = max(1, round(sample_size * (e - s) / total))
+                    idx = torch.randint(0, e - s, (m_n,), generator=g_gen)
+                    sample["log_theta"] += torch.log10(theta.abs()[idx] + 1e-12).tolist()
+                    sample["log_grad"] += torch.log10(g.abs()[idx] + 1e-12).tolist()
+                    for c in criteria:
+                        sample[c] += masks[c][idx].tolist()
+            for c in criteria:
+                m = torch.cat(parts[c])
                 n_sel = int(m.sum())
-                per_tensor[c][name] = n_sel / m.numel()
+                per_tensor[c][name] = n_sel / n
                 counts[c][("layer", layer_key(name))] += n_sel
                 counts[c][("module", module_of(name))] += n_sel
-            if writer is not None:
-                writer.write(name, masks[main].view(scope.shapes[name]))
-            sizes_layer[layer_key(name)] += theta.numel()
-            sizes_module[module_of(name)] += theta.numel()
-            for i, a in enumerate(criteria):
-                for b in criteria[i + 1:]:
-                    inter[(a, b)] += int((masks[a] & masks[b]).sum())
-            if sample_size:
-                n = max(1, round(sample_size * theta.numel() / total))
-                idx = torch.randint(0, theta.numel(), (n,), generator=g_gen)
-                sample["log_theta"] += torch.log10(theta.abs()[idx] + 1e-12).tolist()
-                sample["log_grad"] += torch.log10(g.abs()[idx] + 1e-12).tolist()
-                for c in criteria:
-                    sample[c] += masks[c][idx].tolist()
+                if writer is not None and c == main:
+                    writer.write(name, m.view(scope.shapes[name]))
+            sizes_layer[layer_key(name)] += n
+            sizes_module[module_of(name)] += n
         if writer is not None:
             writer.__exit__(None, None, None)
     except BaseException as e:
@@ -150,7 +168,7 @@ def select_sparse(params: Checkpoint, grads: Checkpoint, scope: Scope, *, rho: f
             writer.__exit__(type(e), e, None)
         raise
     summaries = {}
-    for c, sel in sels.items():
+    for c, sel in zip(criteria, sels):
         h = hists[c]
         summaries[c] = SelectionSummary(
             criterion=c, rho=rho, selected=sel.selected, total=total, threshold=sel.threshold,

@@ -122,14 +122,38 @@ class MaskWriter:
         meta = {"format_version": FORMAT_VERSION, **meta, "shapes": {n: list(s) for n, s in shapes.items()}}
         plan = [(n, torch.uint8, (packed_size(s),)) for n, s in shapes.items()]
         self._atomic = AtomicPath(self.out, force=force, is_dir=False)
-        self._stream = SafetensorsStream(self._atomic.tmp, plan, {META_KEY: json.dumps(meta)})
+        self.meta = meta
+        self._stream = SafetensorsStream(self._atomic.tmp, plan, {META_KEY: json.dumps(meta)}, reserve=512)
+        self._patches: list[tuple[str, np.ndarray]] = []
 
     def write(self, name: str, mask: torch.Tensor) -> None:
+        self.write_packed(name, pack(mask))
+
+    def write_packed(self, name: str, packed: np.ndarray) -> None:
         from .writer import _os_error
         try:
-            self._stream.write(name, torch.from_numpy(pack(mask)))
+            self._stream.write(name, torch.from_numpy(packed))
         except OSError as e:
             raise _os_error(e, self.out) from None
+
+    def update_meta(self, **fields) -> None:
+        """Metadata known only once the data is written (the threshold): rewritten before commit."""
+        self.meta.update(fields)
+        self._stream.set_metadata({META_KEY: json.dumps(self.meta)})
+
+    def set_bits(self, name: str, positions: np.ndarray) -> None:
+        """Also select these flat positions of `name` (applied to the file before it is committed)."""
+        self._patches.append((name, np.asarray(positions, dtype=np.int64)))
+
+    def _apply_patches(self) -> None:
+        if not self._patches:
+            return
+        mm = np.memmap(self._atomic.tmp, dtype=np.uint8, mode="r+")
+        for name, pos in self._patches:
+            where = self._stream.data_start + self._stream.offsets[name] + pos // 8
+            np.bitwise_or.at(mm, where, (1 << (7 - pos % 8)).astype(np.uint8))   # packbits is big-endian
+        mm.flush()
+        del mm
 
     def __enter__(self) -> MaskWriter:
         return self
@@ -141,6 +165,7 @@ class MaskWriter:
             return False
         try:
             self._stream.close()
+            self._apply_patches()
             self._atomic.commit()
         except BaseException:
             self._atomic.discard()

@@ -1,26 +1,38 @@
 """Exact top-k over a stream of score tensors, with memory independent of model size.
 
 Every "top x %" of the project (core regions, GaLLoP and its baselines) goes through here.
+Scores arrive as float32 chunks of each tensor, tensors in scope order (sorted names), chunks
+in flat order; ties are broken by (sorted name, flat index), exactly as a stable sort of the
+concatenation would.
 
-The global selector is a radix select on the float32 bit patterns. A float32 `x` maps to
-an int32 key that orders exactly like `x` (flip the magnitude bits of negatives). Then:
+`TopK` (the default) needs one full pass to find the threshold:
 
-  pass 1  histogram of the key's high 16 bits over every tensor   -> bucket b holding the k-th
-  pass 2  histogram of the low 16 bits inside bucket b            -> the exact threshold key T
-  pass 3  emit masks: key > T, plus the first `ties` keys == T in (sorted name, flat index) order
+  sample  a seeded ~2 % of every tensor, in 512-entry blocks (touches few pages): a window
+          [lo, hi] of scores that holds the k-th largest with a wide margin
+  count   every score: the count above hi, and the candidates in [lo, hi] with their positions
+  select  score > hi, plus the first k − count candidates in (score desc, name, index) order;
+          the core command even writes `score > hi` during the count pass and patches the bits.
 
-Memory is two 65,536-bin histograms plus temporaries of one chunk. Tensors are visited in
-scope order (sorted names) in pass 3, which is what makes the tie rule hold globally.
+When the window misses (a pathological distribution, or more candidates than CANDIDATE_CAP,
+as with huge numbers of tied scores), it falls back to `RadixTopK`, an exact radix select on the
+float32 bit patterns: a histogram of the high 16 bits, then of the low 16 bits in the threshold
+bucket, then selection. Either way the result is exact; only the number of passes differs.
 """
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 from .errors import NonFiniteError, OptionError
 
 CHUNK = 1 << 22          # elements per chunk: bounds temporaries to a few tens of MB
 BINS = 1 << 16
+BLOCK = 512              # sample block (entries)
+SAMPLE_CAP = 1 << 22     # at most ~4 M sampled scores
+CANDIDATE_CAP = 1 << 24  # at most ~16 M candidates (16 bytes each) before falling back to radix
 
 
 def float_keys(x: torch.Tensor) -> torch.Tensor:
@@ -57,12 +69,12 @@ def k_for(percent: float, total: int, *, what: str = "p") -> int:
     return k
 
 
-class GlobalTopK:
-    """Exact top-k across all tensors in scope, fed one tensor at a time over three passes.
+class RadixTopK:
+    """Exact top-k by radix select on float bit patterns, over three passes (see the module doc).
 
-    Call `observe(name, scores)` for every tensor in pass 1, `next_pass()`, again in pass 2,
-    `next_pass()`, then `select(name, scores)` in scope order in pass 3, which returns the
-    boolean mask of that tensor. `threshold` is the k-th largest score.
+    Call `observe(name, scores)` for every chunk in pass 1, `next_pass()`, again in pass 2,
+    `next_pass()`, then `select(name, scores)` chunk by chunk in scope order in pass 3, which
+    returns the boolean mask of that chunk. `threshold` is the k-th largest score.
     """
 
     passes = 3
@@ -153,3 +165,146 @@ def topk_mask(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, float]:
     eq = key == t
     mask |= eq & (eq.cumsum(0, dtype=torch.int32) <= k - int(mask.sum()))
     return mask.view(scores.shape), key_to_float(t)
+
+
+def chunk_ranges(n: int, size: int = CHUNK) -> list[tuple[int, int]]:
+    return [(s, min(n, s + size)) for s in range(0, n, size)]
+
+
+def sample_ranges(name: str, n: int, total: int) -> list[tuple[int, int]]:
+    """Seeded sample blocks of one tensor: all of a small tensor, else ~fraction·n entries in blocks."""
+    import zlib
+    frac = min(0.02, SAMPLE_CAP / max(1, total))
+    if n <= 64 * BLOCK:
+        return [(0, n)]
+    blocks = n // BLOCK
+    count = max(1, min(blocks, round(frac * n / BLOCK)))
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    picks = torch.randperm(blocks, generator=g)[:count].sort().values.tolist()
+    return [(b * BLOCK, (b + 1) * BLOCK) for b in picks]
+
+
+class TopK:
+    """Exact global top-k with a sampled window and one counting pass (radix fallback).
+
+    Protocol, for drivers (see `core.run_passes`): while `wants()` is "sample" or "full", feed
+    `observe(name, start, scores)` for the ranges of that pass, then `end_pass()`; once `wants()`
+    is None, `select(name, start, scores)` returns each chunk's mask, chunks in scope order.
+    """
+
+    def __init__(self, k: int, total: int):
+        if not 0 < k <= total:
+            raise OptionError(f"cannot select {k} of {total} parameters")
+        self.k, self.total = k, total
+        self.phase = "sample"
+        self.sample_sorted = torch.zeros(0)                # kept for quantile summaries
+        self.samples: list[torch.Tensor] = []
+        self.lo = self.hi = 0.0
+        self.above = 0
+        self.cand_vals: list[torch.Tensor] = []
+        self.cand_pos: list[torch.Tensor] = []
+        self.cand_tensor: list[torch.Tensor] = []
+        self.n_cand = 0
+        self.order: dict[str, int] = {}
+        self.extra: dict[str, np.ndarray] = {}           # name -> sorted flat positions of chosen candidates
+        self.radix: RadixTopK | None = None
+        self.threshold = float("-inf")
+        self.selected = 0
+
+    @property
+    def everything(self) -> bool:
+        return self.k == self.total
+
+    def wants(self) -> str | None:
+        if self.phase == "sample":
+            return "sample"
+        if self.phase in ("count", "radix1", "radix2"):
+            return "full"
+        return None
+
+    def observe(self, name: str, start: int, scores: torch.Tensor) -> None:
+        if self.phase == "sample":
+            _check_finite(scores, name)
+            self.samples.append(scores.clone())
+        elif self.phase == "count":
+            _check_finite(scores, name)
+            self.above += int((scores > self.hi).sum())
+            if self.n_cand > CANDIDATE_CAP:
+                return
+            cand = (scores >= self.lo) & (scores <= self.hi)
+            idx = cand.nonzero().squeeze(1)
+            self.n_cand += idx.numel()
+            if idx.numel() and self.n_cand <= CANDIDATE_CAP:
+                t = self.order.setdefault(name, len(self.order))
+                self.cand_vals.append(scores[idx])
+                self.cand_pos.append(idx + start)
+                self.cand_tensor.append(torch.full((idx.numel(),), t, dtype=torch.int32))
+        else:
+            self.radix.observe(name, scores)
+
+    def end_pass(self) -> None:
+        if self.phase == "sample":
+            self._window()
+            self.phase = "count" if self.k < self.total else "done"
+        elif self.phase == "count":
+            if not self._resolve():
+                self.radix = RadixTopK(self.k, self.total)
+                self.phase = "radix1"
+        elif self.phase == "radix1":
+            self.radix.next_pass()
+            self.phase = "radix2"
+        elif self.phase == "radix2":
+            self.radix.next_pass()
+            self.threshold = self.radix.threshold
+            self.phase = "radix"
+
+    def _window(self) -> None:
+        s = torch.cat(self.samples).sort(descending=True).values if self.samples else torch.zeros(0)
+        self.samples = []
+        self.sample_sorted = s
+        m = s.numel()
+        q = self.k / self.total
+        r = q * m
+        margin = 8 * math.sqrt(max(r * (1 - q), 1.0)) + 16 + 0.002 * m
+        hi_rank, lo_rank = math.floor(r - margin), math.ceil(r + margin)
+        self.hi = float(s[hi_rank]) if 0 <= hi_rank < m else float("inf")
+        self.lo = float(s[lo_rank]) if 0 <= lo_rank < m else float("-inf")
+
+    def _resolve(self) -> bool:
+        need = self.k - self.above
+        if self.n_cand > CANDIDATE_CAP or need <= 0 or need > self.n_cand:
+            self.cand_vals, self.cand_pos, self.cand_tensor = [], [], []
+            return False
+        vals = torch.cat(self.cand_vals).numpy()
+        pos = torch.cat(self.cand_pos).numpy()
+        tens = torch.cat(self.cand_tensor).numpy()
+        self.cand_vals, self.cand_pos, self.cand_tensor = [], [], []
+        order = np.lexsort((pos, tens, -vals.astype(np.float64)))[:need]
+        self.threshold = float(vals[order[-1]])
+        names = {i: n for n, i in self.order.items()}
+        chosen_t, chosen_p = tens[order], pos[order]
+        for t in np.unique(chosen_t):
+            self.extra[names[int(t)]] = np.sort(chosen_p[chosen_t == t])
+        self.phase = "window"
+        return True
+
+    def preliminary(self, scores: torch.Tensor) -> torch.Tensor:
+        """The count pass's sure part of a chunk's mask (score > hi); `extra` holds the rest."""
+        return scores > self.hi
+
+    def select(self, name: str, start: int, scores: torch.Tensor) -> torch.Tensor:
+        if self.phase == "done":
+            self.selected += scores.numel()
+            return torch.ones(scores.shape, dtype=torch.bool)
+        if self.phase == "radix":
+            mask = self.radix.select(name, scores)
+            self.selected = self.radix.selected
+            return mask
+        mask = scores > self.hi
+        pos = self.extra.get(name)
+        if pos is not None:
+            a, b = np.searchsorted(pos, [start, start + scores.numel()])
+            if b > a:
+                mask[torch.from_numpy(pos[a:b] - start)] = True
+        self.selected += int(mask.sum())
+        return mask

@@ -73,10 +73,11 @@ class SafetensorsStream:
     """One safetensors file written header-first; `write` must follow the planned order."""
 
     def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                 metadata: dict[str, str] | None = None):
+                 metadata: dict[str, str] | None = None, *, reserve: int = 0):
         header: dict = {"__metadata__": dict(metadata)} if metadata else {}
         offset = 0
         self._order = []
+        self.offsets: dict[str, int] = {}
         for name, dtype, shape in entries:
             n = 1
             for s in shape:
@@ -84,11 +85,14 @@ class SafetensorsStream:
             nbytes = n * dtype.itemsize
             header[name] = {"dtype": DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             self._order.append((name, dtype, tuple(shape), nbytes))
+            self.offsets[name] = offset
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
+        raw += b" " * (reserve + (-(len(raw) + reserve) % 8))    # room to rewrite metadata at close
+        self._header = header
         self.path = path
         self.total = offset
+        self.data_start = 8 + len(raw)
         self._f = open(path, "wb")
         self._f.write(len(raw).to_bytes(8, "little") + raw)
         self._next = 0
@@ -102,6 +106,18 @@ class SafetensorsStream:
         _fault_injection()
         self._f.write(memoryview(data))
         self._next += 1
+
+    def set_metadata(self, metadata: dict[str, str]) -> None:
+        """Rewrite the metadata in place (it must fit in the header's reserved room)."""
+        self._header["__metadata__"] = dict(metadata)
+        raw = json.dumps(self._header, separators=(",", ":")).encode()
+        room = self.data_start - 8
+        if len(raw) > room:
+            raise RuntimeError(f"{self.path}: metadata outgrew the reserved header room")  # a bug, not a user error
+        pos = self._f.tell()
+        self._f.seek(8)
+        self._f.write(raw + b" " * (room - len(raw)))
+        self._f.seek(pos)
 
     def close(self) -> None:
         if self._next != len(self._order):

@@ -32,9 +32,27 @@ def naive_topk(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tenso
     return out
 
 
-def run_global(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+def run_global(scores: dict[str, torch.Tensor], k: int, chunk: int = 97) -> dict[str, torch.Tensor]:
+    """Drive TopK through its passes as the drivers do (sample blocks, then chunks in scope order)."""
     total = sum(s.numel() for s in scores.values())
-    sel = select.GlobalTopK(k, total)
+    sel = select.TopK(k, total)
+    flat = {n: scores[n].reshape(-1).float() for n in scores}
+    while kind := sel.wants():
+        for n in sorted(flat):
+            ranges = (select.chunk_ranges(flat[n].numel(), chunk) if kind == "full"
+                      else select.sample_ranges(n, flat[n].numel(), total))
+            for s, e in ranges:
+                sel.observe(n, s, flat[n][s:e])
+        sel.end_pass()
+    out = {n: torch.cat([sel.select(n, s, flat[n][s:e]) for s, e in select.chunk_ranges(flat[n].numel(), chunk)])
+           .view(scores[n].shape) for n in sorted(flat)}
+    assert sel.selected == k
+    return out
+
+
+def run_radix(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    total = sum(s.numel() for s in scores.values())
+    sel = select.RadixTopK(k, total)
     for _ in range(2):
         for n in sorted(scores):
             sel.observe(n, scores[n].reshape(-1).float())
@@ -53,10 +71,27 @@ def test_global_topk_equals_naive_with_planted_ties(seed, frac):
     scores["a"][::7] = 2.0                                                   # ties at a value in range
     scores["z"][0, :5] = 2.0
     k = max(1, int(frac * sum(s.numel() for s in scores.values())))
-    got = run_global(scores, k)
     want = naive_topk(scores, k)
-    for n in scores:
-        assert torch.equal(got[n], want[n]), n
+    for got in (run_global(scores, k), run_radix(scores, k)):
+        for n in scores:
+            assert torch.equal(got[n], want[n]), n
+
+
+def test_window_falls_back_to_radix_when_candidates_overflow(monkeypatch):
+    monkeypatch.setattr(select, "CANDIDATE_CAP", 10)
+    g = torch.Generator().manual_seed(0)
+    scores = {"a": torch.randint(0, 3, (500,), generator=g).float(), "b": torch.randn(300, generator=g).abs()}
+    for k in (1, 77, 400, 800):
+        got, want = run_global(scores, k), naive_topk(scores, k)
+        assert all(torch.equal(got[n], want[n]) for n in scores)
+
+
+def test_large_tensor_uses_sampled_window_and_is_exact():
+    g = torch.Generator().manual_seed(1)
+    scores = {"big": torch.randn(300_000, generator=g).abs(), "small": torch.randn(1000, generator=g)}
+    sel_k = 3010
+    got, want = run_global(scores, sel_k, chunk=65_536), naive_topk(scores, sel_k)
+    assert all(torch.equal(got[n], want[n]) for n in scores)
 
 
 def test_global_topk_handles_negative_scores_and_all_zero():
@@ -69,9 +104,9 @@ def test_global_topk_handles_negative_scores_and_all_zero():
 
 
 def test_nan_scores_are_an_error_naming_the_tensor():
-    sel = select.GlobalTopK(1, 3)
+    sel = select.TopK(1, 3)
     with pytest.raises(Exception, match="tensor 'w'"):
-        sel.observe("w", torch.tensor([1.0, float("nan"), 0.0]))
+        sel.observe("w", 0, torch.tensor([1.0, float("nan"), 0.0]))
 
 
 def test_topk_mask_single_tensor_tie_rule():
