@@ -25,7 +25,7 @@ from .errors import NonFiniteError, OptionError
 from .masks import MaskWriter, pack
 from .names import layer_key
 from .scope import Scope
-from .select import TopK, chunk_ranges, k_for, sample_ranges, topk_mask
+from .select import CHUNK, TopK, chunk_ranges, k_for, sample_ranges, topk_mask
 from .stats import hist_quantiles, key_histogram
 
 
@@ -65,14 +65,38 @@ def make_selector(percent: float, scope: Scope, *, per_tensor: bool = False):
     return TopK(k_for(percent, total, what="p"), total)
 
 
+class Buffers:
+    """Reused float32 scratch buffers: streaming allocates nothing per chunk, so glibc's heap
+    cannot fragment and grow (freeing and re-allocating 16 MB chunks does exactly that)."""
+
+    def __init__(self):
+        self._bufs: dict[int, torch.Tensor] = {}
+
+    def get(self, slot: int, n: int) -> torch.Tensor:
+        b = self._bufs.get(slot)
+        if b is None or b.numel() < n:
+            b = self._bufs[slot] = torch.empty(max(n, CHUNK), dtype=torch.float32)
+        return b[:n]
+
+
 def delta_chunks(base: Checkpoint, tasks: list[Checkpoint]):
-    """chunks(name, ranges) -> (start, [|θ_task − θ_base| for each task]) per range, float32 (read lazily)."""
+    """chunks(name, ranges) -> (start, [|θ_task − θ_base| for each task]) per range, float32 (read lazily).
+
+    The yielded tensors are scratch buffers, valid until the next chunk: consumers copy what they keep."""
+    bufs = Buffers()
+
     def chunks(name: str, ranges):
         w0_raw = base.tensor(name).reshape(-1)
         raws = [t.tensor(name).reshape(-1) for t in tasks]
         for s, e in ranges:
-            w0 = w0_raw[s:e].float()
-            yield s, [torch.sub(r[s:e].float(), w0).abs_() for r in raws]           # (e - s,) each
+            w0 = bufs.get(0, e - s)
+            w0.copy_(w0_raw[s:e])
+            out = []
+            for i, r in enumerate(raws):
+                d = bufs.get(i + 1, e - s)
+                d.copy_(r[s:e])
+                out.append(d.sub_(w0).abs_())                                       # (e - s,)
+            yield s, out
     return chunks
 
 
@@ -132,10 +156,12 @@ class CoreSummary:
     per_layer: dict[str, float] = field(default_factory=dict)
     delta_quantiles: dict[str, float] = field(default_factory=dict)
     mask_path: str | None = None
+    full_passes: int = 1
 
     def to_json(self) -> dict:
         return {"task": self.task, "source": self.source, "mask": self.mask_path, "selected": self.selected,
                 "total": self.total, "share": self.selected / self.total, "threshold": self.threshold,
+                "full_passes": self.full_passes,
                 "delta_quantiles": self.delta_quantiles, "per_layer_share": self.per_layer,
                 "per_tensor": self.per_tensor}
 
@@ -174,7 +200,7 @@ def compute_cores(base: Checkpoint, tasks: list[Checkpoint], scope: Scope, *, pe
             pending: list[list[np.ndarray]] = [[] for _ in tasks]
 
             def emit(i, name, start, sure, n):             # the count pass writes the sure bits
-                pending[i].append(pack(sure))
+                pending[i].append(pack(sure))              # packs a copy: `sure` is a scratch buffer
                 counts[i][name] = counts[i].get(name, 0) + int(sure.sum())
                 if start + sure.numel() == n:
                     writers[i].write_packed(name, np.concatenate(pending[i]))
@@ -226,7 +252,8 @@ def compute_cores(base: Checkpoint, tasks: list[Checkpoint], scope: Scope, *, pe
             threshold=sel.threshold,
             per_tensor={n: {"selected": counts[i].get(n, 0), "numel": scope.numel(n)} for n in scope.names},
             per_layer={k: per_layer[k] / layer_sizes[k] for k in layer_sizes},
-            delta_quantiles=hist_quantiles(hists[i]), mask_path=str(out_dir / f"{label}.mask.safetensors")))
+            delta_quantiles=hist_quantiles(hists[i]), mask_path=str(out_dir / f"{label}.mask.safetensors"),
+            full_passes=getattr(sel, "full_passes", 1) + (0 if getattr(sel, "phase", "") == "window" else 1)))
     return out
 
 

@@ -28,7 +28,7 @@ import torch
 
 from .errors import NonFiniteError, OptionError
 
-CHUNK = 1 << 22          # elements per chunk: bounds temporaries to a few tens of MB
+CHUNK = 1 << 18          # elements per chunk: 1 MB of float32 stays in cache; temporaries stay small
 BINS = 1 << 16
 BLOCK = 512              # sample block (entries)
 SAMPLE_CAP = 1 << 22     # at most ~4 M sampled scores
@@ -201,13 +201,18 @@ class TopK:
         self.samples: list[torch.Tensor] = []
         self.lo = self.hi = 0.0
         self.above = 0
-        self.cand_vals: list[torch.Tensor] = []
-        self.cand_pos: list[torch.Tensor] = []
-        self.cand_tensor: list[torch.Tensor] = []
+        # candidates live in a few large arrays grown by doubling (many small kept tensors between
+        # large temporaries would fragment the heap)
+        self.cand_vals = np.empty(0, dtype=np.float32)
+        self.cand_pos = np.empty(0, dtype=np.int64)
+        self.cand_tensor = np.empty(0, dtype=np.int32)
         self.n_cand = 0
         self.order: dict[str, int] = {}
         self.extra: dict[str, np.ndarray] = {}           # name -> sorted flat positions of chosen candidates
         self.radix: RadixTopK | None = None
+        self._scratch: dict[int, torch.Tensor] = {}
+        self._sure = None
+        self.full_passes = 0                               # full passes over the data (the sample pass aside)
         self.threshold = float("-inf")
         self.selected = 0
 
@@ -222,31 +227,58 @@ class TopK:
             return "full"
         return None
 
+    def _bool(self, slot: int, n: int) -> torch.Tensor:
+        """Reused bool scratch (no per-chunk allocation: keeps the heap from fragmenting)."""
+        b = self._scratch.get(slot)
+        if b is None or b.numel() < n:
+            b = self._scratch[slot] = torch.empty(max(n, CHUNK), dtype=torch.bool)
+        return b[:n]
+
     def observe(self, name: str, start: int, scores: torch.Tensor) -> None:
         if self.phase == "sample":
             _check_finite(scores, name)
             self.samples.append(scores.clone())
         elif self.phase == "count":
-            _check_finite(scores, name)
-            self.above += int((scores > self.hi).sum())
+            if not math.isfinite(float(scores.sum(dtype=torch.float64))):    # NaN/Inf anywhere poisons the sum
+                _check_finite(scores, name)
+            sure = torch.gt(scores, self.hi, out=self._bool(0, scores.numel()))
+            self.above += int(sure.sum())
+            self._sure = sure
             if self.n_cand > CANDIDATE_CAP:
                 return
-            cand = (scores >= self.lo) & (scores <= self.hi)
+            cand = torch.ge(scores, self.lo, out=self._bool(1, scores.numel()))
+            cand.logical_and_(torch.le(scores, self.hi, out=self._bool(2, scores.numel())))
             idx = cand.nonzero().squeeze(1)
-            self.n_cand += idx.numel()
-            if idx.numel() and self.n_cand <= CANDIDATE_CAP:
+            c = idx.numel()
+            if c and self.n_cand + c <= CANDIDATE_CAP:
                 t = self.order.setdefault(name, len(self.order))
-                self.cand_vals.append(scores[idx])
-                self.cand_pos.append(idx + start)
-                self.cand_tensor.append(torch.full((idx.numel(),), t, dtype=torch.int32))
+                self._grow(self.n_cand + c)
+                a, b = self.n_cand, self.n_cand + c
+                self.cand_vals[a:b] = scores[idx].numpy()
+                self.cand_pos[a:b] = idx.numpy() + start
+                self.cand_tensor[a:b] = t
+            self.n_cand += c
         else:
             self.radix.observe(name, scores)
 
+    def _grow(self, n: int) -> None:
+        if n <= self.cand_vals.size:
+            return
+        cap = max(n, 2 * self.cand_vals.size, 1 << 16)
+        for key in ("cand_vals", "cand_pos", "cand_tensor"):
+            old = getattr(self, key)
+            new = np.empty(cap, dtype=old.dtype)
+            new[:self.n_cand] = old[:self.n_cand]
+            setattr(self, key, new)
+
     def end_pass(self) -> None:
+        if self.phase != "sample":
+            self.full_passes += 1
         if self.phase == "sample":
             self._window()
             self.phase = "count" if self.k < self.total else "done"
         elif self.phase == "count":
+            self._scratch, self._sure = {}, None
             if not self._resolve():
                 self.radix = RadixTopK(self.k, self.total)
                 self.phase = "radix1"
@@ -272,13 +304,11 @@ class TopK:
 
     def _resolve(self) -> bool:
         need = self.k - self.above
-        if self.n_cand > CANDIDATE_CAP or need <= 0 or need > self.n_cand:
-            self.cand_vals, self.cand_pos, self.cand_tensor = [], [], []
+        n = self.n_cand
+        vals, pos, tens = self.cand_vals[:n], self.cand_pos[:n], self.cand_tensor[:n]
+        self.cand_vals = self.cand_pos = self.cand_tensor = np.empty(0)
+        if n > CANDIDATE_CAP or need <= 0 or need > n:
             return False
-        vals = torch.cat(self.cand_vals).numpy()
-        pos = torch.cat(self.cand_pos).numpy()
-        tens = torch.cat(self.cand_tensor).numpy()
-        self.cand_vals, self.cand_pos, self.cand_tensor = [], [], []
         order = np.lexsort((pos, tens, -vals.astype(np.float64)))[:need]
         self.threshold = float(vals[order[-1]])
         names = {i: n for n, i in self.order.items()}
@@ -289,8 +319,9 @@ class TopK:
         return True
 
     def preliminary(self, scores: torch.Tensor) -> torch.Tensor:
-        """The count pass's sure part of a chunk's mask (score > hi); `extra` holds the rest."""
-        return scores > self.hi
+        """The count pass's sure part of the chunk just observed (score > hi; a scratch buffer valid
+        until the next `observe`); `extra` holds the rest."""
+        return self._sure
 
     def select(self, name: str, start: int, scores: torch.Tensor) -> torch.Tensor:
         if self.phase == "done":
