@@ -29,7 +29,7 @@ def main() -> None:
     args = ap.parse_args()
     rows = []
     for size in args.sizes:
-        root = HERE / "out" / f"ckpt-{size:.2g}"
+        root = HERE / "out" / f"ckpt-{int(size // 1e6)}M"
         subprocess.run([sys.executable, str(HERE / "gen_checkpoints.py"), "--out", str(root), "--params", str(size),
                         "--tasks", "2"], check=True)
         shapes, _ = llama_shapes(size)

@@ -1,6 +1,6 @@
 """`sparsemerge fuse` of two generated bf16 task checkpoints with a base (p = 1), next to (a) the floor
-— a process reading every input tensor as float32 once per pass our algorithm makes (3) and writing
-the output bytes — and (b) mergekit's slerp of the same two models when mergekit is installed in
+— a process reading every input tensor as float32 once per full pass our algorithm makes (2: the
+counting pass and the fusion pass; the sampling pass touches ~2 %) and writing the output bytes — and (b) mergekit's slerp of the same two models when mergekit is installed in
 bench/.mergekit-venv (see bench/README.md; the column is skipped otherwise). Same thread count.
 
     python bench/bench_fuse.py [--size 0.5e9] [--threads 2 1]
@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--size", type=float, default=0.5e9)
     ap.add_argument("--threads", type=int, nargs="+", default=[2, 1])
     args = ap.parse_args()
-    root = HERE / "out" / f"ckpt-{args.size:.2g}"
+    root = HERE / "out" / f"ckpt-{int(args.size // 1e6)}M"
     subprocess.run([sys.executable, str(HERE / "gen_checkpoints.py"), "--out", str(root), "--params", str(args.size),
                     "--tasks", "2"], check=True)
     shapes, _ = llama_shapes(args.size)
@@ -37,7 +37,7 @@ def main() -> None:
     base, a, b = (str(root / x) for x in ("base", "task0", "task1"))
     rows = []
     for threads in args.threads:
-        floor = measure([str(BIN / "python"), str(HERE / "plain_read.py"), base, a, b, "--passes", "3",
+        floor = measure([str(BIN / "python"), str(HERE / "plain_read.py"), base, a, b, "--passes", "2",
                          "--write", str(root / "floor.bin")], threads=threads)
         out = root / "fused"
         shutil.rmtree(out, ignore_errors=True)

@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--params", type=float, default=0.5e9)
     ap.add_argument("--threads", type=int, nargs="+", default=[2, 1])
     args = ap.parse_args()
-    root = HERE / "out" / f"ckpt-{args.params:.2g}"
+    root = HERE / "out" / f"ckpt-{int(args.params // 1e6)}M"
     subprocess.run([sys.executable, str(HERE / "gen_checkpoints.py"), "--out", str(root), "--params", str(args.params),
                     "--tasks", "2"], check=True)
     shapes, _ = llama_shapes(args.params)

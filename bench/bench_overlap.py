@@ -17,7 +17,7 @@ def main() -> None:
     ap.add_argument("--params", type=float, default=0.5e9)
     ap.add_argument("--threads", type=int, nargs="+", default=[2, 1])
     args = ap.parse_args()
-    root = HERE / "out" / f"masks-{args.params:.2g}"
+    root = HERE / "out" / f"masks-{int(args.params // 1e6)}M"
     subprocess.run([sys.executable, str(HERE / "gen_masks.py"), "--out", str(root), "--params", str(args.params)],
                    check=True)
     masks = sorted(str(p) for p in root.glob("*.mask.safetensors"))

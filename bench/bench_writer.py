@@ -22,7 +22,7 @@ def main() -> None:
     ap.add_argument("--size", type=float, default=0.5e9)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    root = HERE / "out" / f"ckpt-{args.size:.2g}"
+    root = HERE / "out" / f"ckpt-{int(args.size // 1e6)}M"
     subprocess.run([sys.executable, str(HERE / "gen_checkpoints.py"), "--out", str(root), "--params", str(args.size),
                     "--tasks", "2"], check=True)
     shapes, _ = llama_shapes(args.size)

@@ -170,12 +170,8 @@ def fuse(tasks: list[Checkpoint], labels: list[str], *, onto: Checkpoint, onto_i
                 report.copied_tensors.append(name)
                 writer.write(name, onto.tensor(name).to(out_dtype))
                 continue
-            fused = _fuse_tensor(name, tasks, others, onto, t_values, base, masks, selectors, conflict,
-                                 report, conflicts)
-            if not torch.isfinite(fused).all():
-                raise NonFiniteError(f"fused tensor '{name}' holds NaN/Inf; an input holds NaN/Inf values there "
-                                     "(check the inputs with `sparsemerge inspect`)")
-            writer.write(name, fused.view(shape).to(out_dtype))
+            writer.write_chunks(name, _fuse_tensor(name, tasks, others, onto, t_values, base, masks, selectors,
+                                                   conflict, report, conflicts, out_dtype))
         report.conflicts = {f"{labels[i]}~{labels[j]}": c for (i, j), c in conflicts.items()}
         record = json.dumps({"settings": settings or {}, "counts": report.to_json()}, indent=2)
         if folder:
@@ -185,24 +181,45 @@ def fuse(tasks: list[Checkpoint], labels: list[str], *, onto: Checkpoint, onto_i
     return report
 
 
-def _fuse_tensor(name, tasks, others, onto, t_values, base, masks, selectors, conflict, report, conflicts):
-    """SLERP fold then core overwrite for one tensor; returns the float32 result (flat)."""
-    fused = onto.tensor(name).reshape(-1).to(torch.float32, copy=True)                  # (n,)
-    n = fused.numel()
-    for i, t in zip(others, t_values):
-        theta = tasks[i].tensor(name).reshape(-1)
-        dot = sq0 = sq1 = 0.0
-        for s, e in _chunks(n):
-            b = theta[s:e].float()
-            a = fused[s:e]
-            dot += float(torch.dot(a, b))
-            sq0 += float(torch.dot(a, a))
-            sq1 += float(torch.dot(b, b))
-        c0, c1, linear = slerp_coefficients(math.sqrt(sq0), math.sqrt(sq1), dot, t)
-        if linear and name not in report.linear_tensors:
-            report.linear_tensors.append(name)
-        for s, e in _chunks(n):
-            fused[s:e].mul_(c0).add_(theta[s:e].float(), alpha=c1)
+def fold_coefficients(gram: list[list[float]], t_values: list[float]) -> tuple[list[float], list[bool]]:
+    """SLERP fold of models 1..M-1 into model 0 as one linear combination Σ a_i θ_i.
+
+    `gram[i][j]` = ⟨θ_i, θ_j⟩. Each fold's SLERP only needs ‖result‖, ‖θ_m‖ and ⟨result, θ_m⟩, and the
+    running result is linear in the inputs, so those come from the Gram matrix: the whole fold is
+    known before any output value is computed, and the output is then made chunk by chunk.
+    """
+    a = [1.0] + [0.0] * (len(gram) - 1)
+    linear = []
+    for m, t in enumerate(t_values, start=1):
+        dot = sum(a[i] * gram[i][m] for i in range(len(a)))
+        sq0 = sum(a[i] * a[j] * gram[i][j] for i in range(len(a)) for j in range(len(a)))
+        c0, c1, lin = slerp_coefficients(math.sqrt(max(sq0, 0.0)), math.sqrt(gram[m][m]), dot, t)
+        a = [c0 * x for x in a]
+        a[m] += c1
+        linear.append(lin)
+    return a, linear
+
+
+def _fuse_tensor(name, tasks, others, onto, t_values, base, masks, selectors, conflict, report, conflicts, out_dtype):
+    """Yield the fused tensor chunk by chunk (already cast): SLERP fold, then core overwrite.
+
+    Two sweeps over the (memory-mapped) inputs: the Gram matrix of the models, then the output.
+    """
+    models = [onto.tensor(name).reshape(-1)] + [tasks[i].tensor(name).reshape(-1) for i in others]
+    n = models[0].numel()
+    M = len(models)
+    gram = [[0.0] * M for _ in range(M)]
+    for s, e in _chunks(n):
+        v = [m[s:e].float() for m in models]
+        for i in range(M):
+            for j in range(i, M):
+                gram[i][j] += float(torch.dot(v[i], v[j]))
+    for i in range(M):
+        for j in range(i):
+            gram[i][j] = gram[j][i]
+    coeffs, linear = fold_coefficients(gram, t_values)
+    if any(linear) and name not in report.linear_tensors:
+        report.linear_tensors.append(name)
     full_masks = None
     if selectors is not None and isinstance(selectors[0], PerTensorTopK):   # needs whole tensors
         w0 = base.tensor(name).reshape(-1).float()
@@ -212,6 +229,9 @@ def _fuse_tensor(name, tasks, others, onto, t_values, base, masks, selectors, co
     packed = [m.bool(name).reshape(-1) for m in masks] if masks is not None else None
     w0_raw = base.tensor(name).reshape(-1) if base is not None else None
     for s, e in _chunks(n):
+        fused = torch.zeros(e - s)
+        for a, m in zip(coeffs, models):
+            fused.add_(m[s:e].float(), alpha=a)                                        # (e - s,)
         values = [r[s:e].float() for r in raw]
         w0 = w0_raw[s:e].float() if w0_raw is not None else None
         deltas = [(v - w0).abs() for v in values] if w0 is not None else None
@@ -221,11 +241,14 @@ def _fuse_tensor(name, tasks, others, onto, t_values, base, masks, selectors, co
             chunk_masks = [m[s:e] for m in full_masks]
         else:
             chunk_masks = [sel.select(name, s, d) for sel, d in zip(selectors, deltas)]
-        won, covered = overwrite_cores(fused[s:e], values, chunk_masks, deltas, conflict)
+        won, covered = overwrite_cores(fused, values, chunk_masks, deltas, conflict)
         for i, w in enumerate(won):
             report.overwritten[report.tasks[i]] += w
         for (i, j) in conflicts:
             conflicts[(i, j)] += int((chunk_masks[i] & chunk_masks[j]).sum())
         report.core_positions += int((covered > 0).sum())
         report.interpolated += int((covered == 0).sum())
-    return fused
+        if not torch.isfinite(fused).all():
+            raise NonFiniteError(f"fused tensor '{name}' holds NaN/Inf; an input holds NaN/Inf values there "
+                                 "(check the inputs with `sparsemerge inspect`)")
+        yield fused.to(out_dtype)

@@ -102,9 +102,23 @@ class SafetensorsStream:
         if name != exp_name or tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise RuntimeError(f"writer expected {exp_name} {dtype} {shape}, got {name} {tensor.dtype} "
                                f"{tuple(tensor.shape)}")  # a bug in the caller, not a user mistake
-        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        self.write_chunks(name, [tensor])
+
+    def write_chunks(self, name: str, chunks) -> None:
+        """Write one tensor as consecutive flat pieces (each of the planned dtype)."""
+        exp_name, dtype, shape, nbytes = self._order[self._next]
+        if name != exp_name:
+            raise RuntimeError(f"writer expected {exp_name}, got {name}")                     # a caller bug
         _fault_injection()
-        self._f.write(memoryview(data))
+        written = 0
+        for piece in chunks:
+            if piece.dtype != dtype:
+                raise RuntimeError(f"writer expected {dtype} for {name}, got {piece.dtype}")
+            data = piece.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+            self._f.write(memoryview(data))
+            written += data.nbytes
+        if written != nbytes:
+            raise RuntimeError(f"{name}: wrote {written} bytes, planned {nbytes}")
         self._next += 1
 
     def set_metadata(self, metadata: dict[str, str]) -> None:
@@ -210,6 +224,10 @@ class CheckpointWriter:
         return self._atomic.tmp / f"model-{i + 1:05d}-of-{len(self.shards):05d}.safetensors"
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        self.write_chunks(name, [tensor])
+
+    def write_chunks(self, name: str, chunks) -> None:
+        """Write one tensor from consecutive flat pieces (a generator: memory stays at one piece)."""
         try:
             if self._stream is None or self._in_shard == len(self.shards[self._shard_i]):
                 if self._stream is not None:
@@ -218,7 +236,7 @@ class CheckpointWriter:
                 self._in_shard = 0
                 self._stream = SafetensorsStream(self._shard_path(self._shard_i), self.shards[self._shard_i],
                                                  {"format": "pt", **self.metadata})
-            self._stream.write(name, tensor)
+            self._stream.write_chunks(name, chunks)
         except OSError as e:
             raise _os_error(e, self.out) from None
         self.weight_map[name] = self._shard_path(self._shard_i).name
