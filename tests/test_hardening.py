@@ -186,7 +186,7 @@ def test_enospc_gives_a_clear_error_and_removes_temporary_files(tiny_base, tiny_
 
 
 def test_determinism_two_runs_byte_identical_and_across_thread_counts(tiny_base, tiny_tasks, tmp_path):
-    """core, overlap, fuse, gradients, gallop, train, eval: same inputs and seed -> same bytes, at 1 and 2 threads.
+    """core, overlap, fuse, gradients, gallop, train, eval, retrain: same inputs and seed -> same results.
 
     Training and gradients are compared at a tolerance across thread counts only if needed: the
     float reductions of matmuls may split differently with threads (see tests/README.md)."""
@@ -206,6 +206,9 @@ def test_determinism_two_runs_byte_identical_and_across_thread_counts(tiny_base,
              "-o", d / "r.mask.safetensors"],
             ["train", "--model", tiny_base, "--data", data, "--steps", "3", "--batch-size", "4", "-o", d / "trained"],
             ["eval", "--model", tiny_base, "--task", f"t={data}", "-o", d / "acc.json"],
+            ["retrain", "--model", tiny_tasks[0], "--groups", d / "groups.json", "--masks", d / "cores",
+             "--data", f"math={data}", "--data", f"code={data}", "--per-task", "4", "--steps", "2", "--batch-size", "4",
+             "-o", d / "rt"],
         ]
         for s in steps:
             if run == "c":
@@ -220,10 +223,12 @@ def test_determinism_two_runs_byte_identical_and_across_thread_counts(tiny_base,
             "masks": sha(d / "cores" / "math.mask.safetensors"), "groups": groups,
             "fused": sha(d / "fused" / "model.safetensors"), "gallop": _mask_content(d / "r.mask.safetensors"),
             "grads": load_file(d / "g.safetensors"), "trained": load_file(d / "trained" / "model.safetensors"),
+            "retrained": load_file(Path(json.loads((d / "rt" / "retrain.json").read_text())["final_model"])
+                                   / "model.safetensors"),
             "acc": json.loads((d / "acc.json").read_text())["tasks"]}
     for key in ("masks", "groups", "fused", "gallop", "acc"):
         assert outputs["a"][key] == outputs["b"][key] == outputs["c"][key], key
-    for key in ("grads", "trained"):
+    for key in ("grads", "trained", "retrained"):
         for n in outputs["a"][key]:
             assert torch.equal(outputs["a"][key][n], outputs["b"][key][n]), (key, n)        # same threads: exact
             assert torch.allclose(outputs["a"][key][n], outputs["c"][key][n], atol=1e-6), (key, n)
