@@ -15,7 +15,6 @@ import subprocess
 import sys
 
 import torch
-
 from common import BIN, HERE, mb, measure, sparsemerge, table
 from gen_checkpoints import llama_shapes
 

@@ -11,6 +11,7 @@ import argparse
 import time
 
 import torch
+from common import table
 
 from mergekit_sparse.builtin import builtin_model
 from mergekit_sparse.data import collate, encode
@@ -18,8 +19,6 @@ from mergekit_sparse.models import load_model
 from mergekit_sparse.optim import MaskedAdamW
 from mergekit_sparse.tasks import generate
 from mergekit_sparse.trainer import _token_loss_sum
-
-from common import table
 
 
 def steps_per_second(model, tok, opt, batches, steps) -> float:

@@ -52,10 +52,6 @@ def measure(cmd: list[str], *, threads: int, env: dict | None = None) -> dict:
     return {"wall": wall, "anon": peak["RssAnon"], "rss": peak["VmRSS"], "stdout": out}
 
 
-def drop_page_cache_hint() -> None:
-    """Benchmarks run warm: every contender reads files the previous one just read."""
-
-
 def mb(n: float) -> str:
     return f"{n / 1e6:,.0f} MB"
 

@@ -4,8 +4,8 @@ import argparse
 from pathlib import Path
 
 import torch
-
 from gen_checkpoints import llama_shapes
+
 from mergekit_sparse.masks import MaskWriter
 
 ap = argparse.ArgumentParser()

@@ -6,7 +6,16 @@ from pathlib import Path
 
 import click
 
-from .main import cli, emit, force_option, json_option, labels_for, pickle_option, progress_enabled, scope_options
+from .main import (
+    cli,
+    emit,
+    force_option,
+    json_option,
+    labels_for,
+    pickle_option,
+    progress_enabled,
+    scope_options,
+)
 
 PERCENT = click.FloatRange(0, 100, min_open=True)
 
@@ -53,8 +62,8 @@ def core(tasks, base, percent, scope_kind, out_dir, include, exclude, allow_pick
     Example:
       sparsemerge core --base base/ runs/math runs/code --p 1 -o cores/
     """
-    from mergekit_sparse.core import compute_cores, write_core_json
     from mergekit_sparse.checkpoint import Checkpoint
+    from mergekit_sparse.core import compute_cores, write_core_json
     from mergekit_sparse.scope import align
     from mergekit_sparse.writer import check_output
 
@@ -119,8 +128,8 @@ def fuse(tasks, base, percent, scope_kind, masks, out, omega, weights, conflict,
                     allow_pickle=allow_pickle, force=force, progress=progress_enabled())
     c = data["counts"]
     text = "\n".join([f"fused {', '.join(c['tasks'])} onto {c['onto']} -> {data['output']}",
-                      f"core positions overwritten: " + ", ".join(f"{k} {v:,}" for k, v in c["overwritten"].items()),
-                      f"conflicts: " + (", ".join(f"{k} {v:,}" for k, v in c["conflicts"].items()) or "none"),
+                      "core positions overwritten: " + ", ".join(f"{k} {v:,}" for k, v in c["overwritten"].items()),
+                      "conflicts: " + (", ".join(f"{k} {v:,}" for k, v in c["conflicts"].items()) or "none"),
                       f"interpolated (non-core): {c['interpolated']:,}; nearly colinear (lerp) tensors: "
                       f"{len(c['linear_tensors'])}"])
     emit(data, as_json, text)

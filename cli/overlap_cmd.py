@@ -8,7 +8,16 @@ from pathlib import Path
 
 import click
 
-from .main import cli, emit, force_option, json_option, labels_for, pickle_option, progress_enabled, scope_options
+from .main import (
+    cli,
+    emit,
+    force_option,
+    json_option,
+    labels_for,
+    pickle_option,
+    progress_enabled,
+    scope_options,
+)
 
 
 @cli.command()

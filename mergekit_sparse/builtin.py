@@ -29,6 +29,7 @@ def pretrain(out: Path, *, steps: int = 6000, per_task: int = 4000, lr: float = 
              seed: int = 0, progress: bool = True) -> dict:
     """Pre-train the tiny Llama from a random init on the mixture and save it to `out`."""
     import torch
+
     from .models import load_model
     from .tasks import PRETRAIN_TASKS, generate
     from .tiny import build_tiny_llama

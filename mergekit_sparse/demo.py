@@ -45,6 +45,7 @@ def write_demo_report(out: Path, cpi: dict, gal: dict, summary: dict) -> Path:
     from reports.gallop import gallop_figures
     from reports.html import write_report
     from reports.overlap import overlap_figures
+
     from .checkpoint import Checkpoint
     from .gallop import CRITERIA, select_sparse
     from .scope import align

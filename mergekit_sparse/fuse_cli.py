@@ -53,7 +53,7 @@ def run_fuse(tasks: list[str], *, base: str | None, percent: float, per_tensor: 
         raise OptionError(f"output {out} should end in .safetensors (the fusion base is a single file)")
     settings = {"tasks": [c.sources() for c in task_cks], "base": base_ck.sources() if base_ck else None,
                 "onto": onto_ck.sources(), "p": None if masks else percent,
-                "scope": "per-tensor" if per_tensor else "global", "masks": list(masks), "weights": w,
+                "core_scope": "per-tensor" if per_tensor else "global", "masks": list(masks), "weights": w,
                 "omega": omega, "conflict": conflict, "dtype": dtype, "include": list(include),
                 "exclude": list(exclude), "scope": scope.to_json()}
     report = fuse(task_cks, labels, onto=onto_ck, onto_is_task=onto_idx, scope=scope, out=out, base=base_ck,

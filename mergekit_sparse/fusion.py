@@ -24,7 +24,7 @@ from .core import PerTensorTopK, prepare_selectors
 from .errors import NonFiniteError, OptionError
 from .masks import MaskSet
 from .scope import Scope
-from .select import CHUNK
+from .select import chunk_ranges
 from .writer import CheckpointWriter, check_output
 
 EPS = 1e-8
@@ -109,11 +109,6 @@ class FuseReport:
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
-
-
-def _chunks(n: int):
-    for s in range(0, n, CHUNK):
-        yield s, min(n, s + CHUNK)
 
 
 def fuse(tasks: list[Checkpoint], labels: list[str], *, onto: Checkpoint, onto_is_task: int | None,
@@ -209,7 +204,7 @@ def _fuse_tensor(name, tasks, others, onto, t_values, base, masks, selectors, co
     n = models[0].numel()
     M = len(models)
     gram = [[0.0] * M for _ in range(M)]
-    for s, e in _chunks(n):
+    for s, e in chunk_ranges(n):
         v = [m[s:e].float() for m in models]
         for i in range(M):
             for j in range(i, M):
@@ -228,7 +223,7 @@ def _fuse_tensor(name, tasks, others, onto, t_values, base, masks, selectors, co
     raw = [t.tensor(name).reshape(-1) for t in tasks]
     packed = [m.bool(name).reshape(-1) for m in masks] if masks is not None else None
     w0_raw = base.tensor(name).reshape(-1) if base is not None else None
-    for s, e in _chunks(n):
+    for s, e in chunk_ranges(n):
         fused = torch.zeros(e - s)
         for a, m in zip(coeffs, models):
             fused.add_(m[s:e].float(), alpha=a)                                        # (e - s,)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from .checkpoint import Checkpoint
 from .scope import align
 
@@ -44,7 +42,7 @@ def render_inspect(report: dict) -> str:
     width = max((len(t["name"]) for t in report["tensors"]), default=10)
     lines = [f"{'tensor':<{width}}  {'dtype':<9} {'shape':<18} {'params':>12}" + ("  rel Δ" if rel else "")]
     for t in report["tensors"]:
-        line = f"{t['name']:<{width}}  {t['dtype']:<9} {str(t['shape']):<18} {t['numel']:>12,}"
+        line = f"{t['name']:<{width}}  {t['dtype']:<9} {t['shape']!s:<18} {t['numel']:>12,}"
         if t["name"] in rel:
             line += f"  {rel[t['name']]:.3g}"
         lines.append(line)

@@ -37,6 +37,9 @@ _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
 
 
 def popcount(packed: np.ndarray) -> int:
+    """Set bits in a packed array (numpy's bitwise_count where it exists, else a byte table)."""
+    if hasattr(np, "bitwise_count"):
+        return int(np.bitwise_count(packed).sum(dtype=np.int64))
     return int(_POPCOUNT[packed].sum()) if packed.size else 0
 
 

@@ -25,24 +25,13 @@ import networkx as nx
 import numpy as np
 
 from .errors import MismatchError, OptionError
-from .masks import MaskSet
+from .masks import MaskSet, popcount
 from .names import layer_key, module_of
 
 ORDERS = ("random", "input", "least-overlap")
 
-try:
-    _bitcount = np.bitwise_count                          # numpy >= 2.0
-
-    def popcount_and(a: np.ndarray, b: np.ndarray) -> int:
-        return int(_bitcount(np.bitwise_and(a, b)).sum(dtype=np.int64))
-
-    def popcount(a: np.ndarray) -> int:
-        return int(_bitcount(a).sum(dtype=np.int64))
-except AttributeError:                                    # pragma: no cover - older numpy
-    from .masks import popcount
-
-    def popcount_and(a: np.ndarray, b: np.ndarray) -> int:
-        return popcount(np.bitwise_and(a, b))
+def popcount_and(a: np.ndarray, b: np.ndarray) -> int:
+    return popcount(np.bitwise_and(a, b))
 
 
 def jaccard(inter: int, size_a: int, size_b: int) -> float:
@@ -199,6 +188,7 @@ def load_groups(path) -> dict:
     """Read and check a groups.json document."""
     import json
     from pathlib import Path
+
     from .errors import DataError
     try:
         doc = json.loads(Path(path).read_text())

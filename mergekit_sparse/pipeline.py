@@ -16,8 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .builtin import builtin_model
 from .tasks import split, write_jsonl

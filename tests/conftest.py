@@ -18,6 +18,7 @@ def perturb_folder(src: Path, dst: Path, *, seed: int, scale: float = 0.01, hot:
                    hot_scale: float = 0.5) -> Path:
     """Copy an HF folder with every float tensor moved by small noise, and tensors matching `hot` moved a lot."""
     import shutil
+
     from safetensors.torch import load_file
     shutil.copytree(src, dst)
     g = torch.Generator().manual_seed(seed)

@@ -9,7 +9,13 @@ import torch
 from click.testing import CliRunner
 
 from cli.main import cli
-from mergekit_sparse.metrics import collapse, forget_ratio, load_accuracy_table, run_metrics, sequential
+from mergekit_sparse.metrics import (
+    collapse,
+    forget_ratio,
+    load_accuracy_table,
+    run_metrics,
+    sequential,
+)
 
 VANILLA = {"a": 0.8, "b": 0.6, "c": 0.4}
 

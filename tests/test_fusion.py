@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from cli.main import cli
 from mergekit_sparse.fusion import fold_weights, overwrite_cores, slerp

@@ -9,13 +9,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
+from test_select_core import naive_topk
 
 from cli.main import cli
 from mergekit_sparse.checkpoint import Checkpoint
 from mergekit_sparse.gallop import EPS, select_sparse
 from mergekit_sparse.masks import MaskSet
 from mergekit_sparse.scope import align
-from test_select_core import naive_topk
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:
@@ -45,7 +45,7 @@ def test_masks_equal_naive_for_each_criterion_with_ties_and_zero_gradients(tmp_p
     p, gr = Checkpoint.open(tmp_path / "p.safetensors"), Checkpoint.open(tmp_path / "g.safetensors")
     scope = align([p, gr])
     res = select_sparse(p, gr, scope, rho=30, criteria=[criterion], main=criterion, out=tmp_path / "m.mask.safetensors")
-    k = int(30 * 135 // 100)
+    k = 30 * 135 // 100
     want = naive_topk({n: naive_scores(params[n], grads[n], criterion) for n in params}, k)
     m = MaskSet.load(tmp_path / "m.mask.safetensors")
     for n in params:

@@ -10,12 +10,12 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from cli.main import cli
+from mergekit_sparse import select
 from mergekit_sparse.checkpoint import Checkpoint
 from mergekit_sparse.core import compute_cores
 from mergekit_sparse.errors import OptionError
 from mergekit_sparse.masks import MaskSet
 from mergekit_sparse.scope import align
-from mergekit_sparse import select
 
 
 def naive_topk(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:

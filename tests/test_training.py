@@ -14,8 +14,8 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from cli.main import cli
-from mergekit_sparse.optim import MaskedAdamW
 from mergekit_sparse.masks import save_masks
+from mergekit_sparse.optim import MaskedAdamW
 
 
 def toy_params(dtype=torch.float32, seed=0):
@@ -132,7 +132,7 @@ def test_train_cli_really_trains_and_masked_entries_stay_bit_identical(tiny_base
 
 def test_train_resumes_from_a_snapshot_to_the_same_weights(tiny_base, rev_data, tmp_path):
     from mergekit_sparse.staged import run_train
-    from mergekit_sparse.trainer import TrainConfig, _snapshot
+    from mergekit_sparse.trainer import TrainConfig
     cfg = TrainConfig(steps=12, lr=3e-3, batch_size=4, save_every=5, seed=3)
     run_train(str(tiny_base), str(rev_data), tmp_path / "straight", cfg=cfg)
     # interrupted run: a work folder with a step-5 snapshot, as the loop leaves it when killed at step 7

@@ -31,10 +31,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from mergekit_sparse.builtin import builtin_model  # noqa: E402
-from mergekit_sparse.evaluation import evaluate  # noqa: E402
-from mergekit_sparse.metrics import run_metrics, sequential  # noqa: E402
-from mergekit_sparse.tasks import PRETRAIN_TASKS, split, write_jsonl  # noqa: E402
+from mergekit_sparse.builtin import builtin_model
+from mergekit_sparse.evaluation import evaluate
+from mergekit_sparse.metrics import run_metrics, sequential
+from mergekit_sparse.tasks import PRETRAIN_TASKS, split, write_jsonl
 
 SINGLE = ("full", "gallop-1", "gallop-5", "saft-5", "random-5")
 STEPS, BATCH = 150, 16
@@ -60,9 +60,9 @@ def acc(model: Path, tests: dict, cache: Path) -> dict[str, float]:
 
 def train_run(model: Path, data_path: Path | list, out: Path, *, lr: float, seed: int, mask: Path | None = None) -> Path:
     from mergekit_sparse.data import read_jsonl
+    from mergekit_sparse.masks import MaskSet
     from mergekit_sparse.models import load_model
     from mergekit_sparse.staged import model_masks
-    from mergekit_sparse.masks import MaskSet
     from mergekit_sparse.trainer import TrainConfig, train
     if (out / "model.safetensors").is_file():
         return out
@@ -212,6 +212,7 @@ def summarise(rows: list[dict], a: str, b: str) -> str:
 
 def write_report(rows: list[dict], path: Path) -> None:
     import plotly.graph_objects as go
+
     from reports.html import write_report as write
     fig = go.Figure()
     for i, m in enumerate(dict.fromkeys(r["method"] for r in rows)):
