@@ -28,10 +28,12 @@ def demo_configs(fast: bool = False) -> list[dict]:
 def run_demo(out: Path, *, fast: bool = False, log=print) -> dict:
     out = Path(out)
     cpi_cfg, gal_cfg = demo_configs(fast)
+    # one run folder: the GaLLoP pipeline finds data, the vanilla evaluation and the full fine-tunes
+    # (its baseline) already done by the CPI-FT pipeline with the same settings, and skips them
     log("== CPI-FT: probe fine-tunes, cores, overlap, fusion, staged retraining")
-    cpi = run_pipeline(cpi_cfg, out / "cpi-ft", log=log)
+    cpi = run_pipeline(cpi_cfg, out, log=log)
     log("== GaLLoP: gradients, sparse masks, sparse training")
-    gal = run_pipeline(gal_cfg, out / "gallop", log=log)
+    gal = run_pipeline(gal_cfg, out, log=log)
     metrics = {**cpi["metrics"], **{k: v for k, v in gal["metrics"].items() if not k.startswith("full-ft")}}
     summary = {"vanilla": cpi["vanilla"], "ood_tasks": cpi["ood_tasks"], "metrics": metrics, "groups": cpi["groups"]}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -52,7 +54,7 @@ def write_demo_report(out: Path, cpi: dict, gal: dict, summary: dict) -> Path:
     sections = overlap_figures(json.loads(Path(cpi["groups_file"]).read_text()))[:3]
     first = next(iter(DEMO_TASKS))
     base = Checkpoint.open(_builtin())
-    grads = Checkpoint.open(out / "gallop" / "gallop" / first / "grads.safetensors")
+    grads = Checkpoint.open(out / "gallop" / first / "grads.safetensors")
     res = select_sparse(base, grads, align([base, grads]), rho=5.0, criteria=list(CRITERIA), main="gallop", out=None,
                         sample_size=20000)
     sections += gallop_figures({"rho": 5.0, **res.to_json(), "sample": res.sample})[:2]
