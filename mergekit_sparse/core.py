@@ -227,7 +227,7 @@ def compute_cores(base: Checkpoint, tasks: list[Checkpoint], scope: Scope, *, pe
                         writers[i].write(name, mask.view(scope.shapes[name]))
                         counts[i][name] = int(mask.sum())
             for i, sel in enumerate(selectors):
-                sample = getattr(sel, "sample_sorted", None)
+                sample = getattr(sel, "sample_values", None)
                 if sample is not None and sample.numel():
                     hists[i] += key_histogram(sample)
         for w, sel in zip(writers, selectors):

@@ -30,7 +30,7 @@ from .errors import NonFiniteError, OptionError
 
 CHUNK = 1 << 18          # elements per chunk: 1 MB of float32 stays in cache; temporaries stay small
 BINS = 1 << 16
-BLOCK = 512              # sample block (entries)
+BLOCK = 4096             # sample block (entries)
 SAMPLE_CAP = 1 << 22     # at most ~4 M sampled scores
 CANDIDATE_CAP = 1 << 24  # at most ~16 M candidates (16 bytes each) before falling back to radix
 
@@ -197,7 +197,7 @@ class TopK:
             raise OptionError(f"cannot select {k} of {total} parameters")
         self.k, self.total = k, total
         self.phase = "sample"
-        self.sample_sorted = torch.zeros(0)                # kept for quantile summaries
+        self.sample_values = torch.zeros(0)                # kept for quantile summaries
         self.samples: list[torch.Tensor] = []
         self.lo = self.hi = 0.0
         self.above = 0
@@ -239,10 +239,11 @@ class TopK:
             _check_finite(scores, name)
             self.samples.append(scores.clone())
         elif self.phase == "count":
-            if not math.isfinite(float(scores.sum(dtype=torch.float64))):    # NaN/Inf anywhere poisons the sum
+            lo_hi = torch.aminmax(scores)                                     # NaN/Inf show up in one of the two
+            if not (math.isfinite(float(lo_hi.min)) and math.isfinite(float(lo_hi.max))):
                 _check_finite(scores, name)
             sure = torch.gt(scores, self.hi, out=self._bool(0, scores.numel()))
-            self.above += int(sure.sum())
+            self.above += int(torch.count_nonzero(sure))
             self._sure = sure
             if self.n_cand > CANDIDATE_CAP:
                 return
@@ -291,16 +292,19 @@ class TopK:
             self.phase = "radix"
 
     def _window(self) -> None:
-        s = torch.cat(self.samples).sort(descending=True).values if self.samples else torch.zeros(0)
+        s = torch.cat(self.samples) if self.samples else torch.zeros(0)
         self.samples = []
-        self.sample_sorted = s
+        self.sample_values = s                                 # (unsorted) kept for quantile summaries
         m = s.numel()
         q = self.k / self.total
         r = q * m
         margin = 8 * math.sqrt(max(r * (1 - q), 1.0)) + 16 + 0.002 * m
-        hi_rank, lo_rank = math.floor(r - margin), math.ceil(r + margin)
-        self.hi = float(s[hi_rank]) if 0 <= hi_rank < m else float("inf")
-        self.lo = float(s[lo_rank]) if 0 <= lo_rank < m else float("-inf")
+        hi_rank, lo_rank = math.floor(r - margin), math.ceil(r + margin)   # 0-based ranks, descending
+
+        def at(rank):                                          # the value of that descending rank, O(m)
+            return float(torch.kthvalue(s, m - rank).values)
+        self.hi = at(hi_rank) if 0 <= hi_rank < m else float("inf")
+        self.lo = at(lo_rank) if 0 <= lo_rank < m else float("-inf")
 
     def _resolve(self) -> bool:
         need = self.k - self.above
@@ -309,10 +313,15 @@ class TopK:
         self.cand_vals = self.cand_pos = self.cand_tensor = np.empty(0)
         if n > CANDIDATE_CAP or need <= 0 or need > n:
             return False
-        order = np.lexsort((pos, tens, -vals.astype(np.float64)))[:need]
-        self.threshold = float(vals[order[-1]])
+        # the need-th largest value, then ties at it taken in (tensor, position) order
+        t = np.partition(vals, n - need)[n - need]
+        above = vals > t
+        eq = np.flatnonzero(vals == t)
+        ties = eq[np.lexsort((pos[eq], tens[eq]))][: need - int(above.sum())]
+        chosen = np.concatenate([np.flatnonzero(above), ties])
+        self.threshold = float(t)
         names = {i: n for n, i in self.order.items()}
-        chosen_t, chosen_p = tens[order], pos[order]
+        chosen_t, chosen_p = tens[chosen], pos[chosen]
         for t in np.unique(chosen_t):
             self.extra[names[int(t)]] = np.sort(chosen_p[chosen_t == t])
         self.phase = "window"
