@@ -3,10 +3,11 @@
   gallop  s = |g| / (|θ| + ε)     large gradient on a small weight
   saft    s = |g|                  large gradient
   pafi    s = −|θ|                 smallest weights
-  random  s ~ U(0, 1), seeded per tensor name
+  random  s ~ U(0, 1): a seeded hash of (tensor name, flat position)
 
 Every criterion yields the exact top ρ % of its score with the tie rule of §2. All criteria
-asked for share the three passes over (θ, g): the report compares them for the cost of one.
+asked for share the passes over (θ, g) (sampling, counting, selection): the report compares
+them for the cost of one.
 """
 
 from __future__ import annotations
