@@ -201,7 +201,7 @@ def compute_cores(base: Checkpoint, tasks: list[Checkpoint], scope: Scope, *, pe
 
             def emit(i, name, start, sure, n):             # the count pass writes the sure bits
                 pending[i].append(pack(sure))              # packs a copy: `sure` is a scratch buffer
-                counts[i][name] = counts[i].get(name, 0) + int(sure.sum())
+                counts[i][name] = counts[i].get(name, 0) + int(torch.count_nonzero(sure))
                 if start + sure.numel() == n:
                     writers[i].write_packed(name, np.concatenate(pending[i]))
                     pending[i] = []
