@@ -90,7 +90,7 @@ def align(checkpoints: list[Checkpoint], *, include=(), exclude=(), allow_empty:
             if info.dtype.is_floating_point != ref.dtype.is_floating_point:
                 raise MismatchError(f"dtype mismatch for '{name}': {first.path} {ref.dtype} vs {c.path} "
                                     f"{info.dtype} (one floating, one not)")
-        if not ref.is_float:
+        if not ref.is_float or ref.numel == 0:                  # nothing to select in an empty tensor
             copied.append(name)
             continue
         dtypes = {str(i.dtype).removeprefix("torch.") for i in infos}

@@ -215,3 +215,15 @@ def test_mask_for_another_model_does_not_fit(planted, tiny_base, tmp_path):
     scope = align([Checkpoint.open(tiny_base)])
     with pytest.raises(Exception, match="does not fit .* made for another model"):
         m.check_fits(scope.shapes, tiny_base)
+
+
+def test_empty_tensors_are_copied_not_selected(tmp_path):
+    base = {"w": torch.zeros(4, 4), "empty": torch.zeros(0, 3)}
+    task = {"w": torch.arange(16.0).view(4, 4), "empty": torch.zeros(0, 3)}
+    save_file(base, tmp_path / "base.safetensors")
+    save_file(task, tmp_path / "t.safetensors")
+    r = CliRunner().invoke(cli, ["core", "--base", str(tmp_path / "base.safetensors"), str(tmp_path / "t.safetensors"),
+                                 "--p", "25", "-o", str(tmp_path / "cores"), "--json"])
+    assert r.exit_code == 0, r.output
+    m = MaskSet.load(tmp_path / "cores" / "t.mask.safetensors")
+    assert m.names == ["w"] and m.bool("w").view(-1)[-4:].all() and m.count() == 4
