@@ -223,11 +223,15 @@ def _fuse_tensor(name, tasks, others, onto, t_values, base, masks, selectors, co
     raw = [t.tensor(name).reshape(-1) for t in tasks]
     packed = [m.bool(name).reshape(-1) for m in masks] if masks is not None else None
     w0_raw = base.tensor(name).reshape(-1) if base is not None else None
+    # the models of the fold are the tasks (and the fusion base, when it is not one of them): convert
+    # each input chunk once and use it for both the fold and the core overwrite
+    onto_task = next((i for i in range(len(tasks)) if i not in others), None)
     for s, e in chunk_ranges(n):
-        fused = torch.zeros(e - s)
-        for a, m in zip(coeffs, models):
-            fused.add_(m[s:e].float(), alpha=a)                                        # (e - s,)
         values = [r[s:e].float() for r in raw]
+        onto_chunk = values[onto_task] if onto_task is not None else models[0][s:e].float()
+        fused = onto_chunk * coeffs[0]                                                  # (e - s,)
+        for a, i in zip(coeffs[1:], others):
+            fused.add_(values[i], alpha=a)
         w0 = w0_raw[s:e].float() if w0_raw is not None else None
         deltas = [(v - w0).abs() for v in values] if w0 is not None else None
         if packed is not None:
