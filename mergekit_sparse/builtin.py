@@ -26,8 +26,10 @@ def builtin_model() -> Path:
 
 
 def pretrain(out: Path, *, steps: int = 6000, per_task: int = 4000, lr: float = 3e-3, batch_size: int = 64,
-             seed: int = 0, progress: bool = True) -> dict:
-    """Pre-train the tiny Llama from a random init on the mixture and save it to `out`."""
+             seed: int = 0, progress: bool = True, arch: dict | None = None) -> dict:
+    """Pre-train the tiny Llama from a random init on the mixture and save it to `out`.
+
+    `arch` overrides entries of ARCH (e.g. {"hidden": 64, "intermediate": 128} for a narrower model)."""
     import torch
 
     from .models import load_model
@@ -36,7 +38,7 @@ def pretrain(out: Path, *, steps: int = 6000, per_task: int = 4000, lr: float = 
     from .trainer import TrainConfig, train
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
-        init = build_tiny_llama(Path(tmp) / "init", seed=seed, **ARCH)
+        init = build_tiny_llama(Path(tmp) / "init", seed=seed, **{**ARCH, **(arch or {})})
         model, tok = load_model(init, dtype=torch.float32)
         records = [r for t in PRETRAIN_TASKS for r in generate(t, per_task, seed=1000 + seed)]
         cfg = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, warmup=200, schedule="cosine",
@@ -51,8 +53,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ASSET)
     ap.add_argument("--steps", type=int, default=6000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hidden", type=int, default=ARCH["hidden"], help="width (the MLP is twice as wide)")
     args = ap.parse_args()
-    summary = pretrain(args.out, steps=args.steps, seed=args.seed)
+    arch = {"hidden": args.hidden, "intermediate": 2 * args.hidden}
+    summary = pretrain(args.out, steps=args.steps, seed=args.seed, arch=arch)
     (args.out / "train_log.jsonl").unlink(missing_ok=True)          # 0.8 MB of log: not shipped
     print(f"final loss {summary['final']['loss']:.4f} -> {args.out}")
 

@@ -134,11 +134,12 @@ def main() -> None:
     ap.add_argument("--b", default="map")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "science")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--base", type=Path, help="another base model folder (default: the built-in one)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     a, b = args.a, args.b
     suite = [a, b] + [t for t in ("caesar", "sub") if t not in (a, b)] + list(PRETRAIN_TASKS)
-    base = builtin_model()
+    base = args.base or builtin_model()
     rows = []
     t0 = time.time()
     for seed in args.seeds:
