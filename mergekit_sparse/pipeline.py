@@ -249,8 +249,8 @@ def _metrics(run: Run, vanilla: Path, summary: dict) -> dict:
     rows = {}
     every = {**summary["runs"], **summary.get("sparse_runs", {}), **summary.get("multi", {})}
     for name, r in every.items():
-        m = run_metrics(van, _accuracy(Path(r["accuracy"])), r["trained"])
-        rows[name] = m | {"accuracy": _accuracy(Path(r["accuracy"]))}
+        table = _accuracy(Path(r["accuracy"]))
+        rows[name] = run_metrics(van, table, r["trained"]) | {"accuracy": table}
     return {"vanilla": van, "metrics": rows}
 
 
