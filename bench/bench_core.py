@@ -12,13 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
-import subprocess
-import sys
 
-from common import BIN, HERE, mb, measure, sparsemerge, table
-from gen_checkpoints import llama_shapes
+from common import generated_checkpoints, BIN, HERE, mb, measure, sparsemerge, table
 
 
 def main() -> None:
@@ -29,12 +25,7 @@ def main() -> None:
     args = ap.parse_args()
     rows = []
     for size in args.sizes:
-        root = HERE / "out" / f"ckpt-{int(size // 1e6)}M"
-        subprocess.run([sys.executable, str(HERE / "gen_checkpoints.py"), "--out", str(root), "--params", str(size),
-                        "--tasks", "2"], check=True)
-        shapes, _ = llama_shapes(size)
-        largest = max(math.prod(s) for _, s in shapes)
-        bound = 2 * largest * 4 + 400e6
+        root, largest, bound = generated_checkpoints(size)
         inputs = [str(root / x) for x in ("base", "task0", "task1")]
         for threads in args.threads:
             out = root / "cores"

@@ -12,14 +12,11 @@ tensor in float32 + 400 MB; `sparsemerge --help` under 0.5 s.
 from __future__ import annotations
 
 import argparse
-import math
 import shutil
 import subprocess
-import sys
 import time
 
-from common import BIN, HERE, mb, measure, sparsemerge, table
-from gen_checkpoints import llama_shapes
+from common import generated_checkpoints, BIN, HERE, mb, measure, sparsemerge, table
 
 MERGEKIT = HERE / ".mergekit-venv" / "bin" / "mergekit-yaml"
 
@@ -29,11 +26,7 @@ def main() -> None:
     ap.add_argument("--size", type=float, default=0.5e9)
     ap.add_argument("--threads", type=int, nargs="+", default=[2, 1])
     args = ap.parse_args()
-    root = HERE / "out" / f"ckpt-{int(args.size // 1e6)}M"
-    subprocess.run([sys.executable, str(HERE / "gen_checkpoints.py"), "--out", str(root), "--params", str(args.size),
-                    "--tasks", "2"], check=True)
-    shapes, _ = llama_shapes(args.size)
-    bound = 2 * max(math.prod(s) for _, s in shapes) * 4 + 400e6
+    root, largest, bound = generated_checkpoints(args.size)
     base, a, b = (str(root / x) for x in ("base", "task0", "task1"))
     rows = []
     for threads in args.threads:

@@ -10,13 +10,10 @@ Target: peak RssAnon ≤ 2 × largest tensor in float32 + 400 MB, as for the oth
 from __future__ import annotations
 
 import argparse
-import math
-import subprocess
-import sys
 
 import torch
-from common import BIN, HERE, mb, measure, sparsemerge, table
 from gen_checkpoints import llama_shapes
+from common import generated_checkpoints, BIN, HERE, mb, measure, sparsemerge, table
 
 
 def make_grads(path, shapes) -> None:
@@ -34,13 +31,10 @@ def main() -> None:
     ap.add_argument("--params", type=float, default=0.5e9)
     ap.add_argument("--threads", type=int, nargs="+", default=[2, 1])
     args = ap.parse_args()
-    root = HERE / "out" / f"ckpt-{int(args.params // 1e6)}M"
-    subprocess.run([sys.executable, str(HERE / "gen_checkpoints.py"), "--out", str(root), "--params", str(args.params),
-                    "--tasks", "2"], check=True)
+    root, largest, bound = generated_checkpoints(args.params)
     shapes, _ = llama_shapes(args.params)
     grads = root / "grads.safetensors"
     make_grads(grads, shapes)
-    bound = 2 * max(math.prod(s) for _, s in shapes) * 4 + 400e6
     rows = []
     for threads in args.threads:
         plain = measure([str(BIN / "python"), str(HERE / "plain_read.py"), str(root / "base"), str(grads),

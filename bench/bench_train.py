@@ -14,22 +14,21 @@ import torch
 from common import table
 
 from mergekit_sparse.builtin import builtin_model
-from mergekit_sparse.data import collate, encode
+from mergekit_sparse.data import collate, encode, token_loss_sum
 from mergekit_sparse.models import load_model
 from mergekit_sparse.optim import MaskedAdamW
 from mergekit_sparse.tasks import generate
-from mergekit_sparse.trainer import _token_loss_sum
 
 
 def steps_per_second(model, tok, opt, batches, steps) -> float:
     for b in batches[:3]:                                         # warm-up
-        loss, n = _token_loss_sum(model, b)
+        loss, n = token_loss_sum(model, b)
         (loss / n).backward()
         opt.step()
         opt.zero_grad()
     t = time.perf_counter()
     for i in range(steps):
-        loss, n = _token_loss_sum(model, batches[i % len(batches)])
+        loss, n = token_loss_sum(model, batches[i % len(batches)])
         (loss / n).backward()
         opt.step()
         opt.zero_grad()

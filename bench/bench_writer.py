@@ -8,13 +8,9 @@ Target (issue 2): peak RssAnon ≤ 2 × largest tensor in float32 + 400 MB.
 from __future__ import annotations
 
 import argparse
-import math
 import shutil
-import subprocess
-import sys
 
-from common import BIN, HERE, mb, measure, table
-from gen_checkpoints import llama_shapes
+from common import generated_checkpoints, BIN, HERE, mb, measure, table
 
 
 def main() -> None:
@@ -22,12 +18,7 @@ def main() -> None:
     ap.add_argument("--size", type=float, default=0.5e9)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    root = HERE / "out" / f"ckpt-{int(args.size // 1e6)}M"
-    subprocess.run([sys.executable, str(HERE / "gen_checkpoints.py"), "--out", str(root), "--params", str(args.size),
-                    "--tasks", "2"], check=True)
-    shapes, _ = llama_shapes(args.size)
-    largest = max(math.prod(s) for _, s in shapes)
-    bound = 2 * largest * 4 + 400e6
+    root, largest, bound = generated_checkpoints(args.size)
     plain = measure([str(BIN / "python"), str(HERE / "plain_read.py"), str(root / "base")], threads=args.threads)
     shutil.rmtree(root / "copy", ignore_errors=True)
     ours = measure([str(BIN / "python"), str(HERE / "copy_checkpoint.py"), str(root / "base"), str(root / "copy")],

@@ -64,3 +64,17 @@ def table(rows: list[tuple], header: tuple) -> str:
 
 def sparsemerge() -> str:
     return str(BIN / "sparsemerge")
+
+
+def generated_checkpoints(size: float) -> tuple[Path, int, float]:
+    """Generate (once) base + 2 task checkpoints of ~`size` parameters under bench/out; returns
+    (folder, largest tensor's element count, the anon memory bound 2 × largest f32 + 400 MB)."""
+    import math
+
+    from gen_checkpoints import llama_shapes
+    root = HERE / "out" / f"ckpt-{int(size // 1e6)}M"
+    subprocess.run([sys.executable, str(HERE / "gen_checkpoints.py"), "--out", str(root), "--params", str(size),
+                    "--tasks", "2"], check=True)
+    shapes, _ = llama_shapes(size)
+    largest = max(math.prod(s) for _, s in shapes)
+    return root, largest, 2 * largest * 4 + 400e6

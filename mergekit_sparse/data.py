@@ -126,10 +126,16 @@ def balanced_sample(tasks: dict[str, list[dict]], *, per_task: int | None = None
     return [out[i] for i in order]
 
 
+def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(sum of next-token cross-entropy over the labelled tokens, number of labelled tokens)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    target = batch["labels"][:, 1:]                                                   # (B, T-1)
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                             ignore_index=IGNORE, reduction="sum")
+    return loss, int((target != IGNORE).sum())
+
+
 def lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean cross-entropy over the labelled (non-IGNORE) next tokens of the batch."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits   # (B, T, V)
-    logits = logits[:, :-1].float()
-    target = batch["labels"][:, 1:]
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                             ignore_index=IGNORE)
+    loss, n = token_loss_sum(model, batch)
+    return loss / max(n, 1)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .data import IGNORE, collate, encode
+from .data import IGNORE, collate, encode, token_loss_sum
 from .errors import OptionError
 from .optim import MaskedAdamW
 from .writer import CheckpointWriter
@@ -91,20 +91,12 @@ class Dist:
             torch.distributed.barrier()
 
 
-def _token_loss_sum(model, batch) -> tuple[torch.Tensor, int]:
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-    target = batch["labels"][:, 1:]
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                             ignore_index=IGNORE, reduction="sum")
-    return loss, int((target != IGNORE).sum())
-
-
 @torch.no_grad()
 def eval_loss(model, examples, pad_id: int, batch_size: int = 16) -> float:
     model.eval()
     total, n = 0.0, 0
     for i in range(0, len(examples), batch_size):
-        loss, k = _token_loss_sum(model, collate(examples[i:i + batch_size], pad_id))
+        loss, k = token_loss_sum(model, collate(examples[i:i + batch_size], pad_id))
         total, n = total + float(loss), n + k
     model.train()
     return total / max(1, n)
@@ -178,7 +170,7 @@ def train(model, tokenizer, records: list[dict], *, cfg: TrainConfig, masks: dic
         n_tokens = dist.sum(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches))
         loss_total = 0.0
         for b in micro_batches:
-            loss_sum, _ = _token_loss_sum(ddp, b)
+            loss_sum, _ = token_loss_sum(ddp, b)
             (loss_sum * dist.world / n_tokens).backward()            # DDP averages over ranks
             loss_total += float(loss_sum.detach())
         lr = lr_at(step, cfg)

@@ -31,10 +31,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from mergekit_sparse.builtin import builtin_model
-from mergekit_sparse.evaluation import evaluate
-from mergekit_sparse.metrics import run_metrics, sequential
-from mergekit_sparse.tasks import PRETRAIN_TASKS, split, write_jsonl
+from mergekit_sparse.builtin import builtin_model  # noqa: E402
+from mergekit_sparse.evaluation import evaluate  # noqa: E402
+from mergekit_sparse.metrics import run_metrics, sequential  # noqa: E402
+from mergekit_sparse.tasks import PRETRAIN_TASKS, split, write_jsonl  # noqa: E402
 
 SINGLE = ("full", "gallop-1", "gallop-5", "saft-5", "random-5")
 STEPS, BATCH = 150, 16
