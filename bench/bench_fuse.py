@@ -1,7 +1,9 @@
 """`sparsemerge fuse` of two generated bf16 task checkpoints with a base (p = 1), next to (a) the floor
-— a process reading every input tensor as float32 once per full pass our algorithm makes (2: the
-counting pass and the fusion pass; the sampling pass touches ~2 %) and writing the output bytes — and (b) mergekit's slerp of the same two models when mergekit is installed in
-bench/.mergekit-venv (see bench/README.md; the column is skipped otherwise). Same thread count.
+— a process reading every input tensor as float32 once per full pass our algorithm makes (fuse.json
+says how many: 1 when the sampled window holds the threshold, the fusion pass then also being the
+selection's counting pass; the sampling pass touches ~2 %) and writing the output bytes — and (b)
+mergekit's slerp of the same two models when mergekit is installed in bench/.mergekit-venv (see
+bench/README.md; the column is skipped otherwise). Same thread count, same run.
 
     python bench/bench_fuse.py [--size 0.5e9] [--threads 2 1]
 
@@ -12,6 +14,7 @@ tensor in float32 + 400 MB; `sparsemerge --help` under 0.5 s.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import time
@@ -30,12 +33,13 @@ def main() -> None:
     base, a, b = (str(root / x) for x in ("base", "task0", "task1"))
     rows = []
     for threads in args.threads:
-        floor = measure([str(BIN / "python"), str(HERE / "plain_read.py"), base, a, b, "--passes", "2",
-                         "--write", str(root / "floor.bin")], threads=threads)
         out = root / "fused"
         shutil.rmtree(out, ignore_errors=True)
         ours = measure([sparsemerge(), "fuse", a, b, "--base", base, "--p", "1", "-o", str(out), "--force",
                         "--no-check"], threads=threads)
+        passes = json.loads((out / "fuse.json").read_text())["counts"]["full_passes"]
+        floor = measure([str(BIN / "python"), str(HERE / "plain_read.py"), base, a, b, "--passes", str(passes),
+                         "--write", str(root / "floor.bin")], threads=threads)
         mk = "not installed"
         if MERGEKIT.exists():
             cfg = root / "slerp.yaml"
@@ -44,9 +48,9 @@ def main() -> None:
             shutil.rmtree(root / "mk", ignore_errors=True)
             m = measure([str(MERGEKIT), str(cfg), str(root / "mk")], threads=threads)
             mk = f"{m['wall']:.1f}s (ours {ours['wall'] / m['wall']:.2f}x)"
-        rows.append((threads, f"{floor['wall']:.1f}s", f"{ours['wall']:.1f}s", f"{ours['wall'] / floor['wall']:.2f}x",
+        rows.append((threads, passes, f"{floor['wall']:.1f}s", f"{ours['wall']:.1f}s", f"{ours['wall'] / floor['wall']:.2f}x",
                      mk, mb(ours["anon"]), mb(ours["rss"]), mb(bound), "ok" if ours["anon"] <= bound else "OVER"))
-    print(table(rows, ("threads", "floor", "fuse", "vs floor", "mergekit slerp", "peak anon", "peak rss",
+    print(table(rows, ("threads", "full passes", "floor", "fuse", "vs floor", "mergekit slerp", "peak anon", "peak rss",
                        "anon bound", "bound")))
     t = time.perf_counter()
     subprocess.run([sparsemerge(), "--help"], capture_output=True, check=True)

@@ -72,7 +72,7 @@ class Buffers:
     def __init__(self):
         self._bufs: dict[int, torch.Tensor] = {}
 
-    def get(self, slot: int, n: int) -> torch.Tensor:
+    def get(self, slot, n: int) -> torch.Tensor:
         b = self._bufs.get(slot)
         if b is None or b.numel() < n:
             b = self._bufs[slot] = torch.empty(max(n, CHUNK), dtype=torch.float32)
@@ -100,7 +100,7 @@ def delta_chunks(base: Checkpoint, tasks: list[Checkpoint]):
     return chunks
 
 
-def _nonfinite(name: str, ckpts: list[Checkpoint]) -> NonFiniteError:
+def nonfinite_error(name: str, ckpts: list[Checkpoint]) -> NonFiniteError:
     for c in ckpts:
         if not torch.isfinite(c.tensor(name).float()).all():
             return NonFiniteError(f"tensor '{name}' in {c.path} holds NaN/Inf values; fix or re-export that "
@@ -109,13 +109,16 @@ def _nonfinite(name: str, ckpts: list[Checkpoint]) -> NonFiniteError:
 
 
 def run_passes(selectors: list, scope: Scope, chunks, *, sources, progress: bool = False, desc: str = "select",
-               emit=None) -> None:
-    """Feed the selectors until each can select. `sources[i]` are the checkpoints behind selector i
-    (named in a NaN error); `emit(i, name, start, sure_mask_chunk, n)` sees the count pass's sure bits."""
+               emit=None, sample_only: bool = False) -> None:
+    """Feed the selectors until each can select (with `sample_only`, until one wants a full pass).
+    `sources[i]` are the checkpoints behind selector i (named in a NaN error); `emit(i, name, start,
+    sure_mask_chunk, n)` sees the count pass's sure bits."""
     p = 0
     while kinds := {s.wants() for s in selectors} - {None}:
         p += 1
         full = "full" in kinds
+        if full and sample_only:
+            return
         for name in tqdm(scope.names, desc=f"{desc}: pass {p}", disable=not progress, leave=False):
             n = scope.numel(name)
             ranges = chunk_ranges(n) if full else sample_ranges(name, n, scope.numel())
@@ -127,7 +130,7 @@ def run_passes(selectors: list, scope: Scope, chunks, *, sources, progress: bool
                     try:
                         sel.observe(name, start, sc)
                     except NonFiniteError:
-                        raise _nonfinite(name, sources[i]) from None
+                        raise nonfinite_error(name, sources[i]) from None
                     if emit is not None and counting:
                         emit(i, name, start, sel.preliminary(sc), n)
         for sel in selectors:
@@ -135,11 +138,15 @@ def run_passes(selectors: list, scope: Scope, chunks, *, sources, progress: bool
 
 
 def prepare_selectors(base: Checkpoint, tasks: list[Checkpoint], scope: Scope, *, percent: float,
-                      per_tensor: bool = False, progress: bool = False, desc: str = "core") -> list:
-    """Selectors that have seen every pass they need; `select(name, start, delta_chunk)` emits masks."""
-    selectors = [make_selector(percent, scope, per_tensor=per_tensor) for _ in tasks]
+                      per_tensor: bool = False, progress: bool = False, desc: str = "core",
+                      sample_only: bool = False, selectors: list | None = None) -> list:
+    """Selectors that have seen every pass they need; `select(name, start, delta_chunk)` emits masks.
+    With `sample_only` they stop before their first full pass (the caller then makes the count pass
+    itself, as fusion does); passing those `selectors` back in finishes their remaining passes."""
+    if selectors is None:
+        selectors = [make_selector(percent, scope, per_tensor=per_tensor) for _ in tasks]
     run_passes(selectors, scope, delta_chunks(base, tasks), sources=[[base, t] for t in tasks], progress=progress,
-               desc=desc)
+               desc=desc, sample_only=sample_only)
     return selectors
 
 
@@ -190,7 +197,7 @@ def compute_cores(base: Checkpoint, tasks: list[Checkpoint], scope: Scope, *, pe
                 (_, deltas), = delta_chunks(base, tasks)(name, [(0, scope.numel(name))])
                 for i, (sel, d) in enumerate(zip(selectors, deltas)):
                     if not torch.isfinite(d).all():
-                        raise _nonfinite(name, [base, tasks[i]])
+                        raise nonfinite_error(name, [base, tasks[i]])
                     mask = sel.select(name, 0, d)
                     hists[i] += key_histogram(d)
                     writers[i].write(name, mask.view(scope.shapes[name]))

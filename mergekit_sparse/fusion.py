@@ -15,12 +15,13 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint
-from .core import PerTensorTopK, prepare_selectors
+from .core import Buffers, PerTensorTopK, nonfinite_error, prepare_selectors
 from .errors import NonFiniteError, OptionError
 from .masks import MaskSet
 from .scope import Scope
@@ -62,35 +63,65 @@ def fold_weights(weights: list[float]) -> list[float]:
     return out
 
 
-def overwrite_cores(out: Tensor, values: list[Tensor], masks: list[Tensor], deltas: list[Tensor] | None,
-                    policy: str) -> tuple[list[int], Tensor]:
-    """Write each task's core positions into `out` (float32, in place); returns (won per task, covered count).
+def resolve_cores(idx: list[Tensor], values: list[Tensor], deltas: list[Tensor] | None,
+                  policy: str) -> tuple[Tensor, Tensor, list[int], dict[tuple[int, int], int]]:
+    """Where the tasks' cores go and what they write there, from the core positions alone.
 
-    Positions in several cores are resolved by `policy`: `max-delta` (largest |Δ| wins, first task
-    on a tie), `last` (the later task wins) or `mean` (the mean of the covering tasks' values).
+    `idx[i]` are the (distinct, ascending) positions in task i's core, `values[i]` / `deltas[i]` the task's value
+    and |Δ| at those positions (float32). Positions in several cores are resolved by `policy`:
+    `max-delta` (largest |Δ| wins, the first task on a tie), `last` (the later task wins) or `mean`
+    (the mean of the covering tasks' values, summed in task order). Returns (covered positions
+    ascending, the value each gets, positions won per task, positions shared per task pair).
+    Works in numpy: the arrays are small (a core's share of one chunk), where per-call cost dominates.
     """
-    covered = torch.zeros(out.shape, dtype=torch.int32)
-    won = [0] * len(values)
+    T = len(idx)
+    ix = [_np(i) for i in idx]
+    # the union of sorted runs: a stable sort merges them in linear time; then each run's place in it
+    every = np.sort(np.concatenate(ix), kind="stable") if T > 1 else (ix[0] if T else np.zeros(0, dtype=np.int64))
+    pos = every[np.concatenate(([True], every[1:] != every[:-1]))] if every.size else every
+    invs = [np.searchsorted(pos, x) for x in ix]
+    member = np.zeros(len(pos), dtype=np.int64)                     # bit i set: task i covers it
+    for i, v in enumerate(invs):
+        member[v] |= 1 << i
+    pairs = {(i, j): int(np.count_nonzero((member >> i) & (member >> j) & 1))
+             for i in range(T) for j in range(i + 1, T)}
+    vals = [_np(v) for v in values]
     if policy == "mean":
-        acc = torch.zeros_like(out)
-        for v, m in zip(values, masks):
-            acc += torch.where(m, v, 0.0)
-            covered += m
-        hit = covered > 0
-        out[hit] = acc[hit] / covered[hit]
-        return [int(m.sum()) for m in masks], covered
-    best = torch.full(out.shape, -1.0) if policy == "max-delta" else None
-    winner = torch.full(out.shape, -1, dtype=torch.int64)
-    for i, (v, m) in enumerate(zip(values, masks)):
-        covered += m
-        take = m & (deltas[i] > best) if policy == "max-delta" else m
-        out[take] = v[take]
-        winner[take] = i
-        if best is not None:
-            best[take] = deltas[i][take]
-    for i in range(len(values)):
-        won[i] = int((winner == i).sum())
-    return won, covered
+        acc = np.zeros(len(pos), dtype=np.float32)
+        cnt = np.zeros(len(pos), dtype=np.float32)
+        for v, val in zip(invs, vals):
+            acc[v] += val
+            cnt[v] += 1
+        return torch.from_numpy(pos), torch.from_numpy(acc / cnt), [len(x) for x in ix], pairs
+    out = np.empty(len(pos), dtype=np.float32)
+    best = np.full(len(pos), -1.0, dtype=np.float32)
+    winner = np.full(len(pos), -1, dtype=np.int64)
+    for i, (v, val) in enumerate(zip(invs, vals)):
+        if policy == "max-delta":
+            d = _np(deltas[i])
+            take = d > best[v]
+            v, val = v[take], val[take]
+            best[v] = d[take]
+        out[v] = val
+        winner[v] = i
+    won = np.bincount(winner[winner >= 0], minlength=T) if T else []
+    return torch.from_numpy(pos), torch.from_numpy(out), [int(w) for w in won], pairs
+
+
+def _np(x) -> np.ndarray:
+    return x.numpy() if isinstance(x, Tensor) else x
+
+
+def overwrite_cores(out: Tensor, values: list[Tensor], masks: list[Tensor], deltas: list[Tensor] | None,
+                    policy: str) -> tuple[list[int], dict[tuple[int, int], int], int]:
+    """Write each task's core (boolean masks) into `out` in place, as `resolve_cores` says; returns
+    (positions won per task, positions shared per task pair, positions covered)."""
+    idx = [m.reshape(-1).nonzero().squeeze(1) for m in masks]
+    vals = [v.reshape(-1)[i] for v, i in zip(values, idx)]
+    dels = [d.reshape(-1)[i] for d, i in zip(deltas, idx)] if deltas is not None else None
+    pos, value, won, pairs = resolve_cores(idx, vals, dels, policy)
+    out.view(-1)[pos] = value
+    return won, pairs, pos.numel()
 
 
 @dataclass
@@ -106,6 +137,7 @@ class FuseReport:
     core_positions: int = 0
     linear_tensors: list[str] = field(default_factory=list)
     copied_tensors: list[str] = field(default_factory=list)
+    full_passes: int = 1                    # over the inputs; the sampling pass (~2 %) aside
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -140,40 +172,64 @@ def fuse(tasks: list[Checkpoint], labels: list[str], *, onto: Checkpoint, onto_i
                           + ("" if onto_is_task is not None else ", then one for --onto") + f"), got {weights}")
     w_onto = weights[onto_is_task] if onto_is_task is not None else weights[-1]
     t_values = fold_weights([w_onto] + [weights[i] for i in others])
+    selectors = None
     if masks is not None:
         for m, label in zip(masks, labels):
             m.check_fits(scope.shapes, f"the models being fused (task {label})")
-        selectors = None
     else:
         selectors = prepare_selectors(base, tasks, scope, percent=percent, per_tensor=per_tensor,
-                                      progress=progress, desc="fuse")
-    report = FuseReport(tasks=labels, onto=str(onto.path), t_values=t_values)
-    report.overwritten = {label: 0 for label in labels}
-    pairs = [(i, j) for i in range(len(tasks)) for j in range(i + 1, len(tasks))]
-    conflicts = {p: 0 for p in pairs}
+                                      progress=progress, desc="fuse", sample_only=True)
+    job = _Fusion(tasks, labels, others, onto, base, t_values, conflict, masks, selectors)
     plan = [(n, dtype if (dtype is not None and i.is_float) else i.dtype, i.shape) for n, i in onto.infos.items()]
     folder = onto.folder is not None
     validate = None
     if check and folder:
         from .sanity import check_model_folder
         validate = check_model_folder
-    with CheckpointWriter(out, plan, folder=folder, shard_bytes=shard_bytes, metadata=metadata,
-                          reference=onto.folder, inputs=inputs, force=force, config_dtype=dtype,
-                          validate=validate) as writer:
-        for name, out_dtype, shape in tqdm(plan, desc="fuse", disable=not progress, leave=False):
-            if name not in scope.shapes:
-                report.copied_tensors.append(name)
-                writer.write(name, onto.tensor(name).to(out_dtype))
-                continue
-            writer.write_chunks(name, _fuse_tensor(name, tasks, others, onto, t_values, base, masks, selectors,
-                                                   conflict, report, conflicts, out_dtype))
-        report.conflicts = {f"{labels[i]}~{labels[j]}": c for (i, j), c in conflicts.items()}
-        record = json.dumps({"settings": settings or {}, "counts": report.to_json()}, indent=2)
-        if folder:
-            writer.add_file("fuse.json", record)
-    if not folder:
-        Path(f"{out}.fuse.json").write_text(record)
-    return report
+
+    def write(counting: bool) -> FuseReport:
+        job.start(counting)
+        with CheckpointWriter(out, plan, folder=folder, shard_bytes=shard_bytes, metadata=metadata,
+                              reference=onto.folder, inputs=inputs, force=force, config_dtype=dtype,
+                              validate=validate) as writer:
+            for name, out_dtype, shape in tqdm(plan, desc="fuse", disable=not progress, leave=False):
+                if name not in scope.shapes:
+                    job.report.copied_tensors.append(name)
+                    writer.write(name, onto.tensor(name).to(out_dtype))
+                    continue
+                writer.write_chunks(name, job.tensor(name, out_dtype))
+            if counting:
+                job.finish_counting(writer, {n: d for n, d, _ in plan})
+            record = json.dumps({"settings": settings or {}, "counts": job.report.to_json()}, indent=2)
+            if folder:
+                writer.add_file("fuse.json", record)
+        if not folder:
+            Path(f"{out}.fuse.json").write_text(record)
+        return job.report
+
+    # global cores computed on the fly: the fusion pass is also the selectors' counting pass, and the
+    # candidates they choose afterwards are patched into the output (one full pass over the inputs)
+    if selectors is not None and all(getattr(s, "phase", None) == "count" for s in selectors):
+        try:
+            return write(counting=True)
+        except _WindowMissed:                   # rare: finish the selection, then fuse in a second pass
+            prepare_selectors(base, tasks, scope, percent=percent, progress=progress, desc="fuse",
+                              selectors=selectors)
+    elif selectors is not None:
+        prepare_selectors(base, tasks, scope, percent=percent, progress=progress, desc="fuse", selectors=selectors)
+    return write(counting=False)
+
+
+def _members(sorted_all: np.ndarray, sorted_some: np.ndarray) -> np.ndarray:
+    """Which entries of `sorted_all` are in `sorted_some` (both ascending)."""
+    if not len(sorted_some):
+        return np.zeros(len(sorted_all), dtype=bool)
+    at = np.minimum(np.searchsorted(sorted_some, sorted_all), len(sorted_some) - 1)
+    return sorted_some[at] == sorted_all
+
+
+class _WindowMissed(Exception):
+    """A selector's sampled window missed the threshold during the fusion pass (see `select`)."""
 
 
 def fold_coefficients(gram: list[list[float]], t_values: list[float]) -> tuple[list[float], list[bool]]:
@@ -195,59 +251,147 @@ def fold_coefficients(gram: list[list[float]], t_values: list[float]) -> tuple[l
     return a, linear
 
 
-def _fuse_tensor(name, tasks, others, onto, t_values, base, masks, selectors, conflict, report, conflicts, out_dtype):
-    """Yield the fused tensor chunk by chunk (already cast): SLERP fold, then core overwrite.
+CACHE_BYTES = 256 << 20   # a tensor whose fold models fit in this much float32 is converted once, not twice
 
-    Two sweeps over the (memory-mapped) inputs: the Gram matrix of the models, then the output.
+
+class _Fusion:
+    """The streaming fusion of one output, tensor by tensor (state shared by the chunks and the patching).
+
+    Per tensor: the Gram matrix of the fold models (the fusion base and the other tasks), then the
+    output chunk by chunk: the SLERP fold as a linear combination, then every task's core written
+    over it. Models of small enough tensors are converted to float32 once and kept for both sweeps.
     """
-    models = [onto.tensor(name).reshape(-1)] + [tasks[i].tensor(name).reshape(-1) for i in others]
-    n = models[0].numel()
-    M = len(models)
-    gram = [[0.0] * M for _ in range(M)]
-    for s, e in chunk_ranges(n):
-        v = [m[s:e].float() for m in models]
-        for i in range(M):
-            for j in range(i, M):
-                gram[i][j] += float(torch.dot(v[i], v[j]))
-    for i in range(M):
-        for j in range(i):
-            gram[i][j] = gram[j][i]
-    coeffs, linear = fold_coefficients(gram, t_values)
-    if any(linear) and name not in report.linear_tensors:
-        report.linear_tensors.append(name)
-    full_masks = None
-    if selectors is not None and isinstance(selectors[0], PerTensorTopK):   # needs whole tensors
-        w0 = base.tensor(name).reshape(-1).float()
-        full_masks = [sel.select(name, 0, (t.tensor(name).reshape(-1).float() - w0).abs()) for sel, t in
-                      zip(selectors, tasks)]
-    raw = [t.tensor(name).reshape(-1) for t in tasks]
-    packed = [m.bool(name).reshape(-1) for m in masks] if masks is not None else None
-    w0_raw = base.tensor(name).reshape(-1) if base is not None else None
-    # the models of the fold are the tasks (and the fusion base, when it is not one of them): convert
-    # each input chunk once and use it for both the fold and the core overwrite
-    onto_task = next((i for i in range(len(tasks)) if i not in others), None)
-    for s, e in chunk_ranges(n):
-        values = [r[s:e].float() for r in raw]
-        onto_chunk = values[onto_task] if onto_task is not None else models[0][s:e].float()
-        fused = onto_chunk * coeffs[0]                                                  # (e - s,)
-        for a, i in zip(coeffs[1:], others):
-            fused.add_(values[i], alpha=a)
-        w0 = w0_raw[s:e].float() if w0_raw is not None else None
-        deltas = [(v - w0).abs() for v in values] if w0 is not None else None
-        if packed is not None:
-            chunk_masks = [m[s:e] for m in packed]
-        elif full_masks is not None:
-            chunk_masks = [m[s:e] for m in full_masks]
-        else:
-            chunk_masks = [sel.select(name, s, d) for sel, d in zip(selectors, deltas)]
-        won, covered = overwrite_cores(fused, values, chunk_masks, deltas, conflict)
+
+    def __init__(self, tasks, labels, others, onto, base, t_values, conflict, masks, selectors):
+        self.tasks, self.labels, self.others, self.onto, self.base = tasks, labels, others, onto, base
+        self.t_values, self.conflict, self.masks, self.selectors = t_values, conflict, masks, selectors
+        self.onto_task = next((i for i in range(len(tasks)) if i not in others), None)
+        self.bufs = Buffers()
+
+    def start(self, counting: bool) -> None:
+        self.counting = counting
+        earlier = 0 if counting or self.selectors is None else max(getattr(s, "full_passes", 0) for s in self.selectors)
+        self.report = FuseReport(tasks=self.labels, onto=str(self.onto.path), t_values=self.t_values,
+                                 full_passes=earlier + 1)
+        self.report.overwritten = {label: 0 for label in self.labels}
+        self.pairs = {(i, j): 0 for i in range(len(self.tasks)) for j in range(i + 1, len(self.tasks))}
+        self._publish_pairs()
+
+    def _publish_pairs(self) -> None:
+        self.report.conflicts = {f"{self.labels[i]}~{self.labels[j]}": c for (i, j), c in self.pairs.items()}
+
+    def _count(self, won: list[int], pairs: dict, covered: int, sign: int = 1) -> None:
         for i, w in enumerate(won):
-            report.overwritten[report.tasks[i]] += w
-        for (i, j) in conflicts:
-            conflicts[(i, j)] += int((chunk_masks[i] & chunk_masks[j]).sum())
-        report.core_positions += int((covered > 0).sum())
-        report.interpolated += int((covered == 0).sum())
-        if not torch.isfinite(fused).all():
-            raise NonFiniteError(f"fused tensor '{name}' holds NaN/Inf; an input holds NaN/Inf values there "
-                                 "(check the inputs with `sparsemerge inspect`)")
-        yield fused.to(out_dtype)
+            self.report.overwritten[self.labels[i]] += sign * w
+        for key, c in pairs.items():
+            self.pairs[key] += sign * c
+        self.report.core_positions += sign * covered
+        self.report.interpolated -= sign * covered
+
+    def tensor(self, name: str, out_dtype: torch.dtype):
+        """Yield the fused tensor chunk by chunk, already cast (the yielded chunk is reused scratch)."""
+        tasks, base, bufs = self.tasks, self.base, self.bufs
+        fold_raw = [self.onto.tensor(name).reshape(-1)] + [tasks[i].tensor(name).reshape(-1) for i in self.others]
+        n, M = fold_raw[0].numel(), len(fold_raw)
+        kept = M * n * 4 <= CACHE_BYTES
+        gram = [[0.0] * M for _ in range(M)]
+        ranges = [(0, n)] if kept else chunk_ranges(n)
+        for s, e in ranges:
+            v = [bufs.get(("fold", i), e - s).copy_(r[s:e]) for i, r in enumerate(fold_raw)]
+            for i in range(M):
+                for j in range(i, M):
+                    gram[i][j] += float(torch.dot(v[i], v[j]))
+        for i in range(M):
+            for j in range(i):
+                gram[i][j] = gram[j][i]
+        coeffs, linear = fold_coefficients(gram, self.t_values)
+        if any(linear) and name not in self.report.linear_tensors:
+            self.report.linear_tensors.append(name)
+        fold_of_task = {i: 1 + k for k, i in enumerate(self.others)}
+        if self.onto_task is not None:
+            fold_of_task[self.onto_task] = 0
+        task_raw = [t.tensor(name).reshape(-1) for t in tasks]
+        w0_raw = base.tensor(name).reshape(-1) if base is not None else None
+        cores = self._cores(name, task_raw, w0_raw)
+        self.report.interpolated += n
+        for s, e in chunk_ranges(n):
+            m = e - s
+            if kept:
+                fold = [bufs.get(("fold", i), n)[s:e] for i in range(M)]
+            else:
+                fold = [bufs.get(("fold", i), m).copy_(r[s:e]) for i, r in enumerate(fold_raw)]
+            values = [fold[fold_of_task[i]] for i in range(len(tasks))]
+            fused = torch.mul(fold[0], coeffs[0], out=bufs.get(0, m))                    # (m,)
+            for a, v in zip(coeffs[1:], fold[1:]):
+                fused.add_(v, alpha=a)
+            deltas = None
+            if w0_raw is not None:
+                w0 = bufs.get(1, m).copy_(w0_raw[s:e])
+                deltas = [torch.sub(v, w0, out=bufs.get(("delta", i), m)).abs_() for i, v in enumerate(values)]
+            idx = [i.numpy() for i in cores(s, e, deltas)]
+            pos, value, won, pairs = resolve_cores(
+                idx, [v.numpy()[i] for v, i in zip(values, idx)],
+                [d.numpy()[i] for d, i in zip(deltas, idx)] if deltas is not None else None, self.conflict)
+            fused[pos] = value
+            self._count(won, pairs, pos.numel())
+            if not math.isfinite(float(fused.sum())) and not torch.isfinite(fused).all():
+                raise NonFiniteError(f"fused tensor '{name}' holds NaN/Inf; an input holds NaN/Inf values there "
+                                     "(check the inputs with `sparsemerge inspect`)")
+            yield fused if out_dtype == torch.float32 else fused.to(out_dtype)
+        self._publish_pairs()
+
+    def _cores(self, name, task_raw, w0_raw):
+        """cores(s, e, deltas) -> each task's core positions inside the chunk [s, e)."""
+        if self.masks is not None:
+            full = [m.bool(name).reshape(-1) for m in self.masks]
+            return lambda s, e, deltas: [f[s:e].nonzero().squeeze(1) for f in full]
+        sels = self.selectors
+        if isinstance(sels[0], PerTensorTopK):                               # needs whole tensors
+            w0 = w0_raw.float()
+            full = [sel.select(name, 0, (r.float() - w0).abs()) for sel, r in zip(sels, task_raw)]
+            return lambda s, e, deltas: [f[s:e].nonzero().squeeze(1) for f in full]
+        if not self.counting:
+            return lambda s, e, deltas: [sel.select(name, s, d).nonzero().squeeze(1) for sel, d in zip(sels, deltas)]
+
+        def count(s, e, deltas):
+            out = []
+            for i, (sel, d) in enumerate(zip(sels, deltas)):
+                try:
+                    sel.observe(name, s, d)
+                except NonFiniteError:
+                    raise nonfinite_error(name, [self.base, self.tasks[i]]) from None
+                out.append(sel.sure_positions())
+            return out
+        return count
+
+    def finish_counting(self, writer: CheckpointWriter, dtypes: dict[str, torch.dtype]) -> None:
+        """After the counting pass: let the selectors choose among their candidates, then rewrite the
+        output where a chosen candidate changes what the cores write (counts corrected likewise)."""
+        sels = self.selectors
+        for sel in sels:
+            sel.end_pass()
+        if any(sel.phase != "window" for sel in sels):
+            raise _WindowMissed()
+        empty = np.zeros(0, dtype=np.int64)
+        names = sorted({name for sel in sels for name in sel.extra})
+        for name in names:
+            chosen = [sel.extra.get(name, empty) for sel in sels]
+            P = np.concatenate(chosen)
+            if len(chosen) > 1:
+                P = np.sort(P)
+                P = P[np.concatenate(([True], P[1:] != P[:-1]))]
+            Pt = torch.from_numpy(P)
+            w0 = self.base.tensor(name).reshape(-1)[Pt].float()
+            values = [t.tensor(name).reshape(-1)[Pt].float() for t in self.tasks]
+            deltas = [(v - w0).abs() for v in values]
+            sure = [d > sel.hi for d, sel in zip(deltas, sels)]
+            final = [s | torch.from_numpy(_members(P, c)) for s, c in zip(sure, chosen)]
+            for sign, masks in ((-1, sure), (1, final)):
+                idx = [m.nonzero().squeeze(1) for m in masks]
+                pos, value, won, pairs = resolve_cores(idx, [v[i] for v, i in zip(values, idx)],
+                                                       [d[i] for d, i in zip(deltas, idx)], self.conflict)
+                self._count(won, pairs, pos.numel(), sign)
+            writer.patch(name, P[pos.numpy()], value.to(dtypes[name]))
+        for sel in sels:
+            sel.selected = sel.k
+        self._publish_pairs()

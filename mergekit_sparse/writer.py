@@ -17,6 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .checkpoint import DTYPE_CODES, INDEX_NAME, SINGLE_NAME
@@ -215,6 +216,7 @@ class CheckpointWriter:
         self._shard_i = -1
         self._in_shard = 0
         self.weight_map: dict[str, str] = {}
+        self.locations: dict[str, tuple[Path, int, int, torch.dtype]] = {}   # name -> (file, offset, numel, dtype)
 
     def _shard_path(self, i: int) -> Path:
         if not self.folder:
@@ -236,11 +238,34 @@ class CheckpointWriter:
                 self._in_shard = 0
                 self._stream = SafetensorsStream(self._shard_path(self._shard_i), self.shards[self._shard_i],
                                                  {"format": "pt", **self.metadata})
-            self._stream.write_chunks(name, chunks)
+            stream = self._stream
+            _, dtype, shape, nbytes = stream._order[stream._next]
+            self.locations[name] = (stream.path, stream.data_start + stream.offsets[name], nbytes // dtype.itemsize,
+                                    dtype)
+            stream.write_chunks(name, chunks)
         except OSError as e:
             raise _os_error(e, self.out) from None
         self.weight_map[name] = self._shard_path(self._shard_i).name
         self._in_shard += 1
+
+    def patch(self, name: str, positions: np.ndarray, values: torch.Tensor) -> None:
+        """Overwrite entries of a tensor already written: flat `positions` get `values` (its dtype)."""
+        path, offset, numel, dtype = self.locations[name]
+        if values.dtype != dtype or values.numel() != len(positions):
+            raise RuntimeError(f"patch of {name}: {values.numel()} {values.dtype} values for {len(positions)} "
+                               f"positions of a {dtype} tensor")                      # a caller bug
+        if not len(positions):
+            return
+        as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
+        try:
+            if self._stream is not None and self._stream.path == path:
+                self._stream._f.flush()
+            view = values.contiguous().view(as_int).numpy()
+            mm = np.memmap(path, dtype=view.dtype, mode="r+", offset=offset, shape=(numel,))
+            mm[positions] = view                      # left to the page cache like every other write (no msync)
+            del mm
+        except OSError as e:
+            raise _os_error(e, self.out) from None
 
     def __enter__(self) -> CheckpointWriter:
         return self

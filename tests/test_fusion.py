@@ -118,14 +118,34 @@ def test_fuse_tiny_llama_folder_loads_in_transformers_and_generates(tiny_base, t
     assert gen.shape[1] == ids.shape[1] + 4
 
 
-def test_fuse_with_mask_files_equals_on_the_fly_cores(tiny_base, tiny_tasks, tmp_path):
+@pytest.mark.parametrize("policy", ["max-delta", "last", "mean"])
+def test_fuse_with_mask_files_equals_on_the_fly_cores(tiny_base, tiny_tasks, tmp_path, policy):
+    """On the fly, fusion is the selection's counting pass and patches the chosen candidates in afterwards;
+    with mask files it writes every core directly: outputs and counts must agree bit for bit."""
     run("core", "--base", tiny_base, tiny_tasks[0], tiny_tasks[1], "--p", 2, "-o", tmp_path / "cores")
     masks = [tmp_path / "cores" / f"{n}.mask.safetensors" for n in ("math", "code")]
-    run("fuse", tiny_tasks[0], tiny_tasks[1], "--masks", masks[0], "--masks", masks[1], "--base", tiny_base,
-        "-o", tmp_path / "m", "--no-check")
-    run("fuse", tiny_tasks[0], tiny_tasks[1], "--base", tiny_base, "--p", 2, "-o", tmp_path / "p", "--no-check")
+    common = [tiny_tasks[0], tiny_tasks[1], "--base", tiny_base, "--conflict", policy, "--no-check", "--json"]
+    rm = run("fuse", *common, "--masks", masks[0], "--masks", masks[1], "-o", tmp_path / "m")
+    rp = run("fuse", *common, "--p", 2, "-o", tmp_path / "p")
     a, b = load_file(tmp_path / "m" / "model.safetensors"), load_file(tmp_path / "p" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    cm, cp = json.loads(rm.stdout)["counts"], json.loads(rp.stdout)["counts"]
+    assert cp["full_passes"] == 1
+    for key in ("overwritten", "conflicts", "core_positions", "interpolated"):
+        assert cm[key] == cp[key], key
+    assert cp["conflicts"]["math~code"] > 0                 # the patched positions include conflicts
+
+
+def test_fuse_falls_back_to_a_second_pass_when_the_window_misses(tiny_base, tiny_tasks, tmp_path, monkeypatch):
+    from mergekit_sparse import select
+    run("fuse", tiny_tasks[0], tiny_tasks[1], "--base", tiny_base, "--p", 2, "-o", tmp_path / "one", "--no-check")
+    monkeypatch.setattr(select, "CANDIDATE_CAP", 10)           # every window now overflows
+    r = run("fuse", tiny_tasks[0], tiny_tasks[1], "--base", tiny_base, "--p", 2, "-o", tmp_path / "two",
+            "--no-check", "--json")
+    assert json.loads(r.stdout)["counts"]["full_passes"] == 4      # count pass, two radix passes, fusion
+    a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not list(tmp_path.glob(".two.partial-*"))
 
 
 def test_fuse_three_models_folds_in_order_with_weights(planted, tmp_path):
