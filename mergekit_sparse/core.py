@@ -112,7 +112,7 @@ def run_passes(selectors: list, scope: Scope, chunks, *, sources, progress: bool
                emit=None, sample_only: bool = False) -> None:
     """Feed the selectors until each can select (with `sample_only`, until one wants a full pass).
     `sources[i]` are the checkpoints behind selector i (named in a NaN error); `emit(i, name, start,
-    sure_mask_chunk, n)` sees the count pass's sure bits."""
+    selector, chunk_len, n)` follows each chunk of the count pass (the selector holds its sure bits)."""
     p = 0
     while kinds := {s.wants() for s in selectors} - {None}:
         p += 1
@@ -132,7 +132,7 @@ def run_passes(selectors: list, scope: Scope, chunks, *, sources, progress: bool
                     except NonFiniteError:
                         raise nonfinite_error(name, sources[i]) from None
                     if emit is not None and counting:
-                        emit(i, name, start, sel.preliminary(sc), n)
+                        emit(i, name, start, sel, sc.numel(), n)
         for sel in selectors:
             sel.end_pass()
 
@@ -206,10 +206,10 @@ def compute_cores(base: Checkpoint, tasks: list[Checkpoint], scope: Scope, *, pe
             writers = open_writers()
             pending: list[list[np.ndarray]] = [[] for _ in tasks]
 
-            def emit(i, name, start, sure, n):             # the count pass writes the sure bits
-                pending[i].append(pack(sure))              # packs a copy: `sure` is a scratch buffer
-                counts[i][name] = counts[i].get(name, 0) + int(torch.count_nonzero(sure))
-                if start + sure.numel() == n:
+            def emit(i, name, start, sel, m, n):           # the count pass writes the sure bits
+                pending[i].append(pack(sel.preliminary(m)))  # packs a copy: the mask is a scratch buffer
+                counts[i][name] = counts[i].get(name, 0) + sel.sure_positions().numel()
+                if start + m == n:
                     writers[i].write_packed(name, np.concatenate(pending[i]))
                     pending[i] = []
             run_passes(selectors, scope, delta_chunks(base, tasks), sources=[[base, t] for t in tasks],

@@ -153,10 +153,13 @@ class MaskWriter:
             return
         mm = np.memmap(self._atomic.tmp, dtype=np.uint8, mode="r+")
         for name, pos in self._patches:
-            where = self._stream.data_start + self._stream.offsets[name] + pos // 8
-            np.bitwise_or.at(mm, where, (1 << (7 - pos % 8)).astype(np.uint8))   # packbits is big-endian
-        mm.flush()
-        del mm
+            pos = np.sort(pos)
+            byte = pos // 8
+            bits = (1 << (7 - pos % 8)).astype(np.uint8)                       # packbits is big-endian
+            first = np.flatnonzero(np.concatenate(([True], byte[1:] != byte[:-1])))
+            where = self._stream.data_start + self._stream.offsets[name] + byte[first]
+            mm[where] |= np.bitwise_or.reduceat(bits, first)                    # the bits of each byte at once
+        del mm                                     # left to the page cache like every other write (no msync)
 
     def __enter__(self) -> MaskWriter:
         return self

@@ -344,9 +344,9 @@ class TopK:
         in the chunk; `extra` later holds the chosen candidates."""
         return self._sure
 
-    def preliminary(self, scores: torch.Tensor) -> torch.Tensor:
-        """`sure_positions` as a boolean mask of the chunk (a scratch buffer valid until the next `observe`)."""
-        mask = self._bool(1, scores.numel()).zero_()
+    def preliminary(self, n: int) -> torch.Tensor:
+        """`sure_positions` as a boolean mask of the n-entry chunk (scratch, valid until the next `observe`)."""
+        mask = self._bool(1, n).zero_()
         mask[self._sure] = True
         return mask
 
