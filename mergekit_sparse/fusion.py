@@ -180,7 +180,8 @@ def fuse(tasks: list[Checkpoint], labels: list[str], *, onto: Checkpoint, onto_i
         selectors = prepare_selectors(base, tasks, scope, percent=percent, per_tensor=per_tensor,
                                       progress=progress, desc="fuse", sample_only=True)
     job = _Fusion(tasks, labels, others, onto, base, t_values, conflict, masks, selectors)
-    plan = [(n, dtype if (dtype is not None and i.is_float) else i.dtype, i.shape) for n, i in onto.infos.items()]
+    # tensors in sorted name order, the scope's order: selections break ties by (name, position) as they scan
+    plan = [(n, dtype if (dtype is not None and i.is_float) else i.dtype, i.shape) for n, i in sorted(onto.infos.items())]
     folder = onto.folder is not None
     validate = None
     if check and folder:

@@ -329,13 +329,20 @@ class TopK:
         t = np.partition(vals, n - need)[n - need]
         above = vals > t
         eq = np.flatnonzero(vals == t)
-        ties = eq[np.lexsort((pos[eq], tens[eq]))][: need - int(above.sum())]
-        chosen = np.concatenate([np.flatnonzero(above), ties])
+        # ties by (name, position); tensor ids follow the scan order, which need not be sorted by name
+        by_id = sorted(self.order, key=self.order.get)
+        name_rank = np.empty(len(by_id), dtype=np.int64)
+        name_rank[sorted(range(len(by_id)), key=by_id.__getitem__)] = np.arange(len(by_id))
+        ties = eq[np.lexsort((pos[eq], name_rank[tens[eq]]))][: need - int(above.sum())]
+        above[ties] = True
+        chosen = np.flatnonzero(above)          # in scan order: by tensor, then position ascending
         self.threshold = float(t)
         names = {i: n for n, i in self.order.items()}
         chosen_t, chosen_p = tens[chosen], pos[chosen]
-        for t in np.unique(chosen_t):
-            self.extra[names[int(t)]] = np.sort(chosen_p[chosen_t == t])
+        cuts = np.flatnonzero(chosen_t[1:] != chosen_t[:-1]) + 1
+        for part_t, part_p in zip(np.split(chosen_t, cuts), np.split(chosen_p, cuts)):
+            if part_t.size:
+                self.extra[names[int(part_t[0])]] = part_p
         self.phase = "window"
         return True
 

@@ -86,6 +86,22 @@ def test_window_falls_back_to_radix_when_candidates_overflow(monkeypatch):
         assert all(torch.equal(got[n], want[n]) for n in scores)
 
 
+def test_window_breaks_ties_by_name_whatever_the_scan_order():
+    """Fusion's counting pass scans tensors in its own order; ties still go by (sorted name, index)."""
+    scores = {"b": torch.ones(40), "a": torch.ones(40), "c": torch.linspace(2, 3, 40)}
+    sel = select.TopK(50, 120)
+    while kind := sel.wants():
+        for n in ("c", "b", "a"):                                   # not sorted
+            ranges = [(0, 40)] if kind == "full" else select.sample_ranges(n, 40, 120)
+            for s, e in ranges:
+                sel.observe(n, s, scores[n][s:e])
+        sel.end_pass()
+    assert sel.phase == "window"
+    got = {n: sel.select(n, 0, scores[n]) for n in ("c", "b", "a")}
+    want = naive_topk(scores, 50)
+    assert all(torch.equal(got[n], want[n]) for n in scores) and int(got["a"].sum()) == 10
+
+
 def test_large_tensor_uses_sampled_window_and_is_exact():
     g = torch.Generator().manual_seed(1)
     scores = {"big": torch.randn(300_000, generator=g).abs(), "small": torch.randn(1000, generator=g)}
