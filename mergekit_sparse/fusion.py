@@ -63,65 +63,91 @@ def fold_weights(weights: list[float]) -> list[float]:
     return out
 
 
-def resolve_cores(idx: list[Tensor], values: list[Tensor], deltas: list[Tensor] | None,
-                  policy: str) -> tuple[Tensor, Tensor, list[int], dict[tuple[int, int], int]]:
-    """Where the tasks' cores go and what they write there, from the core positions alone.
+class CoreScratch:
+    """Position-indexed scratch for `resolve_cores`, grown on demand and left clean after every call
+    (so a chunk's resolution touches only its core positions, never the whole chunk)."""
 
-    `idx[i]` are the (distinct, ascending) positions in task i's core, `values[i]` / `deltas[i]` the task's value
-    and |Δ| at those positions (float32). Positions in several cores are resolved by `policy`:
-    `max-delta` (largest |Δ| wins, the first task on a tie), `last` (the later task wins) or `mean`
-    (the mean of the covering tasks' values, summed in task order). Returns (covered positions
-    ascending, the value each gets, positions won per task, positions shared per task pair).
-    Works in numpy: the arrays are small (a core's share of one chunk), where per-call cost dominates.
+    def __init__(self):
+        self.n = 0
+
+    def ensure(self, n: int) -> CoreScratch:
+        if n > self.n:
+            self.n = n
+            self.member = np.zeros(n, dtype=np.int64)           # bit i set: task i covers the position
+            self.best = np.full(n, -1.0, dtype=np.float32)      # the largest |Δ| seen there so far
+            self.winner = np.full(n, -1, dtype=np.int64)
+            self.acc = np.zeros(n, dtype=np.float32)
+            self.cnt = np.zeros(n, dtype=np.float32)
+        return self
+
+
+MAX_TASKS = 63           # task membership is a bit set in one int64 per position
+
+
+def resolve_cores(out: np.ndarray, idx: list, values: list, deltas: list | None, policy: str,
+                  scratch: CoreScratch | None = None) -> tuple[list[int], dict[tuple[int, int], int], int]:
+    """Write the tasks' cores into `out` (float32, in place), resolving positions in several cores.
+
+    `idx[i]` are the distinct positions of task i's core in `out`, `values[i]` / `deltas[i]` the
+    task's value and |Δ| there (numpy or torch). `policy`: `max-delta` (largest |Δ| wins, the first
+    task on a tie), `last` (the later task wins) or `mean` (the mean of the covering tasks' values,
+    summed in task order). Returns (positions won per task, positions shared per task pair,
+    positions covered). Cost is in the core positions only: the chunk itself is never scanned.
     """
     T = len(idx)
+    if T > MAX_TASKS:
+        raise OptionError(f"fusion takes at most {MAX_TASKS} task models at once, got {T}")
+    sc = (scratch or CoreScratch()).ensure(len(out))
     ix = [_np(i) for i in idx]
-    # the union of sorted runs: a stable sort merges them in linear time; then each run's place in it
-    every = np.sort(np.concatenate(ix), kind="stable") if T > 1 else (ix[0] if T else np.zeros(0, dtype=np.int64))
-    pos = every[np.concatenate(([True], every[1:] != every[:-1]))] if every.size else every
-    invs = [np.searchsorted(pos, x) for x in ix]
-    member = np.zeros(len(pos), dtype=np.int64)                     # bit i set: task i covers it
-    for i, v in enumerate(invs):
-        member[v] |= 1 << i
-    pairs = {(i, j): int(np.count_nonzero((member >> i) & (member >> j) & 1))
-             for i in range(T) for j in range(i + 1, T)}
     vals = [_np(v) for v in values]
+    for i, x in enumerate(ix):
+        sc.member[x] |= 1 << i
+    member = [sc.member[x] for x in ix]                         # each task's view of who else covers
+    pairs = {(i, j): int(np.count_nonzero((member[i] >> j) & 1)) for i in range(T) for j in range(i + 1, T)}
+    covered = sum(int(np.count_nonzero(m & ((1 << i) - 1) == 0)) for i, m in enumerate(member))  # first coverer
     if policy == "mean":
-        acc = np.zeros(len(pos), dtype=np.float32)
-        cnt = np.zeros(len(pos), dtype=np.float32)
-        for v, val in zip(invs, vals):
-            acc[v] += val
-            cnt[v] += 1
-        return torch.from_numpy(pos), torch.from_numpy(acc / cnt), [len(x) for x in ix], pairs
-    out = np.empty(len(pos), dtype=np.float32)
-    best = np.full(len(pos), -1.0, dtype=np.float32)
-    winner = np.full(len(pos), -1, dtype=np.int64)
-    for i, (v, val) in enumerate(zip(invs, vals)):
-        if policy == "max-delta":
+        for x, v in zip(ix, vals):
+            sc.acc[x] += v
+            sc.cnt[x] += 1
+        for x in ix:
+            out[x] = sc.acc[x] / sc.cnt[x]
+        won = [len(x) for x in ix]
+        for x in ix:
+            sc.acc[x] = 0.0
+            sc.cnt[x] = 0.0
+    elif policy == "last":
+        for x, v in zip(ix, vals):
+            out[x] = v
+        won = [int(np.count_nonzero(m >> (i + 1) == 0)) for i, m in enumerate(member)]   # no later coverer
+    else:
+        for i, (x, v) in enumerate(zip(ix, vals)):
             d = _np(deltas[i])
-            take = d > best[v]
-            v, val = v[take], val[take]
-            best[v] = d[take]
-        out[v] = val
-        winner[v] = i
-    won = np.bincount(winner[winner >= 0], minlength=T) if T else []
-    return torch.from_numpy(pos), torch.from_numpy(out), [int(w) for w in won], pairs
+            take = d > sc.best[x]
+            x = x[take]
+            sc.best[x] = d[take]
+            out[x] = v[take]
+            sc.winner[x] = i
+        won = [int(np.count_nonzero(sc.winner[x] == i)) for i, x in enumerate(ix)]
+        for x in ix:
+            sc.best[x] = -1.0
+            sc.winner[x] = -1
+    for x in ix:
+        sc.member[x] = 0
+    return won, pairs, covered
 
 
 def _np(x) -> np.ndarray:
-    return x.numpy() if isinstance(x, Tensor) else x
+    return x.numpy() if isinstance(x, Tensor) else np.asarray(x)
 
 
 def overwrite_cores(out: Tensor, values: list[Tensor], masks: list[Tensor], deltas: list[Tensor] | None,
                     policy: str) -> tuple[list[int], dict[tuple[int, int], int], int]:
-    """Write each task's core (boolean masks) into `out` in place, as `resolve_cores` says; returns
-    (positions won per task, positions shared per task pair, positions covered)."""
+    """Write each task's core (boolean masks) into `out` (float32) in place, as `resolve_cores` says;
+    returns (positions won per task, positions shared per task pair, positions covered)."""
     idx = [m.reshape(-1).nonzero().squeeze(1) for m in masks]
     vals = [v.reshape(-1)[i] for v, i in zip(values, idx)]
     dels = [d.reshape(-1)[i] for d, i in zip(deltas, idx)] if deltas is not None else None
-    pos, value, won, pairs = resolve_cores(idx, vals, dels, policy)
-    out.view(-1)[pos] = value
-    return won, pairs, pos.numel()
+    return resolve_cores(out.view(-1).numpy(), idx, vals, dels, policy)
 
 
 @dataclass
@@ -268,6 +294,7 @@ class _Fusion:
         self.t_values, self.conflict, self.masks, self.selectors = t_values, conflict, masks, selectors
         self.onto_task = next((i for i in range(len(tasks)) if i not in others), None)
         self.bufs = Buffers()
+        self.scratch = CoreScratch()
 
     def start(self, counting: bool) -> None:
         self.counting = counting
@@ -330,11 +357,11 @@ class _Fusion:
                 w0 = bufs.get(1, m).copy_(w0_raw[s:e])
                 deltas = [torch.sub(v, w0, out=bufs.get(("delta", i), m)).abs_() for i, v in enumerate(values)]
             idx = [i.numpy() for i in cores(s, e, deltas)]
-            pos, value, won, pairs = resolve_cores(
-                idx, [v.numpy()[i] for v, i in zip(values, idx)],
-                [d.numpy()[i] for d, i in zip(deltas, idx)] if deltas is not None else None, self.conflict)
-            fused[pos] = value
-            self._count(won, pairs, pos.numel())
+            won, pairs, covered = resolve_cores(
+                fused.numpy(), idx, [v.numpy()[i] for v, i in zip(values, idx)],
+                [d.numpy()[i] for d, i in zip(deltas, idx)] if deltas is not None else None, self.conflict,
+                self.scratch)
+            self._count(won, pairs, covered)
             if not math.isfinite(float(fused.sum())) and not torch.isfinite(fused).all():
                 raise NonFiniteError(f"fused tensor '{name}' holds NaN/Inf; an input holds NaN/Inf values there "
                                      "(check the inputs with `sparsemerge inspect`)")
@@ -387,12 +414,14 @@ class _Fusion:
             deltas = [(v - w0).abs() for v in values]
             sure = [d > sel.hi for d, sel in zip(deltas, sels)]
             final = [s | torch.from_numpy(_members(P, c)) for s, c in zip(sure, chosen)]
+            value = np.empty(len(P), dtype=np.float32)       # every position of P is in a final core
             for sign, masks in ((-1, sure), (1, final)):
-                idx = [m.nonzero().squeeze(1) for m in masks]
-                pos, value, won, pairs = resolve_cores(idx, [v[i] for v, i in zip(values, idx)],
-                                                       [d[i] for d, i in zip(deltas, idx)], self.conflict)
-                self._count(won, pairs, pos.numel(), sign)
-            writer.patch(name, P[pos.numpy()], value.to(dtypes[name]))
+                idx = [m.numpy().nonzero()[0] for m in masks]
+                won, pairs, covered = resolve_cores(value, idx, [v.numpy()[i] for v, i in zip(values, idx)],
+                                                    [d.numpy()[i] for d, i in zip(deltas, idx)], self.conflict,
+                                                    self.scratch)
+                self._count(won, pairs, covered, sign)
+            writer.patch(name, P, torch.from_numpy(value).to(dtypes[name]))
         for sel in sels:
             sel.selected = sel.k
         self._publish_pairs()
