@@ -22,6 +22,10 @@ def train_options(f):
         click.option("--schedule", type=click.Choice(["cosine", "linear", "constant"]), default="cosine",
                      show_default=True),
         click.option("--weight-decay", type=click.FloatRange(0), default=0.0, show_default=True),
+        click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True,
+                     help="AdamW, or SGD with heavy-ball momentum (as torch.optim.SGD); both masked."),
+        click.option("--momentum", type=click.FloatRange(0, 1, max_open=True), default=0.9, show_default=True,
+                     help="SGD momentum (ignored by AdamW)."),
         click.option("--clip", type=click.FloatRange(0), default=1.0, show_default=True,
                      help="Clip the gradient norm (0: off)."),
         click.option("--eval-every", type=click.IntRange(0), default=0, show_default=True,
@@ -39,8 +43,8 @@ def train_options(f):
 
 def make_config(kw: dict):
     from mergekit_sparse.trainer import TrainConfig
-    keys = ("steps", "lr", "batch_size", "grad_accum", "warmup", "schedule", "weight_decay", "clip", "eval_every",
-            "eval_fraction", "max_len", "save_every", "seed")
+    keys = ("steps", "lr", "batch_size", "grad_accum", "warmup", "schedule", "weight_decay", "optimizer", "momentum",
+            "clip", "eval_every", "eval_fraction", "max_len", "save_every", "seed")
     cfg = {k: kw.pop(k) for k in keys}
     cfg["clip"] = cfg["clip"] or None
     return TrainConfig(**cfg)

@@ -16,7 +16,8 @@ A config is YAML or JSON. Top-level keys and their sections (all optional but `t
     retrain: TRAIN + {per_task: INT}
     gallop: TRAIN + {rho: FLOAT, criterion: gallop | saft | pafi | random, fraction: FLOAT}
     eval: {limit: INT, batch_size: INT}
-  where TRAIN = {steps: INT, lr: FLOAT, batch_size: INT, warmup: INT, weight_decay: FLOAT}
+  where TRAIN = {steps: INT, lr: FLOAT, batch_size: INT, warmup: INT, weight_decay: FLOAT,
+                 optimizer: adamw | sgd, momentum: FLOAT in [0, 1) (sgd only)}
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from pathlib import Path
 from .errors import DataError
 
 TRAIN = {"steps": (int, 1, None), "lr": (float, 0, None), "batch_size": (int, 1, None), "warmup": (int, 0, None),
-         "weight_decay": (float, 0, None)}
+         "weight_decay": (float, 0, None), "optimizer": ("adamw", "sgd"), "momentum": (float, None, None)}
+TRAIN_DEFAULTS = {"warmup": 10, "weight_decay": 0.0, "optimizer": "adamw", "momentum": 0.9}
 SCHEMA = {
     "kind": ("cpi-ft", "gallop"),
     "base": str, "output": str, "seed": (int, None, None),
@@ -46,13 +48,13 @@ SCHEMA = {
 DEFAULTS = {
     "kind": "cpi-ft", "base": "builtin", "output": "run", "seed": 0, "tasks": {}, "ood_tasks": None,
     "data": {"train": 400, "test": 40},
-    "probe": {"steps": 150, "lr": 3e-3, "batch_size": 16, "warmup": 10, "weight_decay": 0.0},
+    "probe": {**TRAIN_DEFAULTS, "steps": 150, "lr": 3e-3, "batch_size": 16},
     "core": {"p": 5.0, "scope": "global"},
     "overlap": {"tau": 0.1, "order": "random", "seed": 0},
     "fuse": {"omega": 0.5, "conflict": "max-delta"},
-    "retrain": {"steps": 60, "lr": 1e-3, "batch_size": 16, "warmup": 5, "weight_decay": 0.0, "per_task": 100},
-    "gallop": {"steps": 150, "lr": 3e-3, "batch_size": 16, "warmup": 10, "weight_decay": 0.0, "rho": 5.0,
-               "criterion": "gallop", "fraction": 0.25},
+    "retrain": {**TRAIN_DEFAULTS, "steps": 60, "lr": 1e-3, "batch_size": 16, "warmup": 5, "per_task": 100},
+    "gallop": {**TRAIN_DEFAULTS, "steps": 150, "lr": 3e-3, "batch_size": 16, "rho": 5.0, "criterion": "gallop",
+               "fraction": 0.25},
     "eval": {"limit": 40, "batch_size": 40},
 }
 
@@ -96,6 +98,10 @@ def validate(raw: dict, *, base_dir: Path) -> dict:
             cfg[k].update(v)
         else:
             cfg[k] = v
+    for section in ("probe", "retrain", "gallop"):
+        mom = cfg[section].get("momentum")
+        if isinstance(mom, (int, float)) and not 0 <= mom < 1:
+            problems.append(f"config.{section}.momentum: {mom!r} is out of range [0, 1)")
     tasks = cfg.get("tasks")
     if isinstance(tasks, dict):
         if len(tasks) < (2 if cfg["kind"] == "cpi-ft" else 1):

@@ -71,7 +71,8 @@ class Run:
 def _train_cfg(section: dict, seed: int):
     from .trainer import TrainConfig
     return TrainConfig(steps=section["steps"], lr=section["lr"], batch_size=section["batch_size"],
-                       warmup=section["warmup"], weight_decay=section["weight_decay"], seed=seed, max_len=48)
+                       warmup=section["warmup"], weight_decay=section["weight_decay"], optimizer=section["optimizer"],
+                       momentum=section["momentum"], seed=seed, max_len=48)
 
 
 def _data_stage(run: Run, base: Path) -> tuple[dict, dict]:
@@ -234,7 +235,8 @@ def _gallop(run: Run, base: Path, trains: dict, tests: dict) -> dict:
                           out=mask, seed=cfg["seed"])
         run.stage(f"mask-{t}", {"rho": g["rho"], "criterion": g["criterion"]}, [f"gradients-{t}"], [mask], make_mask)
         tc = _train_cfg(g, cfg["seed"] + i)
-        run.stage(f"sparse-{t}", {k: g[k] for k in ("steps", "lr", "batch_size", "warmup", "weight_decay")},
+        run.stage(f"sparse-{t}", {k: g[k] for k in ("steps", "lr", "batch_size", "warmup", "weight_decay", "optimizer",
+                                                    "momentum")},
                   [f"mask-{t}"], [model],
                   lambda model=model, mask=mask, t=t, tc=tc: run_train(str(base), str(trains[t]), model, cfg=tc,
                                                                        mask=str(mask)))

@@ -28,7 +28,7 @@ import torch
 
 from .errors import NonFiniteError, OptionError
 
-CHUNK = 1 << 19          # elements per chunk: 1 MB of float32 stays in cache; temporaries stay small
+CHUNK = 1 << 19          # elements per chunk (2 MB of float32): measured fastest of 2^16..2^20 for fuse and core
 BINS = 1 << 16
 BLOCK = 4096             # sample block (entries)
 SAMPLE_CAP = 1 << 22     # at most ~4 M sampled scores

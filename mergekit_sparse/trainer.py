@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .data import IGNORE, collate, encode, token_loss_sum
 from .errors import OptionError
-from .optim import MaskedAdamW
+from .optim import OPTIMIZERS, MaskedAdamW, make_optimizer
 from .writer import CheckpointWriter
 
 
@@ -33,6 +33,8 @@ class TrainConfig:
     warmup: int = 0
     schedule: str = "cosine"         # cosine | linear | constant
     weight_decay: float = 0.0
+    optimizer: str = "adamw"         # adamw | sgd (heavy-ball momentum)
+    momentum: float = 0.9            # sgd only
     clip: float | None = 1.0
     eval_every: int = 0
     eval_fraction: float = 0.0
@@ -51,6 +53,10 @@ class TrainConfig:
             problems.append(f"--batch-size {self.batch_size} must be a positive multiple of --grad-accum {self.grad_accum}")
         if self.schedule not in ("cosine", "linear", "constant"):
             problems.append(f"--schedule {self.schedule!r} is not cosine, linear or constant")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"--optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        if not 0 <= self.momentum < 1:
+            problems.append(f"--momentum {self.momentum} must be in [0, 1)")
         if not 0 <= self.eval_fraction < 1:
             problems.append(f"--eval-fraction {self.eval_fraction} must be in [0, 1)")
         if problems:
@@ -138,7 +144,8 @@ def train(model, tokenizer, records: list[dict], *, cfg: TrainConfig, masks: dic
     eval_set = [examples[i] for i in perm[:n_eval]]
     train_set = [examples[i] for i in perm[n_eval:]]
     named = [(n, p) for n, p in model.named_parameters()]
-    opt = MaskedAdamW(named, masks, lr=cfg.lr, weight_decay=cfg.weight_decay, sparse_below=cfg.sparse_below)
+    opt = make_optimizer(cfg.optimizer, named, masks, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+                         sparse_below=cfg.sparse_below)
     start = _resume_point(work, settings)                # read-only on every rank, then one writer
     if start:
         _load_snapshot(work, model, opt)

@@ -71,12 +71,14 @@ def test_cpi_ft_pipeline_writes_every_artefact_and_resumes_after_a_kill(tmp_path
 def test_config_problems_are_listed_all_at_once_before_any_work(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(yaml.safe_dump({"kind": "cpi", "tasks": {"caesar": "builtin", "nope": "builtin", "x": {"train": "a"}},
-                                   "core": {"p": "five", "extra": 1}, "probe": {"steps": 0}, "surprise": True}))
+                                   "core": {"p": "five", "extra": 1}, "probe": {"steps": 0}, "surprise": True,
+                                   "retrain": {"optimizer": "adam"}, "gallop": {"optimizer": "sgd", "momentum": 1.0}}))
     r = CliRunner().invoke(cli, ["run", str(cfg), "-o", str(tmp_path / "run")])
     assert r.exit_code == 1
     for msg in ["config.kind: 'cpi' is not one of", "config.surprise: unknown key", "config.core.extra: unknown key",
                 "config.core.p: expected a number, got 'five'", "config.probe.steps: 0 is out of range",
-                "config.tasks.nope: no builtin task", "config.tasks.x: expected 'builtin'"]:
+                "config.tasks.nope: no builtin task", "config.tasks.x: expected 'builtin'",
+                "config.retrain.optimizer: 'adam' is not one of adamw, sgd", "config.gallop.momentum: 1.0 is out of range"]:
         assert msg in r.output, (msg, r.output)
     assert not (tmp_path / "run").exists()
 

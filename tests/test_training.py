@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from cli.main import cli
 from mergekit_sparse.masks import save_masks
-from mergekit_sparse.optim import MaskedAdamW
+from mergekit_sparse.optim import MaskedAdamW, MaskedSGD
 
 
 def toy_params(dtype=torch.float32, seed=0):
@@ -78,6 +78,51 @@ def test_sparse_state_is_at_most_two_percent_of_dense_adamw_at_rho_one_percent()
     assert sparse.state_bytes() <= 0.02 * dense_bytes, (sparse.state_bytes(), dense_bytes)
 
 
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+def test_unmasked_optimizers_match_torch(kind):
+    """No mask: MaskedAdamW is torch.optim.AdamW and MaskedSGD is torch.optim.SGD (momentum, weight decay)."""
+    ours, ref = toy_params(), toy_params()
+    if kind == "adamw":
+        opt = MaskedAdamW(ours, None, lr=1e-2, weight_decay=0.1)
+        torch_opt = torch.optim.AdamW([p for _, p in ref], lr=1e-2, weight_decay=0.1)
+    else:
+        opt = MaskedSGD(ours, None, lr=1e-2, momentum=0.9, weight_decay=0.1)
+        torch_opt = torch.optim.SGD([p for _, p in ref], lr=1e-2, momentum=0.9, weight_decay=0.1)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        grads = [torch.randn(p.shape, generator=g) for _, p in ours]
+        for (_, a), (_, b), gr in zip(ours, ref, grads):
+            a.grad, b.grad = gr.clone(), gr.clone()
+        opt.step()
+        torch_opt.step()
+    start = dict(toy_params())
+    for (n, a), (_, b) in zip(ours, ref):
+        assert torch.allclose(a, b, atol=1e-6), n
+        assert not torch.equal(a, start[n]), n
+
+
+@pytest.mark.parametrize("density", [0.01, 0.5])                    # sparse layout, dense layout
+def test_masked_sgd_is_sgd_on_the_selected_entries(density):
+    """Masked SGD equals torch SGD run on the selected entries alone; the rest never moves."""
+    params = toy_params()
+    g = torch.Generator().manual_seed(7)
+    masks = {n: torch.rand(p.shape, generator=g) < density for n, p in params}
+    subs = [torch.nn.Parameter(p.detach()[masks[n]].clone()) for n, p in params]
+    start = {n: p.detach().clone() for n, p in params}
+    opt = MaskedSGD(params, masks, lr=5e-2, momentum=0.9, weight_decay=0.1)
+    ref = torch.optim.SGD(subs, lr=5e-2, momentum=0.9, weight_decay=0.1)
+    for _ in range(15):
+        for (n, p), sub in zip(params, subs):
+            p.grad = torch.randn(p.shape, generator=g)
+            sub.grad = p.grad[masks[n]].clone()
+        opt.step()
+        ref.step()
+    for (n, p), sub in zip(params, subs):
+        assert torch.allclose(p.detach()[masks[n]], sub.detach(), atol=1e-6), n
+        assert torch.equal(p[~masks[n]], start[n][~masks[n]]), n
+    assert opt.state_bytes() < MaskedAdamW(toy_params(), masks).state_bytes()        # one moment, not two
+
+
 def test_bf16_updates_below_resolution_accumulate_through_the_master_copy():
     p = torch.nn.Parameter(torch.ones(1000, dtype=torch.bfloat16))
     mask = {"p": torch.zeros(1000, dtype=torch.bool)}
@@ -108,7 +153,8 @@ def rev_data(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("data") / "rev.jsonl", recs)
 
 
-def test_train_cli_really_trains_and_masked_entries_stay_bit_identical(tiny_base, rev_data, tmp_path):
+@pytest.mark.parametrize("optimizer", [["--optimizer", "adamw"], ["--optimizer", "sgd", "--momentum", "0.9", "--lr", "0.3"]])
+def test_train_cli_really_trains_and_masked_entries_stay_bit_identical(tiny_base, rev_data, tmp_path, optimizer):
     params = load_file(tiny_base / "model.safetensors")
     g = torch.Generator().manual_seed(0)
     masks = {n: torch.rand(t.shape, generator=g) < 0.05 for n, t in params.items()}
@@ -117,8 +163,9 @@ def test_train_cli_really_trains_and_masked_entries_stay_bit_identical(tiny_base
     r = CliRunner().invoke(cli, ["train", "--model", str(tiny_base), "--data", str(rev_data), "--mask",
                                  str(tmp_path / "m.mask.safetensors"), "--steps", "30", "--lr", "3e-3",
                                  "--weight-decay", "0.1", "--eval-every", "10", "--eval-fraction", "0.2",
-                                 "-o", str(out), "--json"])
+                                 "-o", str(out), "--json", *optimizer])
     assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["settings"]["config"]["optimizer"] == optimizer[1]
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     assert len(log) == 30 and log[-1]["loss"] < log[0]["loss"] and "eval_loss" in log[9]
     after = load_file(out / "model.safetensors")

@@ -1,9 +1,11 @@
 """Do the papers' qualitative claims hold on the built-in model? Methods compared on the same tasks and seeds.
 
     .venv/bin/python bench/science/run.py [--seeds 0 1 2] [--lrs 1e-3 3e-3 1e-2] [--out bench/out/science]
+                                          [--optimizer adamw|sgd] [--momentum 0.9] [--a dsort --b map] [--base DIR]
 
-Single-task methods, trained on task A from the built-in base, each swept over learning rates:
-  full       full fine-tuning (AdamW)
+Single-task methods, trained on task A from the built-in base, each swept over learning rates
+(every training uses AdamW, or SGD with momentum with `--optimizer sgd`):
+  full       full fine-tuning
   gallop-1   GaLLoP mask, ρ = 1 %          gallop-5   ρ = 5 %
   saft-5     SAFT mask (largest |g|), 5 %  random-5   random mask, 5 %
 Two-task methods on A and B:
@@ -38,6 +40,7 @@ from mergekit_sparse.tasks import PRETRAIN_TASKS, split, write_jsonl  # noqa: E4
 
 SINGLE = ("full", "gallop-1", "gallop-5", "saft-5", "random-5")
 STEPS, BATCH = 150, 16
+OPTIMIZER = {"optimizer": "adamw", "momentum": 0.9}     # every training of a run; set by --optimizer/--momentum
 
 
 def data(out: Path, tasks, seed: int) -> tuple[dict, dict]:
@@ -70,7 +73,7 @@ def train_run(model: Path, data_path: Path | list, out: Path, *, lr: float, seed
     records = [r for p in paths for r in read_jsonl(p)]
     m, tok = load_model(model, dtype=torch.float32)
     masks = model_masks(m, MaskSet.load(mask), model) if mask else None
-    cfg = TrainConfig(steps=STEPS * len(paths), lr=lr, batch_size=BATCH, warmup=10, seed=seed, max_len=48)
+    cfg = TrainConfig(steps=STEPS * len(paths), lr=lr, batch_size=BATCH, warmup=10, seed=seed, max_len=48, **OPTIMIZER)
     train(m, tok, records, cfg=cfg, masks=masks, out=out, reference=Path(model), force=True)
     return out
 
@@ -115,7 +118,8 @@ def cpi_ft(base: Path, probe_a: Path, probe_b: Path, trains: dict, a: str, b: st
                                                                 settings={})))
     fuse(ck, [a, b], onto=ck[-1], onto_is_task=1, scope=scope, out=out / "fused", base=bk, masks=masks, force=True)
     doc = retrain(str(out / "fused"), str(out / "groups.json"), str(out / "cores"), {t: str(trains[t]) for t in (a, b)},
-                  final, cfg=TrainConfig(steps=60, lr=lr / 3, batch_size=BATCH, warmup=5, seed=seed, max_len=48),
+                  final, cfg=TrainConfig(steps=60, lr=lr / 3, batch_size=BATCH, warmup=5, seed=seed, max_len=48,
+                                         **OPTIMIZER),
                   per_task=100)
     return Path(doc["final_model"])
 
@@ -135,7 +139,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "science")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--base", type=Path, help="another base model folder (default: the built-in one)")
+    ap.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw", help="for every training of the run")
+    ap.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     args = ap.parse_args()
+    OPTIMIZER.update(optimizer=args.optimizer, momentum=args.momentum)
     torch.set_num_threads(args.threads)
     a, b = args.a, args.b
     suite = [a, b] + [t for t in ("caesar", "sub") if t not in (a, b)] + list(PRETRAIN_TASKS)
@@ -170,7 +177,8 @@ def main() -> None:
             final = cpi_ft(base, full_a, full_b, trains, a, b, d / "cpi", lr=lr, seed=seed)
             cpi_acc = acc(final, tests, d / "cpi-ft.acc.json")
             record("cpi-ft", final, [a, b], {"sequential": sequential(acc_a, cpi_acc, a, b)})
-    (args.out / "results.json").write_text(json.dumps({"a": a, "b": b, "suite": suite, "rows": rows}, indent=2))
+    (args.out / "results.json").write_text(json.dumps({"a": a, "b": b, "suite": suite, **OPTIMIZER, "rows": rows},
+                                                      indent=2))
     print(summarise(rows, a, b))
     write_report(rows, args.out / "report.html")
 
