@@ -1,11 +1,17 @@
 """Fusion (CPI-FT stage 3, METHODS §5): SLERP of whole tensors, then every task's core overwritten.
 
-Pure maths first (`slerp`, `slerp_coefficients`, `overwrite_cores`), then the streaming driver.
-The driver keeps one float32 output buffer per tensor and reads inputs in chunks from the
-memory-mapped files, so anonymous memory stays near one float32 copy of the largest tensor.
+Pure maths first (`slerp`, `slerp_coefficients`, `resolve_cores`), then the streaming driver.
+The driver reads inputs in chunks from the memory-mapped files and writes the output chunk by
+chunk; a tensor's fold models are kept in float32 only while they fit in CACHE_BYTES, so
+anonymous memory stays bounded whatever the model size.
 
-Passes: with cores computed on the fly from `--base/--p`, a sampling pass and a counting pass
-(base + tasks; see `select`) and the fusion pass; with mask files, the fusion pass only.
+Passes over the inputs: with mask files or `--scope per-tensor`, one (the fusion pass). With
+global cores computed on the fly from `--base/--p`, a sampling pass over ~2 % of the data and
+one full pass: the fusion pass is also the selection's counting pass, writing every entry that is
+surely in a core (|Δ| above the sampled window) at once; the candidates chosen inside the window
+once the pass has counted everything are then patched into the output file before it is renamed
+into place. Should the window miss (see `select`), the selection finishes with its radix passes
+and a second fusion pass writes the output.
 """
 
 from __future__ import annotations
