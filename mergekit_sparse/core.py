@@ -122,13 +122,14 @@ def run_passes(selectors: list, scope: Scope, chunks, *, sources, progress: bool
         for name in tqdm(scope.names, desc=f"{desc}: pass {p}", disable=not progress, leave=False):
             n = scope.numel(name)
             ranges = chunk_ranges(n) if full else sample_ranges(name, n, scope.numel())
+            weight = {} if full else {"weight": n / sum(e - s for s, e in ranges)}     # scores per sampled score
             for start, scores in chunks(name, ranges):
                 for i, (sel, sc) in enumerate(zip(selectors, scores)):
                     if sel.wants() is None:
                         continue
                     counting = getattr(sel, "phase", None) == "count"
                     try:
-                        sel.observe(name, start, sc)
+                        sel.observe(name, start, sc, **weight)
                     except NonFiniteError:
                         raise nonfinite_error(name, sources[i]) from None
                     if emit is not None and counting:

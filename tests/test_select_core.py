@@ -41,9 +41,11 @@ def run_global(scores: dict[str, torch.Tensor], k: int, chunk: int = 97) -> dict
         for n in sorted(flat):
             ranges = (select.chunk_ranges(flat[n].numel(), chunk) if kind == "full"
                       else select.sample_ranges(n, flat[n].numel(), total))
+            weight = {} if kind == "full" else {"weight": flat[n].numel() / sum(e - s for s, e in ranges)}
             for s, e in ranges:
-                sel.observe(n, s, flat[n][s:e])
+                sel.observe(n, s, flat[n][s:e], **weight)
         sel.end_pass()
+    run_global.phase = sel.phase
     out = {n: torch.cat([sel.select(n, s, flat[n][s:e]) for s, e in select.chunk_ranges(flat[n].numel(), chunk)])
            .view(scores[n].shape) for n in sorted(flat)}
     assert sel.selected == k
@@ -108,6 +110,29 @@ def test_large_tensor_uses_sampled_window_and_is_exact():
     sel_k = 3010
     got, want = run_global(scores, sel_k, chunk=65_536), naive_topk(scores, sel_k)
     assert all(torch.equal(got[n], want[n]) for n in scores)
+
+
+def test_window_weights_tensors_sampled_at_different_rates():
+    """Small tensors are read whole, big ones in sampled blocks: an unweighted sample would put the
+    threshold among the small tensors' large scores and miss; the weighted window holds it."""
+    g = torch.Generator().manual_seed(2)
+    scores = {"big": torch.rand(2_000_000, generator=g),
+              **{f"s{i}": 5 + torch.rand(5000, generator=g) for i in range(3)}}          # 15 k huge scores
+    k = 20_000                                                        # 15 k small-tensor + 5 k from "big"
+    got, want = run_global(scores, k), naive_topk(scores, k)
+    assert all(torch.equal(got[n], want[n]) for n in scores)
+    assert run_global.phase == "window"                                # one full pass, no radix fallback
+
+
+def test_window_widens_for_blocks_of_different_scales():
+    """Scores clustered by block (rows of different scale): the spread of the sampled blocks widens the
+    window enough to keep the threshold inside it."""
+    g = torch.Generator().manual_seed(3)
+    rows = torch.rand(500, 4096, generator=g) * (1 + 3 * torch.rand(500, 1, generator=g))  # per-row scales 1..4
+    scores = {"w": rows.reshape(-1)}
+    k = 20_480                                                        # 1 %
+    got, want = run_global(scores, k), naive_topk(scores, k)
+    assert torch.equal(got["w"], want["w"]) and run_global.phase == "window"
 
 
 def test_global_topk_handles_negative_scores_and_all_zero():
