@@ -347,6 +347,9 @@ class _Fusion:
         task_raw = [t.tensor(name).reshape(-1) for t in tasks]
         w0_raw = base.tensor(name).reshape(-1) if base is not None else None
         cores = self._cores(name, task_raw, w0_raw)
+        # |Δ| per chunk only where something reads it: the selection, or max-delta conflicts
+        streamed = self.selectors is not None and not isinstance(self.selectors[0], PerTensorTopK)
+        need_deltas = w0_raw is not None and (streamed or self.conflict == "max-delta")
         self.report.interpolated += n
         for s, e in chunk_ranges(n):
             m = e - s
@@ -359,7 +362,7 @@ class _Fusion:
             for a, v in zip(coeffs[1:], fold[1:]):
                 fused.add_(v, alpha=a)
             deltas = None
-            if w0_raw is not None:
+            if need_deltas:
                 w0 = bufs.get(1, m).copy_(w0_raw[s:e])
                 deltas = [torch.sub(v, w0, out=bufs.get(("delta", i), m)).abs_() for i, v in enumerate(values)]
             idx = [i.numpy() for i in cores(s, e, deltas)]

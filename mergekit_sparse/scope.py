@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-import torch
 
 from .checkpoint import Checkpoint
 from .errors import MismatchError, OptionError
@@ -100,16 +99,3 @@ def align(checkpoints: list[Checkpoint], *, include=(), exclude=(), allow_empty:
     if not shapes and not allow_empty:
         raise OptionError("no tensor is in scope: the include/exclude patterns leave nothing to select")
     return Scope(shapes, tuple(copied), dtype_diff)
-
-
-def read_float(ckpt: Checkpoint, name: str) -> torch.Tensor:
-    """One tensor as float32, flattened."""
-    return ckpt.tensor(name).reshape(-1).float()
-
-
-def check_finite(t: torch.Tensor, name: str, where) -> None:
-    from .errors import NonFiniteError
-    if not torch.isfinite(t).all():
-        bad = int((~torch.isfinite(t)).sum())
-        raise NonFiniteError(f"{where}: tensor '{name}' holds {bad} NaN/Inf value(s); fix or re-export the "
-                             "checkpoint (they would poison every selection and merge)")
