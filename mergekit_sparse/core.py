@@ -66,16 +66,16 @@ def make_selector(percent: float, scope: Scope, *, per_tensor: bool = False):
 
 
 class Buffers:
-    """Reused float32 scratch buffers: streaming allocates nothing per chunk, so glibc's heap
-    cannot fragment and grow (freeing and re-allocating 16 MB chunks does exactly that)."""
+    """Reused scratch buffers (float32 unless asked): streaming allocates nothing per chunk, so glibc's
+    heap cannot fragment and grow (freeing and re-allocating 16 MB chunks does exactly that)."""
 
     def __init__(self):
         self._bufs: dict[int, torch.Tensor] = {}
 
-    def get(self, slot, n: int) -> torch.Tensor:
+    def get(self, slot, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         b = self._bufs.get(slot)
-        if b is None or b.numel() < n:
-            b = self._bufs[slot] = torch.empty(max(n, CHUNK), dtype=torch.float32)
+        if b is None or b.numel() < n or b.dtype != dtype:
+            b = self._bufs[slot] = torch.empty(max(n, CHUNK), dtype=dtype)
         return b[:n]
 
 
@@ -85,9 +85,13 @@ def delta_chunks(base: Checkpoint, tasks: list[Checkpoint]):
     The yielded tensors are scratch buffers, valid until the next chunk: consumers copy what they keep."""
     bufs = Buffers()
 
-    def chunks(name: str, ranges):
+    def chunks(name: str, ranges, gather: bool = False):
         w0_raw = base.tensor(name).reshape(-1)
         raws = [t.tensor(name).reshape(-1) for t in tasks]
+        if gather:                      # every range at once, concatenated (few ops for many sample blocks)
+            w0 = _gather(w0_raw, ranges)
+            yield ranges[0][0], [_gather(r, ranges).sub_(w0).abs_() for r in raws]
+            return
         for s, e in ranges:
             w0 = bufs.get(0, e - s)
             w0.copy_(w0_raw[s:e])
@@ -97,7 +101,21 @@ def delta_chunks(base: Checkpoint, tasks: list[Checkpoint]):
                 d.copy_(r[s:e])
                 out.append(d.sub_(w0).abs_())                                       # (e - s,)
             yield s, out
+    chunks.gathers = True
     return chunks
+
+
+def _gather(raw: torch.Tensor, ranges) -> torch.Tensor:
+    """The ranges of a flat tensor, concatenated, as a new float32 tensor (never a view of the input:
+    callers work in place, and a float32 input's `.float()` is the memory-mapped input itself)."""
+    if len(ranges) == 1:
+        s, e = ranges[0]
+        return raw[s:e].to(torch.float32, copy=True)
+    size = ranges[0][1] - ranges[0][0]
+    starts = torch.tensor([s for s, _ in ranges])
+    if all(e - s == size for s, e in ranges) and not bool((starts % size).any()):      # aligned blocks
+        return raw[:raw.numel() // size * size].view(-1, size).index_select(0, starts // size).reshape(-1).float()
+    return torch.cat([raw[s:e] for s, e in ranges]).float()
 
 
 def nonfinite_error(name: str, ckpts: list[Checkpoint]) -> NonFiniteError:
@@ -123,7 +141,10 @@ def run_passes(selectors: list, scope: Scope, chunks, *, sources, progress: bool
             n = scope.numel(name)
             ranges = chunk_ranges(n) if full else sample_ranges(name, n, scope.numel())
             weight = {} if full else {"weight": n / sum(e - s for s, e in ranges)}     # scores per sampled score
-            for start, scores in chunks(name, ranges):
+            items = chunks(name, ranges)
+            if not full and getattr(chunks, "gathers", False):   # the sample blocks of a tensor in one go
+                items, weight = chunks(name, ranges, gather=True), {**weight, "blocks": len(ranges)}
+            for start, scores in items:
                 for i, (sel, sc) in enumerate(zip(selectors, scores)):
                     if sel.wants() is None:
                         continue

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,16 +77,15 @@ class CoreScratch:
 
     def __init__(self):
         self.n = 0
+        self.member = np.zeros(0, dtype=np.int64)
 
-    def ensure(self, n: int) -> CoreScratch:
-        if n > self.n:
-            self.n = n
-            self.member = np.zeros(n, dtype=np.int64)           # bit i set: task i covers the position
-            self.best = np.full(n, -1.0, dtype=np.float32)      # the largest |Δ| seen there so far
-            self.winner = np.full(n, -1, dtype=np.int64)
-            self.acc = np.zeros(n, dtype=np.float32)
-            self.cnt = np.zeros(n, dtype=np.float32)
-        return self
+    def members(self, n: int, tasks: int) -> np.ndarray:
+        """Zeroed per-position task bit sets for `tasks` tasks (uint8 when they fit: fewer cache misses)."""
+        dtype = np.uint8 if tasks <= 8 else np.int64
+        if n > self.n or self.member.dtype != dtype:
+            self.n = max(n, self.n)
+            self.member = np.zeros(self.n, dtype=dtype)
+        return self.member
 
 
 MAX_TASKS = 63           # task membership is a bit set in one int64 per position
@@ -99,46 +100,55 @@ def resolve_cores(out: np.ndarray, idx: list, values: list, deltas: list | None,
     task on a tie), `last` (the later task wins) or `mean` (the mean of the covering tasks' values,
     summed in task order). Returns (positions won per task, positions shared per task pair,
     positions covered). Cost is in the core positions only: the chunk itself is never scanned.
+    Every core is written in task order (what `last` means); only the positions several cores
+    share (few, as a rule) are then resolved again under the policy.
     """
     T = len(idx)
     if T > MAX_TASKS:
         raise OptionError(f"fusion takes at most {MAX_TASKS} task models at once, got {T}")
-    sc = (scratch or CoreScratch()).ensure(len(out))
     ix = [_np(i) for i in idx]
     vals = [_np(v) for v in values]
+    member = (scratch or CoreScratch()).members(len(out), T)
+    bit = [member.dtype.type(1 << i) for i in range(T)]
     for i, x in enumerate(ix):
-        sc.member[x] |= 1 << i
-    member = [sc.member[x] for x in ix]                         # each task's view of who else covers
-    pairs = {(i, j): int(np.count_nonzero((member[i] >> j) & 1)) for i in range(T) for j in range(i + 1, T)}
-    covered = sum(int(np.count_nonzero(m & ((1 << i) - 1) == 0)) for i, m in enumerate(member))  # first coverer
-    if policy == "mean":
-        for x, v in zip(ix, vals):
-            sc.acc[x] += v
-            sc.cnt[x] += 1
-        for x in ix:
-            out[x] = sc.acc[x] / sc.cnt[x]
-        won = [len(x) for x in ix]
-        for x in ix:
-            sc.acc[x] = 0.0
-            sc.cnt[x] = 0.0
-    elif policy == "last":
-        for x, v in zip(ix, vals):
-            out[x] = v
-        won = [int(np.count_nonzero(m >> (i + 1) == 0)) for i, m in enumerate(member)]   # no later coverer
-    else:
-        for i, (x, v) in enumerate(zip(ix, vals)):
-            d = _np(deltas[i])
-            take = d > sc.best[x]
-            x = x[take]
-            sc.best[x] = d[take]
-            out[x] = v[take]
-            sc.winner[x] = i
-        won = [int(np.count_nonzero(sc.winner[x] == i)) for i, x in enumerate(ix)]
-        for x in ix:
-            sc.best[x] = -1.0
-            sc.winner[x] = -1
+        member[x] |= bit[i]
+    seen = [member[x] for x in ix]                               # each task's view of who else covers
     for x in ix:
-        sc.member[x] = 0
+        member[x] = 0
+    for x, v in zip(ix, vals):
+        out[x] = v
+    pairs = {(i, j): int(np.count_nonzero(seen[i] & bit[j])) for i in range(T) for j in range(i + 1, T)}
+    lower = [member.dtype.type((1 << i) - 1) for i in range(T)]
+    covered = sum(int(np.count_nonzero(m & lower[i] == 0)) for i, m in enumerate(seen))    # first coverer
+    shared = [np.flatnonzero(m != bit[i]) for i, m in enumerate(seen)]      # where another core lies too
+    if policy == "last":
+        later = [member.dtype.type(((1 << T) - 1) & ~((1 << (i + 1)) - 1)) for i in range(T)]
+        won = [len(x) - int(np.count_nonzero(m[s] & later[i])) for i, (x, m, s) in enumerate(zip(ix, seen, shared))]
+        return won, pairs, covered
+    won = [len(x) - len(s) for x, s in zip(ix, shared)]
+    # the shared positions alone: a dense local index, then the policy over the tasks in order
+    sx = [x[s] for x, s in zip(ix, shared)]
+    pos = np.unique(np.concatenate(sx)) if T > 1 else sx[0]
+    local = [np.searchsorted(pos, x) for x in sx]
+    if policy == "mean":
+        acc = np.zeros(len(pos), dtype=np.float32)
+        cnt = np.zeros(len(pos), dtype=np.float32)
+        for li, v, s in zip(local, vals, shared):
+            acc[li] += v[s]
+            cnt[li] += 1
+        out[pos] = acc / cnt
+        won = [len(x) for x in ix]
+    else:
+        best = np.full(len(pos), -1.0, dtype=np.float32)
+        winner = np.full(len(pos), -1, dtype=np.int64)
+        value = np.empty(len(pos), dtype=np.float32)
+        for i, (li, v, s) in enumerate(zip(local, vals, shared)):
+            d = _np(deltas[i])[s]
+            take = d > best[li]
+            li = li[take]
+            best[li], value[li], winner[li] = d[take], v[s][take], i
+        out[pos] = value
+        won = [w + int(np.count_nonzero(winner == i)) for i, w in enumerate(won)]
     return won, pairs, covered
 
 
@@ -222,15 +232,13 @@ def fuse(tasks: list[Checkpoint], labels: list[str], *, onto: Checkpoint, onto_i
 
     def write(counting: bool) -> FuseReport:
         job.start(counting)
+        # tensors are independent when cores come from mask files or the counting pass (a selection's
+        # later passes are not: they take ties in scan order), so several workers may fuse at once
+        workers = fusion_workers() if counting or masks is not None else 1
         with CheckpointWriter(out, plan, folder=folder, shard_bytes=shard_bytes, metadata=metadata,
                               reference=onto.folder, inputs=inputs, force=force, config_dtype=dtype,
-                              validate=validate) as writer:
-            for name, out_dtype, shape in tqdm(plan, desc="fuse", disable=not progress, leave=False):
-                if name not in scope.shapes:
-                    job.report.copied_tensors.append(name)
-                    writer.write(name, onto.tensor(name).to(out_dtype))
-                    continue
-                writer.write_chunks(name, job.tensor(name, out_dtype))
+                              validate=validate, any_order=workers > 1) as writer:
+            job.run(writer, plan, scope, workers=workers, progress=progress)
             if counting:
                 job.finish_counting(writer, {n: d for n, d, _ in plan})
             record = json.dumps({"settings": settings or {}, "counts": job.report.to_json()}, indent=2)
@@ -261,6 +269,15 @@ def _members(sorted_all: np.ndarray, sorted_some: np.ndarray) -> np.ndarray:
     return sorted_some[at] == sorted_all
 
 
+MAX_WORKERS = 4
+
+
+def fusion_workers() -> int:
+    """Tensors fused at once: torch's thread count (OMP_NUM_THREADS), at most MAX_WORKERS; each worker then
+    runs torch on one thread, so the process uses as many cores as a one-worker run would."""
+    return max(1, min(MAX_WORKERS, torch.get_num_threads()))
+
+
 class _WindowMissed(Exception):
     """A selector's sampled window missed the threshold during the fusion pass (see `select`)."""
 
@@ -284,6 +301,7 @@ def fold_coefficients(gram: list[list[float]], t_values: list[float]) -> tuple[l
     return a, linear
 
 
+GRAM_BLOCK = 1 << 18     # entries per Gram-matrix step: measured fastest of 2^15..2^19 and whole tensors
 CACHE_BYTES = 256 << 20   # a tensor whose fold models fit in this much float32 is converted once, not twice
 
 
@@ -299,8 +317,82 @@ class _Fusion:
         self.tasks, self.labels, self.others, self.onto, self.base = tasks, labels, others, onto, base
         self.t_values, self.conflict, self.masks, self.selectors = t_values, conflict, masks, selectors
         self.onto_task = next((i for i in range(len(tasks)) if i not in others), None)
-        self.bufs = Buffers()
-        self.scratch = CoreScratch()
+        self.lock = threading.Lock()              # guards the counts when several workers fuse at once
+        self.local = threading.local()            # per-worker scratch
+        self.cache_bytes, self.workers = CACHE_BYTES, 1
+
+    @property
+    def bufs(self) -> Buffers:
+        if not hasattr(self.local, "bufs"):
+            self.local.bufs = Buffers()
+        return self.local.bufs
+
+    @property
+    def scratch(self) -> CoreScratch:
+        if not hasattr(self.local, "scratch"):
+            self.local.scratch = CoreScratch()
+        return self.local.scratch
+
+    def run(self, writer: CheckpointWriter, plan: list, scope: Scope, *, workers: int, progress: bool) -> None:
+        """Write every tensor of `plan`: in plan order with one worker; with several, each worker takes the
+        largest tensor left (so the last ones to finish are small), torch running one thread per worker
+        and each worker keeping at most its share of CACHE_BYTES."""
+        bar = tqdm(total=len(plan), desc="fuse", disable=not progress, leave=False)
+
+        def one(name: str, out_dtype: torch.dtype) -> None:
+            if name not in scope.shapes:
+                with self.lock:
+                    self.report.copied_tensors.append(name)
+                writer.write(name, self.onto.tensor(name).to(out_dtype))
+            else:
+                writer.write_chunks(name, self.tensor(name, out_dtype))
+            with self.lock:
+                bar.update()
+
+        self.workers, self.cache_bytes = workers, CACHE_BYTES // workers
+        try:
+            items = plan if workers == 1 else sorted(plan, key=lambda e: -math.prod(e[2]))
+            self._each(items, lambda e: one(e[0], e[1]))
+        finally:
+            bar.close()
+            self.cache_bytes = CACHE_BYTES
+            self.report.linear_tensors.sort()
+            self.report.copied_tensors.sort()
+            self._publish_pairs()
+
+    def _each(self, items: list, fn) -> None:
+        """fn(item) for every item, in order with one worker; with several, each worker takes the next item
+        left and torch runs one thread per worker. The first error stops the workers and is raised."""
+        if self.workers == 1:
+            for item in items:
+                fn(item)
+            return
+        todo, stop = iter(items), threading.Event()
+
+        def work() -> None:
+            while not stop.is_set():
+                with self.lock:
+                    item = next(todo, None)
+                if item is None:
+                    return
+                try:
+                    fn(item)
+                except BaseException:
+                    stop.set()
+                    raise
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(self.workers, thread_name_prefix="fuse") as pool:
+                futures = [pool.submit(work) for _ in range(self.workers)]
+                try:
+                    for f in futures:
+                        f.result()
+                finally:
+                    stop.set()
+        finally:
+            torch.set_num_threads(threads)
 
     def start(self, counting: bool) -> None:
         self.counting = counting
@@ -315,23 +407,26 @@ class _Fusion:
         self.report.conflicts = {f"{self.labels[i]}~{self.labels[j]}": c for (i, j), c in self.pairs.items()}
 
     def _count(self, won: list[int], pairs: dict, covered: int, sign: int = 1) -> None:
-        for i, w in enumerate(won):
-            self.report.overwritten[self.labels[i]] += sign * w
-        for key, c in pairs.items():
-            self.pairs[key] += sign * c
-        self.report.core_positions += sign * covered
-        self.report.interpolated -= sign * covered
+        with self.lock:
+            for i, w in enumerate(won):
+                self.report.overwritten[self.labels[i]] += sign * w
+            for key, c in pairs.items():
+                self.pairs[key] += sign * c
+            self.report.core_positions += sign * covered
+            self.report.interpolated -= sign * covered
 
     def tensor(self, name: str, out_dtype: torch.dtype):
         """Yield the fused tensor chunk by chunk, already cast (the yielded chunk is reused scratch)."""
         tasks, base, bufs = self.tasks, self.base, self.bufs
         fold_raw = [self.onto.tensor(name).reshape(-1)] + [tasks[i].tensor(name).reshape(-1) for i in self.others]
         n, M = fold_raw[0].numel(), len(fold_raw)
-        kept = M * n * 4 <= CACHE_BYTES
+        kept = M * n * 4 <= self.cache_bytes
         gram = [[0.0] * M for _ in range(M)]
-        ranges = [(0, n)] if kept else chunk_ranges(n)
-        for s, e in ranges:
-            v = [bufs.get(("fold", i), e - s).copy_(r[s:e]) for i, r in enumerate(fold_raw)]
+        for s, e in chunk_ranges(n, GRAM_BLOCK):           # converted and multiplied while still in cache
+            if kept:
+                v = [bufs.get(("fold", i), n)[s:e].copy_(r[s:e]) for i, r in enumerate(fold_raw)]
+            else:
+                v = [bufs.get(("fold", i), e - s).copy_(r[s:e]) for i, r in enumerate(fold_raw)]
             for i in range(M):
                 for j in range(i, M):
                     gram[i][j] += float(torch.dot(v[i], v[j]))
@@ -339,8 +434,10 @@ class _Fusion:
             for j in range(i):
                 gram[i][j] = gram[j][i]
         coeffs, linear = fold_coefficients(gram, self.t_values)
-        if any(linear) and name not in self.report.linear_tensors:
-            self.report.linear_tensors.append(name)
+        if any(linear):
+            with self.lock:
+                if name not in self.report.linear_tensors:
+                    self.report.linear_tensors.append(name)
         fold_of_task = {i: 1 + k for k, i in enumerate(self.others)}
         if self.onto_task is not None:
             fold_of_task[self.onto_task] = 0
@@ -350,7 +447,8 @@ class _Fusion:
         # |Δ| per chunk only where something reads it: the selection, or max-delta conflicts
         streamed = self.selectors is not None and not isinstance(self.selectors[0], PerTensorTopK)
         need_deltas = w0_raw is not None and (streamed or self.conflict == "max-delta")
-        self.report.interpolated += n
+        with self.lock:
+            self.report.interpolated += n
         for s, e in chunk_ranges(n):
             m = e - s
             if kept:
@@ -365,7 +463,7 @@ class _Fusion:
             if need_deltas:
                 w0 = bufs.get(1, m).copy_(w0_raw[s:e])
                 deltas = [torch.sub(v, w0, out=bufs.get(("delta", i), m)).abs_() for i, v in enumerate(values)]
-            idx = [i.numpy() for i in cores(s, e, deltas)]
+            idx = [_np(i) for i in cores(s, e, deltas)]
             won, pairs, covered = resolve_cores(
                 fused.numpy(), idx, [v.numpy()[i] for v, i in zip(values, idx)],
                 [d.numpy()[i] for d, i in zip(deltas, idx)] if deltas is not None else None, self.conflict,
@@ -374,8 +472,7 @@ class _Fusion:
             if not math.isfinite(float(fused.sum())) and not torch.isfinite(fused).all():
                 raise NonFiniteError(f"fused tensor '{name}' holds NaN/Inf; an input holds NaN/Inf values there "
                                      "(check the inputs with `sparsemerge inspect`)")
-            yield fused if out_dtype == torch.float32 else fused.to(out_dtype)
-        self._publish_pairs()
+            yield fused if out_dtype == torch.float32 else bufs.get("out", m, out_dtype).copy_(fused)
 
     def _cores(self, name, task_raw, w0_raw):
         """cores(s, e, deltas) -> each task's core positions inside the chunk [s, e)."""
@@ -394,10 +491,9 @@ class _Fusion:
             out = []
             for i, (sel, d) in enumerate(zip(sels, deltas)):
                 try:
-                    sel.observe(name, s, d)
+                    out.append(sel.count(name, s, d))
                 except NonFiniteError:
                     raise nonfinite_error(name, [self.base, self.tasks[i]]) from None
-                out.append(sel.sure_positions())
             return out
         return count
 
@@ -410,8 +506,10 @@ class _Fusion:
         if any(sel.phase != "window" for sel in sels):
             raise _WindowMissed()
         empty = np.zeros(0, dtype=np.int64)
-        names = sorted({name for sel in sels for name in sel.extra})
-        for name in names:
+        names = sorted({name for sel in sels for name in sel.extra},           # the largest first
+                       key=lambda n: -sum(len(sel.extra.get(n, empty)) for sel in sels))
+
+        def patch(name: str) -> None:
             chosen = [sel.extra.get(name, empty) for sel in sels]
             P = np.concatenate(chosen)
             if len(chosen) > 1:
@@ -431,6 +529,7 @@ class _Fusion:
                                                     self.scratch)
                 self._count(won, pairs, covered, sign)
             writer.patch(name, P, torch.from_numpy(value).to(dtypes[name]))
+        self._each(names, patch)
         for sel in sels:
             sel.selected = sel.k
         self._publish_pairs()

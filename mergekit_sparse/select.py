@@ -23,6 +23,7 @@ bucket, then selection. Either way the result is exact; only the number of passe
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ BLOCK = 4096             # sample block (entries)
 SAMPLE_CAP = 1 << 22     # at most ~4 M sampled scores
 CANDIDATE_CAP = 1 << 24  # at most ~16 M candidates (16 bytes each) before falling back to radix
 WINDOW_SLACK = 0.002     # the window's half-width is at least this share of all scores
+PREALLOCATE_CAP = 1 << 22  # candidate room reserved up front at most (64 MB); more grows by doubling
 
 
 def float_keys(x: torch.Tensor) -> torch.Tensor:
@@ -186,6 +188,23 @@ def sample_ranges(name: str, n: int, total: int) -> list[tuple[int, int]]:
     return [(b * BLOCK, (b + 1) * BLOCK) for b in picks]
 
 
+def _largest(v: np.ndarray, r: int) -> np.ndarray:
+    """Indices of every entry of `v` at or above some value, at least the r largest, by value descending.
+
+    The value comes from a 1-in-16 subsample (with margin), which costs far less than partitioning all
+    of `v`; argpartition is the fallback should the subsample's guess hold too few."""
+    m = len(v)
+    if r >= m:
+        top = np.arange(m)
+    else:
+        sub = v[::16]
+        q = max(0, len(sub) - 2 * (r // 16) - 64)
+        top = np.flatnonzero(v >= np.partition(sub, q)[q])
+        if len(top) < r:
+            top = np.argpartition(v, m - r)[m - r:]
+    return top[np.argsort(-v[top], kind="stable")]
+
+
 class TopK:
     """Exact global top-k with a sampled window and one counting pass (radix fallback).
 
@@ -201,7 +220,7 @@ class TopK:
         self.phase = "sample"
         self.sample_values = torch.zeros(0)                # kept for quantile summaries
         self.samples: list[torch.Tensor] = []
-        self.sample_meta: list[tuple[int, float]] = []     # (tensor index, weight) per sampled range
+        self.sample_meta: list[tuple[int, float, int]] = []   # (tensor index, weight, blocks) per observed sample
         self._sample_tensors: dict[str, int] = {}
         self.lo = self.hi = 0.0
         self.above = 0
@@ -215,6 +234,8 @@ class TopK:
         self.extra: dict[str, np.ndarray] = {}           # name -> sorted flat positions of chosen candidates
         self.radix: RadixTopK | None = None
         self._scratch: dict[int, torch.Tensor] = {}
+        self._local = threading.local()                    # per-thread scratch for `count`
+        self._lock = threading.Lock()                      # `count` may be called from several threads
         self._sure = None
         self.full_passes = 0                               # full passes over the data (the sample pass aside)
         self.threshold = float("-inf")
@@ -239,45 +260,52 @@ class TopK:
         return b[:n]
 
     def _np_bool(self, n: int) -> np.ndarray:
-        b = self._scratch.get("np")
+        b = getattr(self._local, "ge", None)
         if b is None or b.size < n:
-            b = self._scratch["np"] = np.empty(max(n, CHUNK), dtype=bool)
+            b = self._local.ge = np.empty(max(n, CHUNK), dtype=bool)
         return b[:n]
 
-    def observe(self, name: str, start: int, scores: torch.Tensor, weight: float = 1.0) -> None:
-        """`weight` (sample pass only): how many scores of the tensor each sampled score stands for."""
+    def observe(self, name: str, start: int, scores: torch.Tensor, weight: float = 1.0, blocks: int = 1) -> None:
+        """Sample pass only: `weight` is how many scores of the tensor each sampled score stands for, and
+        `scores` may be `blocks` equal-size sample blocks of one tensor, concatenated."""
         if self.phase == "sample":
             _check_finite(scores, name)
             self.samples.append(scores.clone())
-            self.sample_meta.append((self._sample_tensors.setdefault(name, len(self._sample_tensors)), weight))
+            t = self._sample_tensors.setdefault(name, len(self._sample_tensors))
+            self.sample_meta.append((t, weight, blocks))
         elif self.phase == "count":
-            lo_hi = torch.aminmax(scores)                                     # NaN/Inf show up in one of the two
-            if not (math.isfinite(float(lo_hi.min)) and math.isfinite(float(lo_hi.max))):
-                _check_finite(scores, name)
-            # one comparison over the chunk; the few entries >= lo (sure + candidates) are split after.
-            # numpy here: its single-threaded compare and flatnonzero beat torch's two-threaded ones 2-3x
-            sn = scores.numpy()
-            idx = np.flatnonzero(np.greater_equal(sn, self.lo, out=self._np_bool(sn.size)))
-            vals = sn[idx]
-            above = vals > self.hi
-            sure = idx[above]
-            self._sure = torch.from_numpy(sure)                               # positions in the chunk
+            self._sure = torch.from_numpy(self.count(name, start, scores))
+        else:
+            self.radix.observe(name, scores)
+
+    def count(self, name: str, start: int, scores: torch.Tensor) -> np.ndarray:
+        """The count pass's work on one chunk; returns its sure positions (score > hi), ascending, in the
+        chunk. Thread-safe: workers may count different tensors at once (each tensor's chunks in order)."""
+        lo_hi = torch.aminmax(scores)                                         # NaN/Inf show up in one of the two
+        if not (math.isfinite(float(lo_hi.min)) and math.isfinite(float(lo_hi.max))):
+            _check_finite(scores, name)
+        # one comparison over the chunk; the few entries >= lo (sure + candidates) are split after.
+        # numpy here: its single-threaded compare and flatnonzero beat torch's two-threaded ones 2-3x
+        sn = scores.numpy()
+        idx = np.flatnonzero(np.greater_equal(sn, self.lo, out=self._np_bool(sn.size)))
+        vals = sn[idx]
+        above = vals > self.hi
+        sure = idx[above]
+        keep = ~above
+        with self._lock:
             self.above += sure.size
             if self.n_cand > CANDIDATE_CAP:
-                return
-            keep = ~above
-            c_idx = idx[keep]
-            c = c_idx.size
+                return sure
+            c = int(np.count_nonzero(keep))
             if c and self.n_cand + c <= CANDIDATE_CAP:
                 t = self.order.setdefault(name, len(self.order))
                 self._grow(self.n_cand + c)
                 a, b = self.n_cand, self.n_cand + c
                 self.cand_vals[a:b] = vals[keep]
-                self.cand_pos[a:b] = c_idx + start
+                self.cand_pos[a:b] = idx[keep] + start
                 self.cand_tensor[a:b] = t
             self.n_cand += c
-        else:
-            self.radix.observe(name, scores)
+        return sure
 
     def _grow(self, n: int) -> None:
         if n <= self.cand_vals.size:
@@ -296,7 +324,7 @@ class TopK:
             self._window()
             self.phase = "count" if self.k < self.total else "done"
         elif self.phase == "count":
-            self._scratch, self._sure = {}, None
+            self._scratch, self._sure, self._local = {}, None, threading.local()
             if not self._resolve():
                 self.radix = RadixTopK(self.k, self.total)
                 self.phase = "radix1"
@@ -329,16 +357,17 @@ class TopK:
             self.hi, self.lo = float("inf"), float("-inf")
             return
         v = s.numpy()
-        sizes = np.array([x.numel() for x in samples], dtype=np.int64)
-        w_block = np.array([w for _, w in meta], dtype=np.float64)
-        tensor_of = np.array([t for t, _ in meta], dtype=np.int64)
-        ew = np.repeat(w_block, sizes)                           # weight of every sampled score
+        per = np.array([b for _, _, b in meta], dtype=np.int64)  # blocks of each observed sample
+        sizes = np.repeat(np.array([x.numel() // b for x, (_, _, b) in zip(samples, meta)], dtype=np.int64), per)
+        w_block = np.repeat(np.array([w for _, w, _ in meta], dtype=np.float64), per)
+        tensor_of = np.repeat(np.array([t for t, _, _ in meta], dtype=np.int64), per)
+        ends = np.cumsum(sizes)                                  # where each block ends in v
         k = self.k
-        R = min(m, int(2 * k * m / max(float(ew.sum()), 1.0)) + 4096)
+        R = min(m, int(2 * k * m / max(float(w_block @ sizes), 1.0)) + 4096)
         while True:
-            top = np.argpartition(-v, R - 1)[:R] if R < m else np.arange(m)
-            top = top[np.argsort(-v[top], kind="stable")]       # descending
-            cw = np.cumsum(ew[top])                              # estimated count at or above each
+            top = _largest(v, R)
+            R = len(top)
+            cw = np.cumsum(w_block[np.searchsorted(ends, top, side="right")])   # estimated count at or above each
             j = min(int(np.searchsorted(cw, k)), R - 1)
             t_hat = v[top[j]]
             delta = max(8 * self._count_std(v, sizes, w_block, tensor_of, t_hat), WINDOW_SLACK * self.total) \
@@ -350,12 +379,17 @@ class TopK:
         jl = int(np.searchsorted(cw, k + delta))
         self.hi = float(v[top[jh]]) if k - delta > 0 else float("inf")
         self.lo = float(v[top[jl]]) if jl < R else float("-inf")
+        # room for the candidates the sample predicts (in [lo, hi]), so the count pass rarely regrows
+        desc = -v[top]
+        ge_lo, gt_hi = (int(np.searchsorted(desc, -x, side=side)) for x, side in ((self.lo, "right"), (self.hi, "left")))
+        expect = (cw[ge_lo - 1] if ge_lo else 0.0) - (cw[gt_hi - 1] if gt_hi else 0.0)
+        self._grow(int(min(1.25 * expect, PREALLOCATE_CAP)))
 
     @staticmethod
     def _count_std(v, sizes, w_block, tensor_of, t_hat) -> float:
         """Standard deviation of the estimated number of scores >= t_hat (blocks sampled per tensor)."""
         offs = np.concatenate(([0], np.cumsum(sizes)[:-1]))
-        c = np.add.reduceat((v >= t_hat).astype(np.int64), offs).astype(np.float64)   # per sampled block
+        c = np.add.reduceat((v >= t_hat).view(np.uint8), offs, dtype=np.int64).astype(np.float64)  # per block
         c[sizes == 0] = 0.0
         sampled = w_block > 1
         if not sampled.any():
@@ -387,10 +421,13 @@ class TopK:
         name_rank[sorted(range(len(by_id)), key=by_id.__getitem__)] = np.arange(len(by_id))
         ties = eq[np.lexsort((pos[eq], name_rank[tens[eq]]))][: need - int(above.sum())]
         above[ties] = True
-        chosen = np.flatnonzero(above)          # in scan order: by tensor, then position ascending
+        chosen = np.flatnonzero(above)          # in scan order: a tensor's positions ascending
         self.threshold = float(t)
         names = {i: n for n, i in self.order.items()}
         chosen_t, chosen_p = tens[chosen], pos[chosen]
+        if np.any(chosen_t[1:] < chosen_t[:-1]):  # tensors counted at once by several threads: group them
+            o = np.argsort(chosen_t.astype(np.int16) if len(self.order) < 1 << 15 else chosen_t, kind="stable")
+            chosen_t, chosen_p = chosen_t[o], chosen_p[o]
         cuts = np.flatnonzero(chosen_t[1:] != chosen_t[:-1]) + 1
         for part_t, part_p in zip(np.split(chosen_t, cuts), np.split(chosen_p, cuts)):
             if part_t.size:

@@ -71,7 +71,8 @@ def _fault_injection() -> None:
 
 
 class SafetensorsStream:
-    """One safetensors file written header-first; `write` must follow the planned order."""
+    """One safetensors file written header-first; `write` follows the planned order, `write_at` takes
+    tensors in any order (positional writes: several threads may each write their own tensors)."""
 
     def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
                  metadata: dict[str, str] | None = None, *, reserve: int = 0):
@@ -97,6 +98,8 @@ class SafetensorsStream:
         self._f = open(path, "wb")
         self._f.write(len(raw).to_bytes(8, "little") + raw)
         self._next = 0
+        self._written: set[str] = set()
+        self._sizes = {name: (dtype, nbytes) for name, dtype, _, nbytes in self._order}
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         exp_name, dtype, shape, nbytes = self._order[self._next]
@@ -122,6 +125,23 @@ class SafetensorsStream:
             raise RuntimeError(f"{name}: wrote {written} bytes, planned {nbytes}")
         self._next += 1
 
+    def write_at(self, name: str, chunks) -> None:
+        """Write one tensor, in any order, from consecutive flat pieces (each of the planned dtype)."""
+        dtype, nbytes = self._sizes[name]
+        _fault_injection()
+        pos, fd = self.data_start + self.offsets[name], self._f.fileno()
+        written = 0
+        for piece in chunks:
+            if piece.dtype != dtype:
+                raise RuntimeError(f"writer expected {dtype} for {name}, got {piece.dtype}")   # a caller bug
+            data = memoryview(piece.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+            while data:                               # pwrite may write less than asked
+                done = os.pwrite(fd, data, pos + written)
+                data, written = data[done:], written + done
+        if written != nbytes:
+            raise RuntimeError(f"{name}: wrote {written} bytes, planned {nbytes}")
+        self._written.add(name)
+
     def set_metadata(self, metadata: dict[str, str]) -> None:
         """Rewrite the metadata in place (it must fit in the header's reserved room)."""
         self._header["__metadata__"] = dict(metadata)
@@ -135,8 +155,9 @@ class SafetensorsStream:
         self._f.seek(pos)
 
     def close(self) -> None:
-        if self._next != len(self._order):
-            raise RuntimeError(f"{self.path}: {len(self._order) - self._next} tensors never written")
+        if self._next + len(self._written) != len(self._order):
+            raise RuntimeError(f"{self.path}: {len(self._order) - self._next - len(self._written)} tensors never "
+                               "written")
         self._f.close()
 
     def abort(self) -> None:
@@ -195,7 +216,9 @@ class CheckpointWriter:
             for name, dtype, shape in plan:
                 w.write(name, tensor)
 
-    `plan` lists (name, dtype, shape) in the order tensors will be written. Shards are cut by
+    `plan` lists (name, dtype, shape) in the order tensors will be written (the order in the
+    files). With `any_order`, every file is opened at once and `write_chunks` takes the tensors in
+    any order, from several threads if need be (each tensor from one thread). Shards are cut by
     `shard_bytes` (None: one file). On leaving the block without error the output is renamed
     into place; on error the temporary output is removed.
     """
@@ -203,7 +226,7 @@ class CheckpointWriter:
     def __init__(self, out: Path, plan: list[tuple[str, torch.dtype, tuple[int, ...]]], *, folder: bool,
                  shard_bytes: int | None = None, metadata: dict[str, str] | None = None,
                  reference: Path | None = None, inputs: list[Path] = (), force: bool = False,
-                 config_dtype: torch.dtype | None = None, validate=None):
+                 config_dtype: torch.dtype | None = None, validate=None, any_order: bool = False):
         self.out = Path(out)
         self.validate = validate         # called with the finished temporary path before the rename
         self.extra_files: dict[str, str] = {}
@@ -213,10 +236,26 @@ class CheckpointWriter:
         self.shards = _cut_shards(plan, shard_bytes) if folder else [plan]
         self._atomic = AtomicPath(self.out, force=force, is_dir=folder)
         self._stream: SafetensorsStream | None = None
+        self._opened: list[SafetensorsStream] = []
         self._shard_i = -1
         self._in_shard = 0
         self.weight_map: dict[str, str] = {}
         self.locations: dict[str, tuple[Path, int, int, torch.dtype]] = {}   # name -> (file, offset, numel, dtype)
+        self._streams: dict[str, SafetensorsStream] = {}                      # any_order: name -> its file
+        if any_order:
+            try:
+                for i, shard in enumerate(self.shards):
+                    stream = SafetensorsStream(self._shard_path(i), shard, {"format": "pt", **self.metadata})
+                    stream._f.flush()                     # the header, before any positional write
+                    self._opened.append(stream)
+                    for name, dtype, _, nbytes in stream._order:
+                        self._streams[name] = stream
+                        self.weight_map[name] = stream.path.name
+                        self.locations[name] = (stream.path, stream.data_start + stream.offsets[name],
+                                                nbytes // dtype.itemsize, dtype)
+            except OSError as e:
+                self.__exit__(type(e), e, None)
+                raise _os_error(e, self.out) from None
 
     def _shard_path(self, i: int) -> Path:
         if not self.folder:
@@ -230,6 +269,12 @@ class CheckpointWriter:
 
     def write_chunks(self, name: str, chunks) -> None:
         """Write one tensor from consecutive flat pieces (a generator: memory stays at one piece)."""
+        if self._streams:
+            try:
+                self._streams[name].write_at(name, chunks)
+            except OSError as e:
+                raise _os_error(e, self.out) from None
+            return
         try:
             if self._stream is None or self._in_shard == len(self.shards[self._shard_i]):
                 if self._stream is not None:
@@ -238,6 +283,7 @@ class CheckpointWriter:
                 self._in_shard = 0
                 self._stream = SafetensorsStream(self._shard_path(self._shard_i), self.shards[self._shard_i],
                                                  {"format": "pt", **self.metadata})
+                self._opened.append(self._stream)
             stream = self._stream
             _, dtype, shape, nbytes = stream._order[stream._next]
             self.locations[name] = (stream.path, stream.data_start + stream.offsets[name], nbytes // dtype.itemsize,
@@ -258,8 +304,9 @@ class CheckpointWriter:
             return
         as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
         try:
-            if self._stream is not None and self._stream.path == path:
-                self._stream._f.flush()
+            for stream in self._opened:
+                if stream.path == path and not stream._f.closed:
+                    stream._f.flush()
             view = values.contiguous().view(as_int).numpy()
             mm = np.memmap(path, dtype=view.dtype, mode="r+", offset=offset, shape=(numel,))
             mm[positions] = view                      # left to the page cache like every other write (no msync)
@@ -272,14 +319,15 @@ class CheckpointWriter:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is not None:
-            if self._stream is not None:
-                self._stream.abort()
+            for stream in self._opened:
+                stream.abort()
             self._atomic.discard()
             return False
         try:
-            if self._stream is None:  # an empty plan still yields a valid file
-                self._stream = SafetensorsStream(self._shard_path(0), [], {"format": "pt", **self.metadata})
-            self._stream.close()
+            if not self._opened:  # an empty plan still yields a valid file
+                self._opened.append(SafetensorsStream(self._shard_path(0), [], {"format": "pt", **self.metadata}))
+            for stream in self._opened:
+                stream.close()
             if self.folder:
                 self._finish_folder()
             if self.validate is not None:

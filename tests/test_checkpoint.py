@@ -216,3 +216,20 @@ def test_inspect_cli_on_a_sharded_folder(tiny_base, tmp_path):
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
     assert len(data["shards"]) > 1 and data["parameters"] == ck.numel and data["has_config"]
+
+
+def test_writer_in_any_order_places_every_tensor_and_refuses_a_missing_one(tiny_base, tmp_path):
+    """`any_order` (fusion's workers): tensors arrive in any order, each lands in its planned shard and place."""
+    ck = Checkpoint.open(tiny_base)
+    plan = [(n, i.dtype, i.shape) for n, i in ck.infos.items()]
+    out = tmp_path / "any"
+    with CheckpointWriter(out, plan, folder=True, shard_bytes=20_000, any_order=True) as w:
+        for name in reversed(ck.names):
+            w.write_chunks(name, iter(ck.tensor(name).reshape(-1).split(1000)))
+    got = Checkpoint.open(out)
+    assert len(got.files) > 1 and all(torch.equal(got.tensor(n), ck.tensor(n)) for n in ck.names)
+    with pytest.raises(RuntimeError, match="1 tensors never written"):
+        with CheckpointWriter(tmp_path / "short", plan, folder=True, any_order=True) as w:
+            for name in ck.names[1:]:
+                w.write(name, ck.tensor(name))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["any"]

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from cli.main import cli
-from mergekit_sparse.fusion import fold_weights, overwrite_cores, slerp
+from mergekit_sparse.checkpoint import Checkpoint
+from mergekit_sparse.fusion import POLICIES, CoreScratch, fold_weights, overwrite_cores, resolve_cores, slerp
 
 
 def mergekit_slerp(t, v0, v1, dot_threshold=0.9995, eps=1e-8):
@@ -197,3 +198,102 @@ def test_readme_card_command_on_single_files(tiny_base, tiny_tasks, tmp_path, mo
     assert fused.keys() == load_file(tmp_path / "a.safetensors").keys()
     record = json.loads((tmp_path / "fused.safetensors.fuse.json").read_text())
     assert sum(record["counts"]["overwritten"].values()) > 0 and record["settings"]["scope"]["tensors"] == len(fused)
+
+
+def _resolve_by_position(out, idx, values, deltas, policy):
+    """Reference for resolve_cores: position by position, straight from the policy's definition."""
+    out = out.copy()
+    T = len(idx)
+    cover = {}
+    for i in range(T):
+        for x, v, d in zip(idx[i], values[i], deltas[i]):
+            cover.setdefault(int(x), []).append((i, float(v), float(d)))
+    won = [0] * T
+    pairs = {(i, j): 0 for i in range(T) for j in range(i + 1, T)}
+    for x, tasks in cover.items():
+        ids = [i for i, _, _ in tasks]
+        for a in ids:
+            for b in ids:
+                if a < b:
+                    pairs[(a, b)] += 1
+        if policy == "last":
+            w, v, _ = tasks[-1]
+            out[x] = v
+            won[w] += 1
+        elif policy == "mean":
+            acc = np.float32(0.0)
+            for _, v, _ in tasks:
+                acc = np.float32(acc + np.float32(v))
+            out[x] = acc / np.float32(len(tasks))
+            for i in ids:
+                won[i] += 1
+        else:
+            w, v, _ = max(tasks, key=lambda t: (t[2], -t[0]))          # largest |Δ|, first task on a tie
+            out[x] = v
+            won[w] += 1
+    return out, won, pairs, len(cover)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("tasks", [1, 2, 3, 9])
+def test_resolve_cores_matches_the_policy_position_by_position(policy, tasks):
+    g = np.random.default_rng(tasks)
+    n = 500
+    out0 = g.standard_normal(n).astype(np.float32)
+    idx = [np.sort(g.choice(n, size=g.integers(1, 200), replace=False)) for _ in range(tasks)]
+    values = [g.standard_normal(len(x)).astype(np.float32) for x in idx]
+    deltas = [g.integers(0, 4, len(x)).astype(np.float32) for x in idx]       # many |Δ| ties
+    want, won_want, pairs_want, covered_want = _resolve_by_position(out0, idx, values, deltas, policy)
+    scratch = CoreScratch()
+    for _ in range(2):                                           # the scratch is left clean for the next call
+        out = out0.copy()
+        won, pairs, covered = resolve_cores(out, idx, values, deltas, policy, scratch)
+        assert np.array_equal(out, want)
+        assert won == won_want and pairs == pairs_want and covered == covered_want
+
+
+def _fuse_with_workers(monkeypatch, workers, *args):
+    """`sparsemerge fuse` with `workers` tensors fused at once (one worker: torch on one thread, so the Gram
+    matrices sum in the order the workers' one-thread torch sums them too)."""
+    from mergekit_sparse import fusion
+    monkeypatch.setattr(fusion, "fusion_workers", lambda: workers)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return json.loads(run("fuse", *args, "--json").stdout)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("cores", ["p", "masks"])
+def test_several_workers_write_what_one_worker_writes(tiny_base, tiny_tasks, tmp_path, monkeypatch, cores):
+    """Workers take the largest tensor left and write it in place (positional writes, here across shards):
+    the output and every count are those of the one-worker run, bit for bit."""
+    if cores == "masks":
+        run("core", "--base", tiny_base, *tiny_tasks, "--p", 2, "-o", tmp_path / "cores")
+        how = [x for n in ("math", "code", "chat") for x in ("--masks", tmp_path / "cores" / f"{n}.mask.safetensors")]
+    else:
+        how = ["--p", 2]
+    common = [*tiny_tasks, "--base", tiny_base, *how, "--shard-size", "40KB", "--no-check"]
+    one = _fuse_with_workers(monkeypatch, 1, *common, "-o", tmp_path / "one")
+    three = _fuse_with_workers(monkeypatch, 3, *common, "-o", tmp_path / "three")
+    assert one["counts"] == three["counts"] and one["counts"]["full_passes"] == 1
+    assert sum(one["counts"]["overwritten"].values()) > 0 and one["counts"]["conflicts"]["math~code"] > 0
+    a, b = Checkpoint.open(tmp_path / "one"), Checkpoint.open(tmp_path / "three")
+    assert len(b.files) > 1 and a.names == b.names
+    assert all(torch.equal(a.tensor(n), b.tensor(n)) for n in a.names)
+    index = json.loads((tmp_path / "three" / "model.safetensors.index.json").read_text())
+    assert index == json.loads((tmp_path / "one" / "model.safetensors.index.json").read_text())
+
+
+def test_a_failing_worker_stops_the_fusion_and_leaves_nothing(planted, tmp_path, monkeypatch):
+    from mergekit_sparse import fusion
+    monkeypatch.setattr(fusion, "fusion_workers", lambda: 2)
+    sd = load_file(planted["b"])
+    sd["b.w"][2, 1] = float("nan")
+    save_file(sd, tmp_path / "nan.safetensors")
+    r = CliRunner().invoke(cli, ["fuse", str(planted["a"]), str(tmp_path / "nan.safetensors"), "--base",
+                                 str(planted["base"]), "--p", "25", "-o", str(tmp_path / "f.safetensors")])
+    assert r.exit_code != 0 and "NaN/Inf" in r.output and "Traceback" not in r.output, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors", "base.safetensors",
+                                                          "nan.safetensors"]

@@ -268,3 +268,52 @@ def test_empty_tensors_are_copied_not_selected(tmp_path):
     assert r.exit_code == 0, r.output
     m = MaskSet.load(tmp_path / "cores" / "t.mask.safetensors")
     assert m.names == ["w"] and m.bool("w").view(-1)[-4:].all() and m.count() == 4
+
+
+@pytest.mark.parametrize("threads", [False, True])
+def test_counting_tensors_at_once_selects_what_counting_in_order_does(threads):
+    """Fusion's workers count different tensors at once, so their chunks' candidates interleave; the
+    selection is still the exact top-k, ties by (sorted name, index)."""
+    import threading
+    g = torch.Generator().manual_seed(4)
+    scores = {f"t{i}": (torch.randn(200_000, generator=g).abs() * 64).round() / 64 for i in range(4)}   # ties
+    k, total, chunk = 30_000, 800_000, 4096
+    sel = select.TopK(k, total)
+    for n in sorted(scores):
+        ranges = select.sample_ranges(n, 200_000, total)
+        for s, e in ranges:
+            sel.observe(n, s, scores[n][s:e], weight=200_000 / sum(e - s for s, e in ranges))
+    sel.end_pass()
+    starts = range(0, 200_000, chunk)
+    if threads:                       # two workers, two tensors each, chunk by chunk
+        def work(names):
+            for s in starts:
+                for n in names:
+                    sel.count(n, s, scores[n][s:s + chunk])
+        pool = [threading.Thread(target=work, args=(names,)) for names in (["t2", "t0"], ["t3", "t1"])]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+    else:                             # round robin: every tensor's candidates are split into many runs
+        for s in starts:
+            for n in ("t3", "t1", "t0", "t2"):
+                sel.count(n, s, scores[n][s:s + chunk])
+    sel.end_pass()
+    assert sel.phase == "window"
+    want = naive_topk(scores, k)
+    got = {n: sel.select(n, 0, scores[n]) for n in scores}
+    assert all(torch.equal(got[n], want[n]) for n in scores) and sel.selected == k
+
+
+def test_largest_holds_every_entry_above_its_last_and_falls_back_when_the_subsample_misleads():
+    import numpy as np
+    g = np.random.default_rng(0)
+    v = np.round(g.standard_normal(100_000), 2).astype(np.float32)             # many ties
+    top = select._largest(v, 700)
+    assert len(top) >= 700 and np.all(np.diff(v[top]) <= 0)
+    assert len(top) == int((v >= v[top[-1]]).sum())                           # ties at the edge included
+    v = np.zeros(16_000, dtype=np.float32)
+    v[::16] = 1000 + np.arange(1000)             # the subsample sees only these: its guess holds too few
+    top = select._largest(v, 100)
+    assert len(top) == 100 and set(top.tolist()) == set(range(16 * 900, 16_000, 16))
