@@ -118,12 +118,14 @@ def _gather(raw: torch.Tensor, ranges) -> torch.Tensor:
     return torch.cat([raw[s:e] for s, e in ranges]).float()
 
 
-def nonfinite_error(name: str, ckpts: list[Checkpoint]) -> NonFiniteError:
+def nonfinite_error(name: str, ckpts: list[Checkpoint], overflow: str = "the difference of two checkpoints "
+                    "overflows float32 (Inf)") -> NonFiniteError:
+    """The error naming the first of `ckpts` whose tensor holds NaN/Inf (`overflow` says what else it was)."""
     for c in ckpts:
         if not torch.isfinite(c.tensor(name).float()).all():
             return NonFiniteError(f"tensor '{name}' in {c.path} holds NaN/Inf values; fix or re-export that "
                                   "checkpoint (NaN/Inf would poison every selection and merge)")
-    return NonFiniteError(f"tensor '{name}': the difference of two checkpoints overflows float32 (Inf)")
+    return NonFiniteError(f"tensor '{name}': {overflow}")
 
 
 def run_passes(selectors: list, scope: Scope, chunks, *, sources, progress: bool = False, desc: str = "select",

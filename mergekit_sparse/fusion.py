@@ -433,6 +433,11 @@ class _Fusion:
         for i in range(M):
             for j in range(i):
                 gram[i][j] = gram[j][i]
+        if not all(math.isfinite(x) for row in gram for x in row):
+            raise nonfinite_error(name, [self.onto] + [tasks[i] for i in self.others],
+                                  overflow="values too large to fuse in float32 (their squares sum past 3.4e38)")
+        # a finite Gram matrix bounds every fold model (and so every task model: all are folded), their SLERP
+        # coefficients and the fused values: no NaN/Inf can appear below but through the base's |Δ|
         coeffs, linear = fold_coefficients(gram, self.t_values)
         if any(linear):
             with self.lock:
@@ -462,6 +467,8 @@ class _Fusion:
             deltas = None
             if need_deltas:
                 w0 = bufs.get(1, m).copy_(w0_raw[s:e])
+                if not math.isfinite(float(torch.dot(w0, w0))) and not bool(torch.isfinite(w0).all()):
+                    raise nonfinite_error(name, [base])
                 deltas = [torch.sub(v, w0, out=bufs.get(("delta", i), m)).abs_() for i, v in enumerate(values)]
             idx = [_np(i) for i in cores(s, e, deltas)]
             won, pairs, covered = resolve_cores(
@@ -469,9 +476,6 @@ class _Fusion:
                 [d.numpy()[i] for d, i in zip(deltas, idx)] if deltas is not None else None, self.conflict,
                 self.scratch)
             self._count(won, pairs, covered)
-            if not math.isfinite(float(fused.sum())) and not torch.isfinite(fused).all():
-                raise NonFiniteError(f"fused tensor '{name}' holds NaN/Inf; an input holds NaN/Inf values there "
-                                     "(check the inputs with `sparsemerge inspect`)")
             yield fused if out_dtype == torch.float32 else bufs.get("out", m, out_dtype).copy_(fused)
 
     def _cores(self, name, task_raw, w0_raw):
@@ -491,7 +495,7 @@ class _Fusion:
             out = []
             for i, (sel, d) in enumerate(zip(sels, deltas)):
                 try:
-                    out.append(sel.count(name, s, d))
+                    out.append(sel.count(name, s, d, finite=True))      # inputs checked in `tensor`
                 except NonFiniteError:
                     raise nonfinite_error(name, [self.base, self.tasks[i]]) from None
             return out

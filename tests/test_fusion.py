@@ -297,3 +297,26 @@ def test_a_failing_worker_stops_the_fusion_and_leaves_nothing(planted, tmp_path,
     assert r.exit_code != 0 and "NaN/Inf" in r.output and "Traceback" not in r.output, r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors", "base.safetensors",
                                                           "nan.safetensors"]
+
+
+@pytest.mark.parametrize("cores", ["p", "masks"])
+def test_nan_in_the_base_is_an_error_naming_it(planted, tmp_path, cores):
+    """The base only enters through |Δ| (the cores, max-delta conflicts): NaN there must not pass silently."""
+    sd = load_file(planted["base"])
+    sd["a.w"][1, 2] = float("nan")
+    save_file(sd, tmp_path / "nanbase.safetensors")
+    how = ["--p", "25"] if cores == "p" else ["--masks", *_empty_masks(planted, tmp_path)]
+    r = CliRunner().invoke(cli, ["fuse", str(planted["a"]), str(planted["b"]), "--base",
+                                 str(tmp_path / "nanbase.safetensors"), *map(str, how), "-o", str(tmp_path / "f.safetensors")])
+    assert r.exit_code != 0 and "tensor 'a.w' in" in r.output and "nanbase.safetensors holds NaN/Inf" in r.output, r.output
+    assert not (tmp_path / "f.safetensors").exists()
+
+
+def test_values_too_large_for_float32_are_an_error_not_a_nan_merge(planted, tmp_path):
+    sd = load_file(planted["b"])
+    sd["b.w"] *= 1e20                                                          # finite, but Σθ² overflows
+    save_file(sd, tmp_path / "huge.safetensors")
+    r = CliRunner().invoke(cli, ["fuse", str(planted["a"]), str(tmp_path / "huge.safetensors"), "--base",
+                                 str(planted["base"]), "--p", "25", "-o", str(tmp_path / "f.safetensors")])
+    assert r.exit_code != 0 and "tensor 'b.w': values too large to fuse in float32" in r.output, r.output
+    assert "Traceback" not in r.output and not (tmp_path / "f.safetensors").exists()
