@@ -390,9 +390,8 @@ class TopK:
     @staticmethod
     def _count_std(v, sizes, w_block, tensor_of, t_hat) -> float:
         """Standard deviation of the estimated number of scores >= t_hat (blocks sampled per tensor)."""
-        offs = np.concatenate(([0], np.cumsum(sizes)[:-1]))
-        c = np.add.reduceat((v >= t_hat).view(np.uint8), offs, dtype=np.int64).astype(np.float64)  # per block
-        c[sizes == 0] = 0.0
+        at = np.flatnonzero(v >= t_hat)                          # few: the sample's top
+        c = np.bincount(np.searchsorted(np.cumsum(sizes), at, side="right"), minlength=len(sizes)).astype(np.float64)
         sampled = w_block > 1
         if not sampled.any():
             return 0.0                                           # every tensor read whole: exact
