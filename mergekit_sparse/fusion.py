@@ -12,6 +12,11 @@ surely in a core (|Δ| above the sampled window) at once; the candidates chosen 
 once the pass has counted everything are then patched into the output file before it is renamed
 into place. Should the window miss (see `select`), the selection finishes with its radix passes
 and a second fusion pass writes the output.
+
+Workers: with mask files or the counting pass, tensors do not depend on each other, so as many
+workers as torch has threads (at most MAX_WORKERS) fuse tensors at once, largest first, each with
+torch on one thread and its own scratch, writing its tensors in place (`CheckpointWriter` in
+`any_order` mode); counts are summed under a lock. The output does not depend on the worker count.
 """
 
 from __future__ import annotations
