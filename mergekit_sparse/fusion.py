@@ -130,7 +130,6 @@ def resolve_cores(out: np.ndarray, idx: list, values: list, deltas: list | None,
         later = [member.dtype.type(((1 << T) - 1) & ~((1 << (i + 1)) - 1)) for i in range(T)]
         won = [len(x) - int(np.count_nonzero(m[s] & later[i])) for i, (x, m, s) in enumerate(zip(ix, seen, shared))]
         return won, pairs, covered
-    won = [len(x) - len(s) for x, s in zip(ix, shared)]
     # the shared positions alone: a dense local index, then the policy over the tasks in order
     sx = [x[s] for x, s in zip(ix, shared)]
     pos = np.unique(np.concatenate(sx)) if T > 1 else sx[0]
@@ -153,22 +152,12 @@ def resolve_cores(out: np.ndarray, idx: list, values: list, deltas: list | None,
             li = li[take]
             best[li], value[li], winner[li] = d[take], v[s][take], i
         out[pos] = value
-        won = [w + int(np.count_nonzero(winner == i)) for i, w in enumerate(won)]
+        won = [len(x) - len(s) + int(np.count_nonzero(winner == i)) for i, (x, s) in enumerate(zip(ix, shared))]
     return won, pairs, covered
 
 
 def _np(x) -> np.ndarray:
     return x.numpy() if isinstance(x, Tensor) else np.asarray(x)
-
-
-def overwrite_cores(out: Tensor, values: list[Tensor], masks: list[Tensor], deltas: list[Tensor] | None,
-                    policy: str) -> tuple[list[int], dict[tuple[int, int], int], int]:
-    """Write each task's core (boolean masks) into `out` (float32) in place, as `resolve_cores` says;
-    returns (positions won per task, positions shared per task pair, positions covered)."""
-    idx = [m.reshape(-1).nonzero().squeeze(1) for m in masks]
-    vals = [v.reshape(-1)[i] for v, i in zip(values, idx)]
-    dels = [d.reshape(-1)[i] for d, i in zip(deltas, idx)] if deltas is not None else None
-    return resolve_cores(out.view(-1).numpy(), idx, vals, dels, policy)
 
 
 @dataclass
@@ -475,26 +464,27 @@ class _Fusion:
                 if not math.isfinite(float(torch.dot(w0, w0))) and not bool(torch.isfinite(w0).all()):
                     raise nonfinite_error(name, [base])
                 deltas = [torch.sub(v, w0, out=bufs.get(("delta", i), m)).abs_() for i, v in enumerate(values)]
-            idx = [_np(i) for i in cores(s, e, deltas)]
+            idx = cores(s, e, deltas)
             won, pairs, covered = resolve_cores(
                 fused.numpy(), idx, [v.numpy()[i] for v, i in zip(values, idx)],
                 [d.numpy()[i] for d, i in zip(deltas, idx)] if deltas is not None else None, self.conflict,
                 self.scratch)
             self._count(won, pairs, covered)
-            yield fused if out_dtype == torch.float32 else bufs.get("out", m, out_dtype).copy_(fused)
+            yield fused if out_dtype == torch.float32 else bufs.get(("out", out_dtype), m, out_dtype).copy_(fused)
 
     def _cores(self, name, task_raw, w0_raw):
         """cores(s, e, deltas) -> each task's core positions inside the chunk [s, e)."""
+        # positions from boolean masks with numpy: its flatnonzero is 2-3x torch's nonzero (see select.TopK.count)
         if self.masks is not None:
-            full = [m.bool(name).reshape(-1) for m in self.masks]
-            return lambda s, e, deltas: [f[s:e].nonzero().squeeze(1) for f in full]
+            full = [m.bool(name).reshape(-1).numpy() for m in self.masks]
+            return lambda s, e, deltas: [np.flatnonzero(f[s:e]) for f in full]
         sels = self.selectors
         if isinstance(sels[0], PerTensorTopK):                               # needs whole tensors
             w0 = w0_raw.float()
-            full = [sel.select(name, 0, (r.float() - w0).abs()) for sel, r in zip(sels, task_raw)]
-            return lambda s, e, deltas: [f[s:e].nonzero().squeeze(1) for f in full]
+            full = [sel.select(name, 0, (r.float() - w0).abs()).numpy() for sel, r in zip(sels, task_raw)]
+            return lambda s, e, deltas: [np.flatnonzero(f[s:e]) for f in full]
         if not self.counting:
-            return lambda s, e, deltas: [sel.select(name, s, d).nonzero().squeeze(1) for sel, d in zip(sels, deltas)]
+            return lambda s, e, deltas: [np.flatnonzero(sel.select(name, s, d).numpy()) for sel, d in zip(sels, deltas)]
 
         def count(s, e, deltas):
             out = []

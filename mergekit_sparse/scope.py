@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-
 from .checkpoint import Checkpoint
 from .errors import MismatchError, OptionError
 

@@ -372,7 +372,7 @@ class TopK:
             cw = np.cumsum(w_block[np.searchsorted(ends, top, side="right")])   # estimated count at or above each
             j = min(int(np.searchsorted(cw, k)), R - 1)
             t_hat = v[top[j]]
-            delta = max(8 * self._count_std(v, sizes, w_block, tensor_of, t_hat), WINDOW_SLACK * self.total) \
+            delta = max(8 * self._count_std(v, ends, w_block, tensor_of, t_hat), WINDOW_SLACK * self.total) \
                 + 16 * w_block.max()
             if cw[-1] >= k + delta or R == m:
                 break
@@ -388,10 +388,11 @@ class TopK:
         self._grow(int(min(1.25 * expect, PREALLOCATE_CAP)))
 
     @staticmethod
-    def _count_std(v, sizes, w_block, tensor_of, t_hat) -> float:
-        """Standard deviation of the estimated number of scores >= t_hat (blocks sampled per tensor)."""
+    def _count_std(v, ends, w_block, tensor_of, t_hat) -> float:
+        """Standard deviation of the estimated number of scores >= t_hat (blocks sampled per tensor;
+        `ends[b]` is where block b ends in `v`)."""
         at = np.flatnonzero(v >= t_hat)                          # few: the sample's top
-        c = np.bincount(np.searchsorted(np.cumsum(sizes), at, side="right"), minlength=len(sizes)).astype(np.float64)
+        c = np.bincount(np.searchsorted(ends, at, side="right"), minlength=len(ends)).astype(np.float64)
         sampled = w_block > 1
         if not sampled.any():
             return 0.0                                           # every tensor read whole: exact

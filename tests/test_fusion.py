@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from cli.main import cli
 from mergekit_sparse.checkpoint import Checkpoint
-from mergekit_sparse.fusion import POLICIES, CoreScratch, fold_weights, overwrite_cores, resolve_cores, slerp
+from mergekit_sparse.fusion import POLICIES, CoreScratch, fold_weights, resolve_cores, slerp
 
 
 def mergekit_slerp(t, v0, v1, dot_threshold=0.9995, eps=1e-8):
@@ -61,11 +61,11 @@ def test_fold_weights_follow_methods():
 @pytest.mark.parametrize("policy, want", [("max-delta", [9.0, 20.0, 0.0]), ("last", [10.0, 20.0, 0.0]),
                                           ("mean", [9.5, 20.0, 0.0])])
 def test_conflicts_resolved_as_each_policy_says(policy, want):
-    out = torch.zeros(3)
-    values = [torch.tensor([9.0, 0.0, 0.0]), torch.tensor([10.0, 20.0, 0.0])]
-    masks = [torch.tensor([True, False, False]), torch.tensor([True, True, False])]
-    deltas = [torch.tensor([5.0, 0.0, 0.0]), torch.tensor([1.0, 3.0, 0.0])]
-    overwrite_cores(out, values, masks, deltas, policy)
+    out = np.zeros(3, dtype=np.float32)
+    idx = [np.array([0]), np.array([0, 1])]                    # task 0 covers position 0, task 1 positions 0 and 1
+    values = [np.array([9.0], dtype=np.float32), np.array([10.0, 20.0], dtype=np.float32)]
+    deltas = [np.array([5.0], dtype=np.float32), np.array([1.0, 3.0], dtype=np.float32)]
+    resolve_cores(out, idx, values, deltas, policy)
     assert out.tolist() == want
 
 
