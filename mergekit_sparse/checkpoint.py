@@ -11,23 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
 
+from . import dtypes
 from .errors import CheckpointError
-
-# safetensors dtype code -> (torch dtype, bytes per element)
-DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2), "I64": (torch.int64, 8), "I32": (torch.int32, 4),
-    "I16": (torch.int16, 2), "I8": (torch.int8, 1), "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1),
-    "F8_E4M3": (torch.float8_e4m3fn, 1), "F8_E5M2": (torch.float8_e5m2, 1),
-}
-DTYPE_CODES = {dt: code for code, (dt, _) in DTYPES.items()}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -40,8 +34,18 @@ class TensorInfo:
 
     name: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    code: str                       # safetensors dtype code ("BF16"); see `dtypes`
     file: Path
+    offset: int = -1                # where the data starts in `file` (-1: not a safetensors file)
+
+    @property
+    def dtype(self):
+        """The torch dtype (imports torch: the streaming code uses `code`)."""
+        return dtypes.torch_dtype(self.code)
+
+    @property
+    def dtype_name(self) -> str:
+        return dtypes.name(self.code)
 
     @property
     def numel(self) -> int:
@@ -52,11 +56,11 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
+        return self.numel * dtypes.itemsize(self.code)
 
     @property
     def is_float(self) -> bool:
-        return self.dtype.is_floating_point
+        return dtypes.is_float(self.code)
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], bytes]:
@@ -85,13 +89,14 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], byte
     data_size, end_max = size - 8 - n, 0
     for name, entry in header.items():
         try:
-            dtype, itemsize = DTYPES[entry["dtype"]]
+            code = entry["dtype"]
+            itemsize = dtypes.itemsize(code)
             shape = tuple(int(s) for s in entry["shape"])
             begin, end = (int(o) for o in entry["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: header entry for '{name}' is malformed or has an unknown dtype "
                                   f"({entry.get('dtype') if isinstance(entry, dict) else entry!r})") from None
-        info = TensorInfo(name, shape, dtype, path)
+        info = TensorInfo(name, shape, code, path, 8 + n + begin)
         if end - begin != info.numel * itemsize or begin < 0:
             raise CheckpointError(f"{path}: header says '{name}' is {entry['dtype']}{list(shape)} "
                                   f"({info.numel * itemsize} bytes) but its offsets span {end - begin} bytes; "
@@ -104,7 +109,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], byte
     return infos, metadata, raw
 
 
-def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+def _load_pickle(path: Path) -> dict:
+    import torch
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is the user's file
@@ -126,12 +132,14 @@ def _pickle_refusal(path: Path) -> CheckpointError:
 class Checkpoint:
     """A lazily opened checkpoint: headers in memory, tensors read on demand.
 
-    `tensor(name)` returns a tensor backed by the memory-mapped file (file-backed pages,
-    not anonymous memory); callers convert to float32 per tensor as they need it.
+    `array(name)` returns the tensor's data as a numpy array over the memory-mapped file
+    (file-backed pages, not anonymous memory; read-only; BF16 as its uint16 bit patterns, see
+    `dtypes`), `float32(name, start, end, out)` a flat range of it as float32: neither imports
+    torch. `tensor(name)` is the same data as a torch tensor.
     """
 
     def __init__(self, path: Path, infos: dict[str, TensorInfo], *, folder: Path | None,
-                 headers: dict[Path, bytes], label: str, pickled: dict[str, torch.Tensor] | None = None):
+                 headers: dict[Path, bytes], label: str, pickled: dict | None = None):
         self.path = path
         self.folder = folder            # HF folder with config/tokenizer, or None for a bare file
         self.label = label
@@ -139,6 +147,8 @@ class Checkpoint:
         self._headers = headers
         self._pickled = pickled
         self._handles: dict[Path, object] = {}
+        self._maps: dict[Path, mmap.mmap] = {}
+        self._lock = threading.Lock()
 
     # -- opening ------------------------------------------------------------------------------
     @classmethod
@@ -192,10 +202,13 @@ class Checkpoint:
 
     @classmethod
     def _from_pickles(cls, files: list[Path], path: Path, folder: Path | None) -> Checkpoint:
-        tensors: dict[str, torch.Tensor] = {}
+        tensors: dict = {}
         for f in files:
             tensors.update(_load_pickle(f))
-        infos = {n: TensorInfo(n, tuple(t.shape), t.dtype, files[0]) for n, t in tensors.items()}
+        try:
+            infos = {n: TensorInfo(n, tuple(t.shape), dtypes.code_of(t.dtype), files[0]) for n, t in tensors.items()}
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from None
         return cls(path, infos, folder=folder, headers={}, label=path.stem, pickled=tensors)
 
     # -- lazy facts ---------------------------------------------------------------------------
@@ -236,7 +249,41 @@ class Checkpoint:
         return {"path": str(self.path), "header_sha256": self.fingerprint()}
 
     # -- data ---------------------------------------------------------------------------------
-    def tensor(self, name: str) -> torch.Tensor:
+    def array(self, name: str) -> np.ndarray:
+        """One tensor's data as a read-only numpy array over the memory-mapped file (no copy)."""
+        info = self.infos.get(name)
+        if info is None:
+            raise CheckpointError(f"{self.path}: no tensor named '{name}'")
+        if self._pickled is not None:
+            import torch
+            t = self._pickled[name].detach().contiguous()
+            if t.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
+                t = t.view({2: torch.int16, 1: torch.uint8}[t.element_size()])
+            return t.numpy().view(dtypes.storage(info.code))
+        m = self._maps.get(info.file)
+        if m is None:
+            with self._lock:
+                m = self._maps.get(info.file)
+                if m is None:
+                    try:
+                        with open(info.file, "rb") as f:
+                            m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                    except (OSError, ValueError) as e:
+                        raise CheckpointError(f"{info.file}: cannot open safetensors file ({e})") from None
+                    self._maps[info.file] = m
+        if info.offset + info.nbytes > len(m):
+            raise CheckpointError(f"{info.file}: '{name}' ends past the end of the file; the file was truncated "
+                                  "after it was opened")
+        return np.frombuffer(m, dtype=dtypes.storage(info.code), count=info.numel,
+                             offset=info.offset).reshape(info.shape)
+
+    def float32(self, name: str, start: int = 0, end: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        """Entries [start, end) of the flattened tensor as float32 (into `out` when given)."""
+        raw = self.array(name).reshape(-1)[start:end]
+        return dtypes.to_float32(raw, self.infos[name].code, out)
+
+    def tensor(self, name: str):
+        """Read one tensor as a torch tensor (memory-mapped where possible)."""
         """Read one tensor (memory-mapped where possible)."""
         info = self.infos.get(name)
         if info is None:
@@ -258,6 +305,7 @@ class Checkpoint:
 
     def close(self) -> None:
         self._handles.clear()
+        self._maps.clear()          # closed by the collector once no array refers to them
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, tensors={len(self.infos)}, params={self.numel})"

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
+from . import dtypes
 from .checkpoint import Checkpoint
 from .errors import NonFiniteError, OptionError
 from .masks import MaskWriter, pack
@@ -50,9 +50,9 @@ class PerTensorTopK:
     def threshold(self) -> float:
         return min(self.thresholds.values(), default=float("nan"))
 
-    def select(self, name: str, start: int, scores: torch.Tensor) -> torch.Tensor:
-        """`scores` must be the whole tensor (start 0)."""
-        mask, t = topk_mask(scores, int(self.percent * scores.numel() // 100))
+    def select(self, name: str, start: int, scores):
+        """`scores` must be the whole tensor (start 0); returns its torch bool mask."""
+        mask, t = topk_mask(scores, int(self.percent * len(scores.reshape(-1)) // 100))
         self.thresholds[name] = t
         self.selected += int(mask.sum())
         return mask
@@ -66,63 +66,68 @@ def make_selector(percent: float, scope: Scope, *, per_tensor: bool = False):
 
 
 class Buffers:
-    """Reused scratch buffers (float32 unless asked): streaming allocates nothing per chunk, so glibc's
-    heap cannot fragment and grow (freeing and re-allocating 16 MB chunks does exactly that)."""
+    """Reused numpy scratch buffers (float32 unless asked): streaming allocates nothing per chunk, so
+    glibc's heap cannot fragment and grow (freeing and re-allocating 16 MB chunks does exactly that)."""
 
     def __init__(self):
-        self._bufs: dict[int, torch.Tensor] = {}
+        self._bufs: dict[object, np.ndarray] = {}
 
-    def get(self, slot, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def get(self, slot, n: int, dtype=np.float32) -> np.ndarray:
         b = self._bufs.get(slot)
-        if b is None or b.numel() < n or b.dtype != dtype:
-            b = self._bufs[slot] = torch.empty(max(n, CHUNK), dtype=dtype)
+        if b is None or b.size < n or b.dtype != dtype:
+            b = self._bufs[slot] = np.empty(max(n, CHUNK), dtype=dtype)
         return b[:n]
 
 
 def delta_chunks(base: Checkpoint, tasks: list[Checkpoint]):
-    """chunks(name, ranges) -> (start, [|θ_task − θ_base| for each task]) per range, float32 (read lazily).
-
-    The yielded tensors are scratch buffers, valid until the next chunk: consumers copy what they keep."""
+    """chunks(name, ranges) -> (start, [|θ_task − θ_base| for each task]) per range, float32 numpy arrays
+    (read lazily). The yielded arrays are scratch buffers, valid until the next chunk: consumers copy
+    what they keep."""
     bufs = Buffers()
 
     def chunks(name: str, ranges, gather: bool = False):
-        w0_raw = base.tensor(name).reshape(-1)
-        raws = [t.tensor(name).reshape(-1) for t in tasks]
         if gather:                      # every range at once, concatenated (few ops for many sample blocks)
-            w0 = _gather(w0_raw, ranges)
-            yield ranges[0][0], [_gather(r, ranges).sub_(w0).abs_() for r in raws]
+            w0 = _gather(base, name, ranges)
+            out = []
+            for t in tasks:
+                d = _gather(t, name, ranges)
+                out.append(np.abs(np.subtract(d, w0, out=d), out=d))
+            yield ranges[0][0], out
             return
         for s, e in ranges:
-            w0 = bufs.get(0, e - s)
-            w0.copy_(w0_raw[s:e])
+            w0 = base.float32(name, s, e, out=bufs.get(0, e - s))
             out = []
-            for i, r in enumerate(raws):
-                d = bufs.get(i + 1, e - s)
-                d.copy_(r[s:e])
-                out.append(d.sub_(w0).abs_())                                       # (e - s,)
+            for i, t in enumerate(tasks):
+                d = t.float32(name, s, e, out=bufs.get(i + 1, e - s))
+                out.append(np.abs(np.subtract(d, w0, out=d), out=d))                  # (e - s,)
             yield s, out
     chunks.gathers = True
     return chunks
 
 
-def _gather(raw: torch.Tensor, ranges) -> torch.Tensor:
-    """The ranges of a flat tensor, concatenated, as a new float32 tensor (never a view of the input:
-    callers work in place, and a float32 input's `.float()` is the memory-mapped input itself)."""
+def _gather(ckpt: Checkpoint, name: str, ranges) -> np.ndarray:
+    """The ranges of a flat tensor, concatenated, as a new float32 array (callers work in place)."""
+    raw = ckpt.array(name).reshape(-1)
+    code = ckpt.infos[name].code
     if len(ranges) == 1:
         s, e = ranges[0]
-        return raw[s:e].to(torch.float32, copy=True)
+        return dtypes.to_float32(raw[s:e], code)
     size = ranges[0][1] - ranges[0][0]
-    starts = torch.tensor([s for s, _ in ranges])
-    if all(e - s == size for s, e in ranges) and not bool((starts % size).any()):      # aligned blocks
-        return raw[:raw.numel() // size * size].view(-1, size).index_select(0, starts // size).reshape(-1).float()
-    return torch.cat([raw[s:e] for s, e in ranges]).float()
+    starts = np.array([s for s, _ in ranges], dtype=np.int64)
+    if all(e - s == size for s, e in ranges) and not (starts % size).any():           # aligned blocks
+        picked = raw[:raw.size // size * size].reshape(-1, size)[starts // size]
+    else:
+        picked = np.concatenate([raw[s:e] for s, e in ranges])
+    return dtypes.to_float32(picked.reshape(-1), code)
 
 
 def nonfinite_error(name: str, ckpts: list[Checkpoint], overflow: str = "the difference of two checkpoints "
                     "overflows float32 (Inf)") -> NonFiniteError:
     """The error naming the first of `ckpts` whose tensor holds NaN/Inf (`overflow` says what else it was)."""
     for c in ckpts:
-        if not torch.isfinite(c.tensor(name).float()).all():
+        if not c.infos[name].is_float:
+            continue
+        if not np.isfinite(c.float32(name)).all():
             return NonFiniteError(f"tensor '{name}' in {c.path} holds NaN/Inf values; fix or re-export that "
                                   "checkpoint (NaN/Inf would poison every selection and merge)")
     return NonFiniteError(f"tensor '{name}': {overflow}")
@@ -156,7 +161,7 @@ def run_passes(selectors: list, scope: Scope, chunks, *, sources, progress: bool
                     except NonFiniteError:
                         raise nonfinite_error(name, sources[i]) from None
                     if emit is not None and counting:
-                        emit(i, name, start, sel, sc.numel(), n)
+                        emit(i, name, start, sel, len(sc), n)
         for sel in selectors:
             sel.end_pass()
 
@@ -212,7 +217,7 @@ def compute_cores(base: Checkpoint, tasks: list[Checkpoint], scope: Scope, *, pe
                 for sel, t, label in zip(selectors, tasks, labels)]
 
     counts = [dict() for _ in tasks]                       # name -> selected
-    hists = [torch.zeros(1 << 16, dtype=torch.int64) for _ in tasks]
+    hists = [np.zeros(1 << 16, dtype=np.int64) for _ in tasks]
     writers: list[MaskWriter] = []
     try:
         if per_tensor:
@@ -220,7 +225,7 @@ def compute_cores(base: Checkpoint, tasks: list[Checkpoint], scope: Scope, *, pe
             for name in tqdm(scope.names, desc="core", disable=not progress, leave=False):
                 (_, deltas), = delta_chunks(base, tasks)(name, [(0, scope.numel(name))])
                 for i, (sel, d) in enumerate(zip(selectors, deltas)):
-                    if not torch.isfinite(d).all():
+                    if not np.isfinite(d).all():
                         raise nonfinite_error(name, [base, tasks[i]])
                     mask = sel.select(name, 0, d)
                     hists[i] += key_histogram(d)
@@ -232,7 +237,7 @@ def compute_cores(base: Checkpoint, tasks: list[Checkpoint], scope: Scope, *, pe
 
             def emit(i, name, start, sel, m, n):           # the count pass writes the sure bits
                 pending[i].append(pack(sel.preliminary(m)))  # packs a copy: the mask is a scratch buffer
-                counts[i][name] = counts[i].get(name, 0) + sel.sure_positions().numel()
+                counts[i][name] = counts[i].get(name, 0) + len(sel.sure_positions())
                 if start + m == n:
                     writers[i].write_packed(name, np.concatenate(pending[i]))
                     pending[i] = []
@@ -245,6 +250,7 @@ def compute_cores(base: Checkpoint, tasks: list[Checkpoint], scope: Scope, *, pe
                         counts[i][name] += len(pos)
                     sel.selected = sel.k
             else:                                          # a window missed (or p = 100): one selection pass
+                import torch
                 for w in writers:
                     w.__exit__(OSError, None, None)
                 writers, counts = open_writers(), [dict() for _ in tasks]
@@ -259,7 +265,7 @@ def compute_cores(base: Checkpoint, tasks: list[Checkpoint], scope: Scope, *, pe
                         counts[i][name] = int(mask.sum())
             for i, sel in enumerate(selectors):
                 sample = getattr(sel, "sample_values", None)
-                if sample is not None and sample.numel():
+                if sample is not None and sample.size:
                     hists[i] += key_histogram(sample)
         for w, sel in zip(writers, selectors):
             w.update_meta(threshold=sel.threshold, selected=sel.k)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
+from . import dtypes
 from .checkpoint import Checkpoint, task_labels
 from .errors import OptionError
 from .fusion import fuse
@@ -58,7 +57,7 @@ def run_fuse(tasks: list[str], *, base: str | None, percent: float, per_tensor: 
                 "exclude": list(exclude), "scope": scope.to_json()}
     report = fuse(task_cks, labels, onto=onto_ck, onto_is_task=onto_idx, scope=scope, out=out, base=base_ck,
                   masks=mask_sets, percent=percent, per_tensor=per_tensor, weights=w, conflict=conflict,
-                  dtype=getattr(torch, dtype) if dtype else None,
+                  dtype=dtypes.code_of(dtype) if dtype else None,
                   shard_bytes=parse_size(shard_size) if shard_size else None, force=force, progress=progress,
                   check=check, settings=settings)
     return {"output": str(out), "settings": settings, "counts": report.to_json(),

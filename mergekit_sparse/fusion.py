@@ -3,7 +3,10 @@
 Pure maths first (`slerp`, `slerp_coefficients`, `resolve_cores`), then the streaming driver.
 The driver reads inputs in chunks from the memory-mapped files and writes the output chunk by
 chunk; a tensor's fold models are kept in float32 only while they fit in CACHE_BYTES, so
-anonymous memory stays bounded whatever the model size.
+anonymous memory stays bounded whatever the model size. The driver is numpy throughout (see
+`dtypes`): a fusion never imports torch, whose start-up alone was a quarter of a 1 B-parameter
+fusion on one thread (only `--check`, FP8 inputs, per-tensor cores and the rare radix fallback
+load it).
 
 Passes over the inputs: with mask files or `--scope per-tensor`, one (the fusion pass). With
 global cores computed on the fly from `--base/--p`, a sampling pass over ~2 % of the data and
@@ -14,31 +17,33 @@ into place. Should the window miss (see `select`), the selection finishes with i
 and a second fusion pass writes the output.
 
 Workers: with mask files or the counting pass, tensors do not depend on each other, so as many
-workers as torch has threads (at most MAX_WORKERS) fuse tensors at once, largest first, each with
-torch on one thread and its own scratch, writing its tensors in place (`CheckpointWriter` in
-`any_order` mode); counts are summed under a lock. The output does not depend on the worker count.
+workers as threads are asked for (`fusion_workers`, at most MAX_WORKERS) fuse tensors at once,
+largest first, each single-threaded with its own scratch, writing its tensors in place
+(`CheckpointWriter` in `any_order` mode); counts are summed under a lock. The output does not
+depend on the worker count.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import Tensor
 from tqdm.auto import tqdm
 
+from . import dtypes
 from .checkpoint import Checkpoint
 from .core import Buffers, PerTensorTopK, nonfinite_error, prepare_selectors
 from .errors import NonFiniteError, OptionError
 from .masks import MaskSet
 from .scope import Scope
-from .select import chunk_ranges
+from .select import _np, chunk_ranges
 from .writer import CheckpointWriter, check_output
 
 EPS = 1e-8
@@ -60,8 +65,9 @@ def slerp_coefficients(norm0: float, norm1: float, dot: float, t: float,
     return math.sin((1 - t) * omega) / s, math.sin(t * omega) / s, False
 
 
-def slerp(v0: Tensor, v1: Tensor, t: float, *, dot_threshold: float = DOT_THRESHOLD) -> Tensor:
-    """Spherical interpolation of two same-shape tensors, computed in float32, cast to v0's dtype."""
+def slerp(v0, v1, t: float, *, dot_threshold: float = DOT_THRESHOLD):
+    """Spherical interpolation of two same-shape torch tensors, computed in float32, cast to v0's dtype."""
+    import torch
     a, b = v0.reshape(-1).float(), v1.reshape(-1).float()                 # (n,)
     c0, c1, _ = slerp_coefficients(float(a.norm()), float(b.norm()), float(torch.dot(a, b)), t, dot_threshold)
     return (c0 * a + c1 * b).view(v0.shape).to(v0.dtype)
@@ -101,7 +107,7 @@ def resolve_cores(out: np.ndarray, idx: list, values: list, deltas: list | None,
     """Write the tasks' cores into `out` (float32, in place), resolving positions in several cores.
 
     `idx[i]` are the distinct positions of task i's core in `out`, `values[i]` / `deltas[i]` the
-    task's value and |Δ| there (numpy or torch). `policy`: `max-delta` (largest |Δ| wins, the first
+    task's value and |Δ| there (numpy arrays or torch tensors). `policy`: `max-delta` (largest |Δ| wins, the first
     task on a tie), `last` (the later task wins) or `mean` (the mean of the covering tasks' values,
     summed in task order). Returns (positions won per task, positions shared per task pair,
     positions covered). Cost is in the core positions only: the chunk itself is never scanned.
@@ -156,10 +162,6 @@ def resolve_cores(out: np.ndarray, idx: list, values: list, deltas: list | None,
     return won, pairs, covered
 
 
-def _np(x) -> np.ndarray:
-    return x.numpy() if isinstance(x, Tensor) else np.asarray(x)
-
-
 @dataclass
 class FuseReport:
     """What a fusion did, for fuse.json."""
@@ -182,14 +184,15 @@ class FuseReport:
 def fuse(tasks: list[Checkpoint], labels: list[str], *, onto: Checkpoint, onto_is_task: int | None,
          scope: Scope, out: Path, base: Checkpoint | None = None, masks: list[MaskSet] | None = None,
          percent: float | None = None, per_tensor: bool = False, weights: list[float] | None = None,
-         conflict: str = "max-delta", dtype: torch.dtype | None = None, shard_bytes: int | None = None,
+         conflict: str = "max-delta", dtype=None, shard_bytes: int | None = None,
          force: bool = False, metadata: dict[str, str] | None = None, progress: bool = False,
          check: bool = False, settings: dict | None = None) -> FuseReport:
     """Fuse `tasks` onto `onto` and stream the result to `out` (file or HF folder, like `onto`).
 
     `onto_is_task` is the index of `onto` in `tasks` when the fusion base is a task model.
     Core masks come from `masks` (one per task) or are computed from `base` and `percent`.
-    `weights` has one entry per task (plus one for an external `onto`, last); default equal.
+    `weights` has one entry per task (plus one for an external `onto`, last); default equal. `dtype`
+    (a safetensors code such as "BF16", or a torch dtype) casts the floating tensors of the output.
     `check` loads a folder output with transformers before it is renamed into place. A folder
     output gets `fuse.json` (settings and counts); a file output gets `<out>.fuse.json` beside it.
     """
@@ -217,7 +220,8 @@ def fuse(tasks: list[Checkpoint], labels: list[str], *, onto: Checkpoint, onto_i
                                       progress=progress, desc="fuse", sample_only=True)
     job = _Fusion(tasks, labels, others, onto, base, t_values, conflict, masks, selectors)
     # tensors in sorted name order, the scope's order: selections break ties by (name, position) as they scan
-    plan = [(n, dtype if (dtype is not None and i.is_float) else i.dtype, i.shape) for n, i in sorted(onto.infos.items())]
+    dtype = dtypes.code_of(dtype) if dtype is not None else None
+    plan = [(n, dtype if (dtype is not None and i.is_float) else i.code, i.shape) for n, i in sorted(onto.infos.items())]
     folder = onto.folder is not None
     validate = None
     if check and folder:
@@ -267,9 +271,17 @@ MAX_WORKERS = 4
 
 
 def fusion_workers() -> int:
-    """Tensors fused at once: torch's thread count (OMP_NUM_THREADS), at most MAX_WORKERS; each worker then
-    runs torch on one thread, so the process uses as many cores as a one-worker run would."""
-    return max(1, min(MAX_WORKERS, torch.get_num_threads()))
+    """Tensors fused at once: the thread count asked for (torch's, when torch is loaded; else
+    OMP_NUM_THREADS, else the CPUs available), at most MAX_WORKERS. Each worker runs single-threaded numpy,
+    so the process uses as many cores as a one-worker run of a multi-threaded library would."""
+    if "torch" in sys.modules:
+        n = sys.modules["torch"].get_num_threads()
+    else:
+        try:
+            n = int(os.environ.get("OMP_NUM_THREADS", ""))
+        except ValueError:
+            n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(MAX_WORKERS, n))
 
 
 class _WindowMissed(Exception):
@@ -329,17 +341,17 @@ class _Fusion:
 
     def run(self, writer: CheckpointWriter, plan: list, scope: Scope, *, workers: int, progress: bool) -> None:
         """Write every tensor of `plan`: in plan order with one worker; with several, each worker takes the
-        largest tensor left (so the last ones to finish are small), torch running one thread per worker
-        and each worker keeping at most its share of CACHE_BYTES."""
+        largest tensor left (so the last ones to finish are small) and keeps at most its share of
+        CACHE_BYTES."""
         bar = tqdm(total=len(plan), desc="fuse", disable=not progress, leave=False)
 
-        def one(name: str, out_dtype: torch.dtype) -> None:
+        def one(name: str, out_code: str) -> None:
             if name not in scope.shapes:
                 with self.lock:
                     self.report.copied_tensors.append(name)
-                writer.write(name, self.onto.tensor(name).to(out_dtype))
+                writer.write(name, dtypes.convert(self.onto.array(name), self.onto.infos[name].code, out_code))
             else:
-                writer.write_chunks(name, self.tensor(name, out_dtype))
+                writer.write_chunks(name, self.tensor(name, out_code))
             with self.lock:
                 bar.update()
 
@@ -356,7 +368,8 @@ class _Fusion:
 
     def _each(self, items: list, fn) -> None:
         """fn(item) for every item, in order with one worker; with several, each worker takes the next item
-        left and torch runs one thread per worker. The first error stops the workers and is raised."""
+        left (numpy releases the GIL in its array loops, so workers run in parallel). The first error stops
+        the workers and is raised."""
         if self.workers == 1:
             for item in items:
                 fn(item)
@@ -375,18 +388,13 @@ class _Fusion:
                     stop.set()
                     raise
 
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            with ThreadPoolExecutor(self.workers, thread_name_prefix="fuse") as pool:
-                futures = [pool.submit(work) for _ in range(self.workers)]
-                try:
-                    for f in futures:
-                        f.result()
-                finally:
-                    stop.set()
-        finally:
-            torch.set_num_threads(threads)
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="fuse") as pool:
+            futures = [pool.submit(work) for _ in range(self.workers)]
+            try:
+                for f in futures:
+                    f.result()
+            finally:
+                stop.set()
 
     def start(self, counting: bool) -> None:
         self.counting = counting
@@ -409,26 +417,27 @@ class _Fusion:
             self.report.core_positions += sign * covered
             self.report.interpolated -= sign * covered
 
-    def tensor(self, name: str, out_dtype: torch.dtype):
-        """Yield the fused tensor chunk by chunk, already cast (the yielded chunk is reused scratch)."""
+    def tensor(self, name: str, out_code: str):
+        """Yield the fused tensor chunk by chunk as storage of `out_code` (the yielded chunk is reused scratch)."""
         tasks, base, bufs = self.tasks, self.base, self.bufs
-        fold_raw = [self.onto.tensor(name).reshape(-1)] + [tasks[i].tensor(name).reshape(-1) for i in self.others]
-        n, M = fold_raw[0].numel(), len(fold_raw)
+        fold_ck = [self.onto] + [tasks[i] for i in self.others]
+        fold_raw = [c.array(name).reshape(-1) for c in fold_ck]
+        fold_codes = [c.infos[name].code for c in fold_ck]
+        n, M = fold_raw[0].size, len(fold_raw)
         kept = M * n * 4 <= self.cache_bytes
         gram = [[0.0] * M for _ in range(M)]
         for s, e in chunk_ranges(n, GRAM_BLOCK):           # converted and multiplied while still in cache
-            if kept:
-                v = [bufs.get(("fold", i), n)[s:e].copy_(r[s:e]) for i, r in enumerate(fold_raw)]
-            else:
-                v = [bufs.get(("fold", i), e - s).copy_(r[s:e]) for i, r in enumerate(fold_raw)]
-            for i in range(M):
-                for j in range(i, M):
-                    gram[i][j] += float(torch.dot(v[i], v[j]))
+            v = [dtypes.to_float32(r[s:e], c, bufs.get(("fold", i), n)[s:e] if kept else bufs.get(("fold", i), e - s))
+                 for i, (r, c) in enumerate(zip(fold_raw, fold_codes))]
+            with np.errstate(over="ignore", invalid="ignore"):          # overflow is caught below
+                for i in range(M):
+                    for j in range(i, M):
+                        gram[i][j] += float(np.dot(v[i], v[j]))
         for i in range(M):
             for j in range(i):
                 gram[i][j] = gram[j][i]
         if not all(math.isfinite(x) for row in gram for x in row):
-            raise nonfinite_error(name, [self.onto] + [tasks[i] for i in self.others],
+            raise nonfinite_error(name, fold_ck,
                                   overflow="values too large to fuse in float32 (their squares sum past 3.4e38)")
         # a finite Gram matrix bounds every fold model (and so every task model: all are folded), their SLERP
         # coefficients and the fused values: no NaN/Inf can appear below but through the base's |Δ|
@@ -440,12 +449,13 @@ class _Fusion:
         fold_of_task = {i: 1 + k for k, i in enumerate(self.others)}
         if self.onto_task is not None:
             fold_of_task[self.onto_task] = 0
-        task_raw = [t.tensor(name).reshape(-1) for t in tasks]
-        w0_raw = base.tensor(name).reshape(-1) if base is not None else None
-        cores = self._cores(name, task_raw, w0_raw)
+        cores = self._cores(name)
         # |Δ| per chunk only where something reads it: the selection, or max-delta conflicts
         streamed = self.selectors is not None and not isinstance(self.selectors[0], PerTensorTopK)
-        need_deltas = w0_raw is not None and (streamed or self.conflict == "max-delta")
+        need_deltas = base is not None and (streamed or self.conflict == "max-delta")
+        if need_deltas:
+            w0_raw, w0_code = base.array(name).reshape(-1), base.infos[name].code
+        out_storage = dtypes.storage(out_code)
         with self.lock:
             self.report.interpolated += n
         for s, e in chunk_ranges(n):
@@ -453,35 +463,44 @@ class _Fusion:
             if kept:
                 fold = [bufs.get(("fold", i), n)[s:e] for i in range(M)]
             else:
-                fold = [bufs.get(("fold", i), m).copy_(r[s:e]) for i, r in enumerate(fold_raw)]
+                fold = [dtypes.to_float32(r[s:e], c, bufs.get(("fold", i), m))
+                        for i, (r, c) in enumerate(zip(fold_raw, fold_codes))]
             values = [fold[fold_of_task[i]] for i in range(len(tasks))]
-            fused = torch.mul(fold[0], coeffs[0], out=bufs.get(0, m))                    # (m,)
+            fused = np.multiply(fold[0], coeffs[0], out=bufs.get(0, m))                  # (m,)
             for a, v in zip(coeffs[1:], fold[1:]):
-                fused.add_(v, alpha=a)
+                np.add(fused, np.multiply(v, a, out=bufs.get(2, m)), out=fused)
             deltas = None
             if need_deltas:
-                w0 = bufs.get(1, m).copy_(w0_raw[s:e])
-                if not math.isfinite(float(torch.dot(w0, w0))) and not bool(torch.isfinite(w0).all()):
+                w0 = dtypes.to_float32(w0_raw[s:e], w0_code, bufs.get(1, m))
+                with np.errstate(over="ignore", invalid="ignore"):
+                    finite = math.isfinite(float(np.dot(w0, w0))) or np.isfinite(w0).all()
+                if not finite:
                     raise nonfinite_error(name, [base])
-                deltas = [torch.sub(v, w0, out=bufs.get(("delta", i), m)).abs_() for i, v in enumerate(values)]
+                deltas = [bufs.get(("delta", i), m) for i in range(len(values))]
+                for v, d in zip(values, deltas):
+                    np.abs(np.subtract(v, w0, out=d), out=d)
             idx = cores(s, e, deltas)
             won, pairs, covered = resolve_cores(
-                fused.numpy(), idx, [v.numpy()[i] for v, i in zip(values, idx)],
-                [d.numpy()[i] for d, i in zip(deltas, idx)] if deltas is not None else None, self.conflict,
-                self.scratch)
+                fused, idx, [v[i] for v, i in zip(values, idx)],
+                [d[i] for d, i in zip(deltas, idx)] if deltas is not None else None, self.conflict, self.scratch)
             self._count(won, pairs, covered)
-            yield fused if out_dtype == torch.float32 else bufs.get(("out", out_dtype), m, out_dtype).copy_(fused)
+            if out_code == "F32":
+                yield fused
+            else:
+                yield dtypes.from_float32(fused, out_code, bufs.get(("out", out_code), m, out_storage),
+                                          scratch=bufs.get("bits", m, np.uint32), finite=True)
 
-    def _cores(self, name, task_raw, w0_raw):
+    def _cores(self, name):
         """cores(s, e, deltas) -> each task's core positions inside the chunk [s, e)."""
         # positions from boolean masks with numpy: its flatnonzero is 2-3x torch's nonzero (see select.TopK.count)
         if self.masks is not None:
-            full = [m.bool(name).reshape(-1).numpy() for m in self.masks]
+            full = [m.bits(name).reshape(-1) for m in self.masks]
             return lambda s, e, deltas: [np.flatnonzero(f[s:e]) for f in full]
         sels = self.selectors
         if isinstance(sels[0], PerTensorTopK):                               # needs whole tensors
-            w0 = w0_raw.float()
-            full = [sel.select(name, 0, (r.float() - w0).abs()).numpy() for sel, r in zip(sels, task_raw)]
+            w0 = self.base.float32(name)
+            full = [sel.select(name, 0, np.abs(t.float32(name) - w0)).numpy().reshape(-1)
+                    for sel, t in zip(sels, self.tasks)]
             return lambda s, e, deltas: [np.flatnonzero(f[s:e]) for f in full]
         if not self.counting:
             return lambda s, e, deltas: [np.flatnonzero(sel.select(name, s, d).numpy()) for sel, d in zip(sels, deltas)]
@@ -496,7 +515,7 @@ class _Fusion:
             return out
         return count
 
-    def finish_counting(self, writer: CheckpointWriter, dtypes: dict[str, torch.dtype]) -> None:
+    def finish_counting(self, writer: CheckpointWriter, codes: dict[str, str]) -> None:
         """After the counting pass: let the selectors choose among their candidates, then rewrite the
         output where a chosen candidate changes what the cores write (counts corrected likewise)."""
         sels = self.selectors
@@ -508,26 +527,28 @@ class _Fusion:
         names = sorted({name for sel in sels for name in sel.extra},           # the largest first
                        key=lambda n: -sum(len(sel.extra.get(n, empty)) for sel in sels))
 
+        def at(ckpt: Checkpoint, name: str, positions: np.ndarray) -> np.ndarray:
+            return dtypes.to_float32(ckpt.array(name).reshape(-1)[positions], ckpt.infos[name].code)
+
         def patch(name: str) -> None:
             chosen = [sel.extra.get(name, empty) for sel in sels]
             P = np.concatenate(chosen)
             if len(chosen) > 1:
                 P = np.sort(P)
                 P = P[np.concatenate(([True], P[1:] != P[:-1]))]
-            Pt = torch.from_numpy(P)
-            w0 = self.base.tensor(name).reshape(-1)[Pt].float()
-            values = [t.tensor(name).reshape(-1)[Pt].float() for t in self.tasks]
-            deltas = [(v - w0).abs() for v in values]
+            w0 = at(self.base, name, P)
+            values = [at(t, name, P) for t in self.tasks]
+            deltas = [np.abs(v - w0) for v in values]
             sure = [d > sel.hi for d, sel in zip(deltas, sels)]
-            final = [s | torch.from_numpy(_members(P, c)) for s, c in zip(sure, chosen)]
+            final = [s | _members(P, c) for s, c in zip(sure, chosen)]
             value = np.empty(len(P), dtype=np.float32)       # every position of P is in a final core
             for sign, masks in ((-1, sure), (1, final)):
-                idx = [m.numpy().nonzero()[0] for m in masks]
-                won, pairs, covered = resolve_cores(value, idx, [v.numpy()[i] for v, i in zip(values, idx)],
-                                                    [d.numpy()[i] for d, i in zip(deltas, idx)], self.conflict,
+                idx = [np.flatnonzero(m) for m in masks]
+                won, pairs, covered = resolve_cores(value, idx, [v[i] for v, i in zip(values, idx)],
+                                                    [d[i] for d, i in zip(deltas, idx)], self.conflict,
                                                     self.scratch)
                 self._count(won, pairs, covered, sign)
-            writer.patch(name, P, torch.from_numpy(value).to(dtypes[name]))
+            writer.patch(name, P, dtypes.from_float32(value, codes[name], finite=True))
         self._each(names, patch)
         for sel in sels:
             sel.selected = sel.k

@@ -17,6 +17,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -118,7 +119,7 @@ def select_sparse(params: Checkpoint, grads: Checkpoint, scope: Scope, *, rho: f
     sizes_layer, sizes_module = defaultdict(int), defaultdict(int)
     per_tensor = {c: {} for c in criteria}
     inter = defaultdict(int)
-    hists = {c: {key: torch.zeros(1 << 16, dtype=torch.int64) for key in ("score", "g_sel", "g_rest", "t_sel", "t_rest")}
+    hists = {c: {key: np.zeros(1 << 16, dtype=np.int64) for key in ("score", "g_sel", "g_rest", "t_sel", "t_rest")}
              for c in criteria}
     g_gen = torch.Generator().manual_seed(seed)
     sample = {"log_theta": [], "log_grad": [], **{c: [] for c in criteria}}

@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import mmap
+
 import numpy as np
-import torch
 
 from .checkpoint import read_header
 from .errors import CheckpointError, MismatchError
@@ -23,14 +24,20 @@ FORMAT_VERSION = 1
 META_KEY = "mergekit_sparse"
 
 
-def pack(mask: torch.Tensor) -> np.ndarray:
-    """Bool tensor of any shape -> packed uint8 array of ceil(n / 8) bytes."""
-    return np.packbits(mask.reshape(-1).numpy().astype(bool, copy=False))
+def pack(mask) -> np.ndarray:
+    """Bool array or tensor of any shape -> packed uint8 array of ceil(n / 8) bytes."""
+    flat = mask.reshape(-1)
+    return np.packbits((flat if isinstance(flat, np.ndarray) else flat.numpy()).astype(bool, copy=False))
 
 
-def unpack(packed: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
+def unpack_bits(packed: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     n = int(np.prod(shape, dtype=np.int64))
-    return torch.from_numpy(np.unpackbits(packed, count=n).astype(bool)).view(shape)
+    return np.unpackbits(packed, count=n).view(bool).reshape(shape)
+
+
+def unpack(packed: np.ndarray, shape: tuple[int, ...]):
+    import torch
+    return torch.from_numpy(unpack_bits(packed, shape))
 
 
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
@@ -52,7 +59,8 @@ class MaskSet:
 
     def __init__(self, path: Path, shapes: dict[str, tuple[int, ...]], meta: dict):
         self.path, self.shapes, self.meta = Path(path), dict(sorted(shapes.items())), meta
-        self._handle = None
+        self._map = None
+        self._infos = None
 
     @classmethod
     def load(cls, path: str | Path) -> MaskSet:
@@ -71,9 +79,11 @@ class MaskSet:
                                   f"tool's ({FORMAT_VERSION}); upgrade mergekit-sparse")
         for name, shape in shapes.items():
             info = infos.get(name)
-            if info is None or info.dtype != torch.uint8 or info.numel != packed_size(shape):
+            if info is None or info.code != "U8" or info.numel != packed_size(shape):
                 raise CheckpointError(f"{path}: tensor '{name}' is missing or has the wrong packed size")
-        return cls(path, shapes, meta)
+        out = cls(path, shapes, meta)
+        out._infos = infos
+        return out
 
     @property
     def label(self) -> str:
@@ -87,12 +97,23 @@ class MaskSet:
         return sum(int(np.prod(s, dtype=np.int64)) for s in self.shapes.values())
 
     def packed(self, name: str) -> np.ndarray:
-        if self._handle is None:
-            from safetensors import safe_open
-            self._handle = safe_open(str(self.path), framework="pt")   # memory-mapped, no copy
-        return self._handle.get_tensor(name).numpy()
+        """The packed bits of one tensor, read-only over the memory-mapped file (no copy)."""
+        if self._infos is None:
+            self._infos = read_header(self.path)[0]
+        if self._map is None:
+            with open(self.path, "rb") as f:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        info = self._infos[name]
+        if info.offset + info.numel > len(self._map):
+            raise CheckpointError(f"{self.path}: tensor '{name}' ends past the end of the file; it was truncated")
+        return np.frombuffer(self._map, dtype=np.uint8, count=info.numel, offset=info.offset)
 
-    def bool(self, name: str) -> torch.Tensor:
+    def bits(self, name: str) -> np.ndarray:
+        """One tensor's mask as a numpy bool array."""
+        return unpack_bits(self.packed(name), self.shapes[name])
+
+    def bool(self, name: str):
+        """One tensor's mask as a torch bool tensor."""
         return unpack(self.packed(name), self.shapes[name])
 
     def count(self, name: str | None = None) -> int:
@@ -123,19 +144,19 @@ class MaskWriter:
         check_output(self.out, list(inputs), force=force)
         self.shapes = shapes = dict(sorted(shapes.items()))          # written in sorted-name order
         meta = {"format_version": FORMAT_VERSION, **meta, "shapes": {n: list(s) for n, s in shapes.items()}}
-        plan = [(n, torch.uint8, (packed_size(s),)) for n, s in shapes.items()]
+        plan = [(n, "U8", (packed_size(s),)) for n, s in shapes.items()]
         self._atomic = AtomicPath(self.out, force=force, is_dir=False)
         self.meta = meta
         self._stream = SafetensorsStream(self._atomic.tmp, plan, {META_KEY: json.dumps(meta)}, reserve=512)
         self._patches: list[tuple[str, np.ndarray]] = []
 
-    def write(self, name: str, mask: torch.Tensor) -> None:
+    def write(self, name: str, mask) -> None:
         self.write_packed(name, pack(mask))
 
     def write_packed(self, name: str, packed: np.ndarray) -> None:
         from .writer import _os_error
         try:
-            self._stream.write(name, torch.from_numpy(packed))
+            self._stream.write(name, np.asarray(packed, dtype=np.uint8))
         except OSError as e:
             raise _os_error(e, self.out) from None
 
@@ -179,7 +200,7 @@ class MaskWriter:
         return False
 
 
-def save_masks(out: Path, masks: dict[str, torch.Tensor], meta: dict, *, force: bool = False) -> Path:
+def save_masks(out: Path, masks: dict, meta: dict, *, force: bool = False) -> Path:
     """Write in-memory boolean masks (small models, tests, training) as a mask file."""
     with MaskWriter(out, {n: tuple(m.shape) for n, m in masks.items()}, meta, force=force) as w:
         for name in sorted(masks):

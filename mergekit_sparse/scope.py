@@ -85,15 +85,15 @@ def align(checkpoints: list[Checkpoint], *, include=(), exclude=(), allow_empty:
                 raise MismatchError(f"shape mismatch for '{name}': {first.path} {list(ref.shape)} vs "
                                     f"{c.path} {list(info.shape)}; the checkpoints are not fine-tunes of "
                                     "one model (resize the vocabulary first, or exclude the tensor)")
-            if info.dtype.is_floating_point != ref.dtype.is_floating_point:
-                raise MismatchError(f"dtype mismatch for '{name}': {first.path} {ref.dtype} vs {c.path} "
-                                    f"{info.dtype} (one floating, one not)")
+            if info.is_float != ref.is_float:
+                raise MismatchError(f"dtype mismatch for '{name}': {first.path} {ref.dtype_name} vs {c.path} "
+                                    f"{info.dtype_name} (one floating, one not)")
         if not ref.is_float or ref.numel == 0:                  # nothing to select in an empty tensor
             copied.append(name)
             continue
-        dtypes = {str(i.dtype).removeprefix("torch.") for i in infos}
+        dtypes = {i.dtype_name for i in infos}
         if len(dtypes) > 1:
-            dtype_diff[name] = tuple(str(i.dtype).removeprefix("torch.") for i in infos)
+            dtype_diff[name] = tuple(i.dtype_name for i in infos)
         shapes[name] = ref.shape
     if not shapes and not allow_empty:
         raise OptionError("no tensor is in scope: the include/exclude patterns leave nothing to select")

@@ -26,7 +26,6 @@ import math
 import threading
 
 import numpy as np
-import torch
 
 from .errors import NonFiniteError, OptionError
 
@@ -39,25 +38,40 @@ WINDOW_SLACK = 0.002     # the window's half-width is at least this share of all
 PREALLOCATE_CAP = 1 << 22  # candidate room reserved up front at most (64 MB); more grows by doubling
 
 
-def float_keys(x: torch.Tensor) -> torch.Tensor:
+def _torch(x):
+    """`x` as a torch tensor (numpy arrays are shared, not copied)."""
+    import torch
+    return torch.from_numpy(x) if isinstance(x, np.ndarray) else x
+
+
+def _np(x) -> np.ndarray:
+    """`x` as a numpy array (CPU torch tensors are shared, not copied)."""
+    if isinstance(x, np.ndarray):
+        return x
+    return x.numpy() if hasattr(x, "numpy") else np.asarray(x)
+
+
+def float_keys(x):
     """int32 keys ordering exactly like the float32 values of `x` (flattened); -0.0 equals +0.0."""
+    import torch
+    x = _torch(x)
     bits = (x.reshape(-1).float() + 0.0).view(torch.int32)          # + 0.0 turns -0.0 into +0.0
     return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
 def key_to_float(key: int) -> float:
-    k = torch.tensor([key], dtype=torch.int32)
-    return float((k ^ ((k >> 31) & 0x7FFFFFFF)).view(torch.float32)[0])
+    k = np.array([key], dtype=np.int32)
+    return float((k ^ ((k >> 31) & 0x7FFFFFFF)).view(np.float32)[0])
 
 
-def _chunks(x: torch.Tensor):
+def _chunks(x):
     flat = x.reshape(-1)
     for start in range(0, flat.numel(), CHUNK):
         yield flat[start:start + CHUNK]
 
 
-def _check_finite(scores: torch.Tensor, name: str) -> None:
-    if not torch.isfinite(scores).all():
+def _check_finite(scores, name: str) -> None:
+    if not np.isfinite(_np(scores)).all():
         raise NonFiniteError(f"tensor '{name}': scores contain NaN/Inf; an input holds NaN/Inf values")
 
 
@@ -88,7 +102,7 @@ class RadixTopK:
             raise OptionError(f"cannot select {k} of {total} parameters")
         self.k, self.total = k, total
         self.stage = 1
-        self.hist = torch.zeros(BINS, dtype=torch.int64)
+        self.hist = np.zeros(BINS, dtype=np.int64)
         self.bucket = -1
         self.threshold_key = 0
         self.ties_left = 0
@@ -98,18 +112,19 @@ class RadixTopK:
     def everything(self) -> bool:
         return self.k == self.total
 
-    def observe(self, name: str, scores: torch.Tensor) -> None:
+    def observe(self, name: str, scores) -> None:
+        import torch
         if self.stage == 1:
             _check_finite(scores, name)
         if self.everything:
             return
-        for chunk in _chunks(scores):
+        for chunk in _chunks(_torch(scores)):
             key = float_keys(chunk)
             if self.stage == 1:
-                self.hist += torch.bincount((key >> 16) + BINS // 2, minlength=BINS)
+                self.hist += torch.bincount((key >> 16) + BINS // 2, minlength=BINS).numpy()
             else:
                 low = key[((key >> 16) + BINS // 2) == self.bucket] & 0xFFFF
-                self.hist += torch.bincount(low, minlength=BINS)
+                self.hist += torch.bincount(low, minlength=BINS).numpy()
 
     def next_pass(self) -> None:
         if self.everything:
@@ -117,8 +132,8 @@ class RadixTopK:
             return
         # walk bins from the top until the running count reaches what is still needed
         need = self.k if self.stage == 1 else self.k - self.above
-        above_in_bins = torch.flip(self.hist, [0]).cumsum(0)           # count in bins >= flipped position
-        pos = int(torch.searchsorted(above_in_bins, torch.tensor(need)))
+        above_in_bins = self.hist[::-1].cumsum()                       # count in bins >= flipped position
+        pos = int(np.searchsorted(above_in_bins, need))
         b = BINS - 1 - pos
         greater = int(above_in_bins[pos - 1]) if pos > 0 else 0
         if self.stage == 1:
@@ -127,7 +142,7 @@ class RadixTopK:
             self.threshold_key = ((self.bucket - BINS // 2) << 16) | b
             self.above += greater
             self.ties_left = self.k - self.above
-        self.hist = torch.zeros(BINS, dtype=torch.int64)
+        self.hist = np.zeros(BINS, dtype=np.int64)
         self.stage += 1
 
     @property
@@ -136,9 +151,11 @@ class RadixTopK:
             return float("-inf")
         return key_to_float(self.threshold_key)
 
-    def select(self, name: str, scores: torch.Tensor) -> torch.Tensor:
-        """Pass 3: the boolean mask of one tensor (same shape as `scores`)."""
+    def select(self, name: str, scores):
+        """Pass 3: the boolean mask of one tensor (a torch tensor of the shape of `scores`)."""
+        import torch
         assert self.stage == 3, "select() comes after two observe passes"
+        scores = _torch(scores)
         if self.everything:
             self.selected += scores.numel()
             return torch.ones(scores.shape, dtype=torch.bool)
@@ -156,8 +173,10 @@ class RadixTopK:
         return mask.view(scores.shape)
 
 
-def topk_mask(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, float]:
-    """Exact top-k of one in-memory tensor with ties by flat index ascending: (mask, threshold)."""
+def topk_mask(scores, k: int) -> tuple:
+    """Exact top-k of one in-memory tensor with ties by flat index ascending: (torch mask, threshold)."""
+    import torch
+    scores = _torch(scores)
     n = scores.numel()
     if k <= 0:
         return torch.zeros(scores.shape, dtype=torch.bool), float("inf")
@@ -183,8 +202,8 @@ def sample_ranges(name: str, n: int, total: int) -> list[tuple[int, int]]:
         return [(0, n)]
     blocks = n // BLOCK
     count = max(1, min(blocks, round(frac * n / BLOCK)))
-    g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-    picks = torch.randperm(blocks, generator=g)[:count].sort().values.tolist()
+    g = np.random.default_rng(zlib.crc32(name.encode()))
+    picks = np.sort(g.permutation(blocks)[:count]).tolist()
     return [(b * BLOCK, (b + 1) * BLOCK) for b in picks]
 
 
@@ -218,8 +237,8 @@ class TopK:
             raise OptionError(f"cannot select {k} of {total} parameters")
         self.k, self.total = k, total
         self.phase = "sample"
-        self.sample_values = torch.zeros(0)                # kept for quantile summaries
-        self.samples: list[torch.Tensor] = []
+        self.sample_values = np.zeros(0, dtype=np.float32)     # kept for quantile summaries
+        self.samples: list[np.ndarray] = []
         self.sample_meta: list[tuple[int, float, int]] = []   # (tensor index, weight, blocks) per observed sample
         self._sample_tensors: dict[str, int] = {}
         self.lo = self.hi = 0.0
@@ -233,7 +252,6 @@ class TopK:
         self.order: dict[str, int] = {}
         self.extra: dict[str, np.ndarray] = {}           # name -> sorted flat positions of chosen candidates
         self.radix: RadixTopK | None = None
-        self._scratch: dict[int, torch.Tensor] = {}
         self._local = threading.local()                    # per-thread scratch for `count`
         self._lock = threading.Lock()                      # `count` may be called from several threads
         self._sure = None
@@ -252,43 +270,40 @@ class TopK:
             return "full"
         return None
 
-    def _bool(self, slot: int, n: int) -> torch.Tensor:
-        """Reused bool scratch (no per-chunk allocation: keeps the heap from fragmenting)."""
-        b = self._scratch.get(slot)
-        if b is None or b.numel() < n:
-            b = self._scratch[slot] = torch.empty(max(n, CHUNK), dtype=torch.bool)
-        return b[:n]
-
-    def _np_bool(self, n: int) -> np.ndarray:
-        b = getattr(self._local, "ge", None)
+    def _np_bool(self, n: int, slot: str = "ge") -> np.ndarray:
+        """Reused per-thread bool scratch (no per-chunk allocation: keeps the heap from fragmenting)."""
+        b = getattr(self._local, slot, None)
         if b is None or b.size < n:
-            b = self._local.ge = np.empty(max(n, CHUNK), dtype=bool)
+            b = np.empty(max(n, CHUNK), dtype=bool)
+            setattr(self._local, slot, b)
         return b[:n]
 
-    def observe(self, name: str, start: int, scores: torch.Tensor, weight: float = 1.0, blocks: int = 1) -> None:
+    def observe(self, name: str, start: int, scores, weight: float = 1.0, blocks: int = 1) -> None:
         """Sample pass only: `weight` is how many scores of the tensor each sampled score stands for, and
         `scores` may be `blocks` equal-size sample blocks of one tensor, concatenated."""
         if self.phase == "sample":
+            scores = _np(scores)
             _check_finite(scores, name)
-            self.samples.append(scores.clone())
+            self.samples.append(np.array(scores, dtype=np.float32))
             t = self._sample_tensors.setdefault(name, len(self._sample_tensors))
             self.sample_meta.append((t, weight, blocks))
         elif self.phase == "count":
-            self._sure = torch.from_numpy(self.count(name, start, scores))
+            self._sure = self.count(name, start, scores)
         else:
             self.radix.observe(name, scores)
 
-    def count(self, name: str, start: int, scores: torch.Tensor, finite: bool = False) -> np.ndarray:
+    def count(self, name: str, start: int, scores, finite: bool = False) -> np.ndarray:
         """The count pass's work on one chunk; returns its sure positions (score > hi), ascending, in the
         chunk. Thread-safe: workers may count different tensors at once (each tensor's chunks in order).
         `finite`: the caller has made sure the scores hold no NaN (it checked the inputs more cheaply)."""
+        sn = _np(scores)
         if not finite:
-            lo_hi = torch.aminmax(scores)                                     # NaN/Inf show up in one of the two
-            if not (math.isfinite(float(lo_hi.min)) and math.isfinite(float(lo_hi.max))):
-                _check_finite(scores, name)
+            with np.errstate(over="ignore", invalid="ignore"):
+                total = float(np.add.reduce(sn))
+            if not math.isfinite(total):              # NaN/Inf make the sum so (or a finite sum overflowed)
+                _check_finite(sn, name)
         # one comparison over the chunk; the few entries >= lo (sure + candidates) are split after.
         # numpy here: its single-threaded compare and flatnonzero beat torch's two-threaded ones 2-3x
-        sn = scores.numpy()
         idx = np.flatnonzero(np.greater_equal(sn, self.lo, out=self._np_bool(sn.size)))
         vals = sn[idx]
         above = vals > self.hi
@@ -352,15 +367,14 @@ class TopK:
         """
         samples, meta = self.samples, self.sample_meta
         self.samples, self.sample_meta = [], []
-        s = torch.cat(samples) if samples else torch.zeros(0)
-        self.sample_values = s                                 # (unsorted) kept for quantile summaries
-        m = s.numel()
+        v = np.concatenate(samples) if samples else np.zeros(0, dtype=np.float32)
+        self.sample_values = v                                 # (unsorted) kept for quantile summaries
+        m = v.size
         if m == 0:
             self.hi, self.lo = float("inf"), float("-inf")
             return
-        v = s.numpy()
         per = np.array([b for _, _, b in meta], dtype=np.int64)  # blocks of each observed sample
-        sizes = np.repeat(np.array([x.numel() // b for x, (_, _, b) in zip(samples, meta)], dtype=np.int64), per)
+        sizes = np.repeat(np.array([x.size // b for x, (_, _, b) in zip(samples, meta)], dtype=np.int64), per)
         w_block = np.repeat(np.array([w for _, w, _ in meta], dtype=np.float64), per)
         tensor_of = np.repeat(np.array([t for t, _, _ in meta], dtype=np.int64), per)
         ends = np.cumsum(sizes)                                  # where each block ends in v
@@ -437,18 +451,22 @@ class TopK:
         self.phase = "window"
         return True
 
-    def sure_positions(self) -> torch.Tensor:
+    def sure_positions(self) -> np.ndarray:
         """The count pass's sure part of the chunk just observed (score > hi), as ascending positions
         in the chunk; `extra` later holds the chosen candidates."""
         return self._sure
 
-    def preliminary(self, n: int) -> torch.Tensor:
+    def preliminary(self, n: int) -> np.ndarray:
         """`sure_positions` as a boolean mask of the n-entry chunk (scratch, valid until the next `observe`)."""
-        mask = self._bool(1, n).zero_()
+        mask = self._np_bool(n, "preliminary")
+        mask[:] = False
         mask[self._sure] = True
         return mask
 
-    def select(self, name: str, start: int, scores: torch.Tensor) -> torch.Tensor:
+    def select(self, name: str, start: int, scores):
+        """The chunk's mask (a torch bool tensor) once every pass is done."""
+        import torch
+        scores = _torch(scores)
         if self.phase == "done":
             self.selected += scores.numel()
             return torch.ones(scores.shape, dtype=torch.bool)

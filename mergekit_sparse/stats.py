@@ -2,30 +2,39 @@
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 
 from .select import BINS, key_to_float
 
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
 
 
-def key_histogram(scores: torch.Tensor) -> torch.Tensor:
-    from .select import _chunks, float_keys
-    hist = torch.zeros(BINS, dtype=torch.int64)
-    for chunk in _chunks(scores):
-        hist += torch.bincount((float_keys(chunk) >> 16) + BINS // 2, minlength=BINS)
+def _keys(x: np.ndarray) -> np.ndarray:
+    """select.float_keys in numpy: int32 keys ordering like the float32 values; -0.0 equals +0.0."""
+    bits = (np.asarray(x, dtype=np.float32).reshape(-1) + np.float32(0.0)).view(np.int32)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+def key_histogram(scores) -> np.ndarray:
+    """Counts of the scores (numpy or torch) per high 16 bits of their keys."""
+    from .select import CHUNK, _np
+    flat = _np(scores).reshape(-1)
+    hist = np.zeros(BINS, dtype=np.int64)
+    for s in range(0, flat.size, CHUNK):
+        hist += np.bincount((_keys(flat[s:s + CHUNK]) >> 16) + BINS // 2, minlength=BINS)
     return hist
 
 
-def hist_quantiles(hist: torch.Tensor, qs=QUANTILES) -> dict[str, float]:
+def hist_quantiles(hist, qs=QUANTILES) -> dict[str, float]:
     """Lower edge of the bin holding each quantile (values agree with the exact ones to ~3 digits)."""
+    hist = np.asarray(hist)
     total = int(hist.sum())
     if total == 0:
         return {}
-    cum = hist.cumsum(0)
+    cum = hist.cumsum()
     out = {}
     for q in qs:
-        b = int(torch.searchsorted(cum, torch.tensor(max(1, int(q * total)))))
+        b = int(np.searchsorted(cum, max(1, int(q * total))))
         out[f"q{q:g}"] = key_to_float((b - BINS // 2) << 16)
-    out["max"] = key_to_float(((int(torch.nonzero(hist)[-1]) - BINS // 2) << 16) | 0xFFFF)
+    out["max"] = key_to_float(((int(np.flatnonzero(hist)[-1]) - BINS // 2) << 16) | 0xFFFF)
     return out

@@ -18,9 +18,9 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from .checkpoint import DTYPE_CODES, INDEX_NAME, SINGLE_NAME
+from . import dtypes
+from .checkpoint import INDEX_NAME, SINGLE_NAME
 from .errors import OptionError, OutputError
 
 REFERENCE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -70,22 +70,42 @@ def _fault_injection() -> None:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
+def _storage(piece, code: str, name: str) -> np.ndarray:
+    """One piece of a tensor as a flat numpy array of `code`'s storage dtype: `piece` is such an array,
+    or a torch tensor of that dtype."""
+    if isinstance(piece, np.ndarray):
+        if piece.dtype != dtypes.storage(code):
+            raise RuntimeError(f"writer expected {code} for {name}, got numpy {piece.dtype}")   # a caller bug
+        return np.ascontiguousarray(piece).reshape(-1)
+    import torch
+    if dtypes.code_of(piece.dtype) != code:
+        raise RuntimeError(f"writer expected {code} for {name}, got {piece.dtype}")            # a caller bug
+    return piece.detach().contiguous().reshape(-1).view(torch.uint8).numpy().view(dtypes.storage(code))
+
+
+def _bytes(piece, code: str, name: str) -> memoryview:
+    return memoryview(_storage(piece, code, name).view(np.uint8))
+
+
 class SafetensorsStream:
     """One safetensors file written header-first; `write` follows the planned order, `write_at` takes
-    tensors in any order (positional writes: several threads may each write their own tensors)."""
+    tensors in any order (positional writes: several threads may each write their own tensors).
+    Entries are (name, dtype, shape), the dtype a safetensors code or a torch dtype; pieces written
+    are numpy arrays (of the code's storage dtype, see `dtypes`) or torch tensors."""
 
-    def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+    def __init__(self, path: Path, entries: list[tuple[str, object, tuple[int, ...]]],
                  metadata: dict[str, str] | None = None, *, reserve: int = 0):
         header: dict = {"__metadata__": dict(metadata)} if metadata else {}
         offset = 0
         self._order = []
         self.offsets: dict[str, int] = {}
         for name, dtype, shape in entries:
+            dtype = dtypes.code_of(dtype)
             n = 1
             for s in shape:
                 n *= s
-            nbytes = n * dtype.itemsize
-            header[name] = {"dtype": DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            nbytes = n * dtypes.itemsize(dtype)
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             self._order.append((name, dtype, tuple(shape), nbytes))
             self.offsets[name] = offset
             offset += nbytes
@@ -101,9 +121,9 @@ class SafetensorsStream:
         self._written: set[str] = set()
         self._sizes = {name: (dtype, nbytes) for name, dtype, _, nbytes in self._order}
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor) -> None:
         exp_name, dtype, shape, nbytes = self._order[self._next]
-        if name != exp_name or tensor.dtype != dtype or tuple(tensor.shape) != shape:
+        if name != exp_name or tuple(tensor.shape) != shape:
             raise RuntimeError(f"writer expected {exp_name} {dtype} {shape}, got {name} {tensor.dtype} "
                                f"{tuple(tensor.shape)}")  # a bug in the caller, not a user mistake
         self.write_chunks(name, [tensor])
@@ -116,10 +136,8 @@ class SafetensorsStream:
         _fault_injection()
         written = 0
         for piece in chunks:
-            if piece.dtype != dtype:
-                raise RuntimeError(f"writer expected {dtype} for {name}, got {piece.dtype}")
-            data = piece.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-            self._f.write(memoryview(data))
+            data = _bytes(piece, dtype, name)
+            self._f.write(data)
             written += data.nbytes
         if written != nbytes:
             raise RuntimeError(f"{name}: wrote {written} bytes, planned {nbytes}")
@@ -132,9 +150,7 @@ class SafetensorsStream:
         pos, fd = self.data_start + self.offsets[name], self._f.fileno()
         written = 0
         for piece in chunks:
-            if piece.dtype != dtype:
-                raise RuntimeError(f"writer expected {dtype} for {name}, got {piece.dtype}")   # a caller bug
-            data = memoryview(piece.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+            data = _bytes(piece, dtype, name)
             while data:                               # pwrite may write less than asked
                 done = os.pwrite(fd, data, pos + written)
                 data, written = data[done:], written + done
@@ -223,10 +239,10 @@ class CheckpointWriter:
     into place; on error the temporary output is removed.
     """
 
-    def __init__(self, out: Path, plan: list[tuple[str, torch.dtype, tuple[int, ...]]], *, folder: bool,
+    def __init__(self, out: Path, plan: list[tuple[str, object, tuple[int, ...]]], *, folder: bool,
                  shard_bytes: int | None = None, metadata: dict[str, str] | None = None,
                  reference: Path | None = None, inputs: list[Path] = (), force: bool = False,
-                 config_dtype: torch.dtype | None = None, validate=None, any_order: bool = False):
+                 config_dtype=None, validate=None, any_order: bool = False):
         self.out = Path(out)
         self.validate = validate         # called with the finished temporary path before the rename
         self.extra_files: dict[str, str] = {}
@@ -240,7 +256,7 @@ class CheckpointWriter:
         self._shard_i = -1
         self._in_shard = 0
         self.weight_map: dict[str, str] = {}
-        self.locations: dict[str, tuple[Path, int, int, torch.dtype]] = {}   # name -> (file, offset, numel, dtype)
+        self.locations: dict[str, tuple[Path, int, int, str]] = {}   # name -> (file, offset, numel, dtype code)
         self._streams: dict[str, SafetensorsStream] = {}                      # any_order: name -> its file
         if any_order:
             try:
@@ -252,7 +268,7 @@ class CheckpointWriter:
                         self._streams[name] = stream
                         self.weight_map[name] = stream.path.name
                         self.locations[name] = (stream.path, stream.data_start + stream.offsets[name],
-                                                nbytes // dtype.itemsize, dtype)
+                                                nbytes // dtypes.itemsize(dtype), dtype)
             except OSError as e:
                 self.__exit__(type(e), e, None)
                 raise _os_error(e, self.out) from None
@@ -264,7 +280,7 @@ class CheckpointWriter:
             return self._atomic.tmp / SINGLE_NAME
         return self._atomic.tmp / f"model-{i + 1:05d}-of-{len(self.shards):05d}.safetensors"
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor) -> None:
         self.write_chunks(name, [tensor])
 
     def write_chunks(self, name: str, chunks) -> None:
@@ -286,28 +302,27 @@ class CheckpointWriter:
                 self._opened.append(self._stream)
             stream = self._stream
             _, dtype, shape, nbytes = stream._order[stream._next]
-            self.locations[name] = (stream.path, stream.data_start + stream.offsets[name], nbytes // dtype.itemsize,
-                                    dtype)
+            self.locations[name] = (stream.path, stream.data_start + stream.offsets[name],
+                                    nbytes // dtypes.itemsize(dtype), dtype)
             stream.write_chunks(name, chunks)
         except OSError as e:
             raise _os_error(e, self.out) from None
         self.weight_map[name] = self._shard_path(self._shard_i).name
         self._in_shard += 1
 
-    def patch(self, name: str, positions: np.ndarray, values: torch.Tensor) -> None:
-        """Overwrite entries of a tensor already written: flat `positions` get `values` (its dtype)."""
+    def patch(self, name: str, positions: np.ndarray, values) -> None:
+        """Overwrite entries of a tensor already written: flat `positions` get `values` (of the tensor's
+        dtype: a numpy array of its storage dtype, see `dtypes`, or a torch tensor)."""
         path, offset, numel, dtype = self.locations[name]
-        if values.dtype != dtype or values.numel() != len(positions):
-            raise RuntimeError(f"patch of {name}: {values.numel()} {values.dtype} values for {len(positions)} "
-                               f"positions of a {dtype} tensor")                      # a caller bug
+        view = _storage(values, dtype, name)
+        if view.size != len(positions):
+            raise RuntimeError(f"patch of {name}: {view.size} values for {len(positions)} positions")  # a caller bug
         if not len(positions):
             return
-        as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
         try:
             for stream in self._opened:
                 if stream.path == path and not stream._f.closed:
                     stream._f.flush()
-            view = values.contiguous().view(as_int).numpy()
             mm = np.memmap(path, dtype=view.dtype, mode="r+", offset=offset, shape=(numel,))
             mm[positions] = view                      # left to the page cache like every other write (no msync)
             del mm
@@ -362,12 +377,12 @@ class CheckpointWriter:
             if self.config_dtype is not None and cfg.is_file():
                 data = json.loads(cfg.read_text())
                 key = "dtype" if "dtype" in data else "torch_dtype"
-                data[key] = str(self.config_dtype).removeprefix("torch.")
+                data[key] = dtypes.name(dtypes.code_of(self.config_dtype))
                 cfg.write_text(json.dumps(data, indent=2))
 
 
-def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
-    n = dtype.itemsize
+def _nbytes(dtype, shape: tuple[int, ...]) -> int:
+    n = dtypes.itemsize(dtypes.code_of(dtype))
     for s in shape:
         n *= s
     return n

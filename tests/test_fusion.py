@@ -253,16 +253,10 @@ def test_resolve_cores_matches_the_policy_position_by_position(policy, tasks):
 
 
 def _fuse_with_workers(monkeypatch, workers, *args):
-    """`sparsemerge fuse` with `workers` tensors fused at once (one worker: torch on one thread, so the Gram
-    matrices sum in the order the workers' one-thread torch sums them too)."""
+    """`sparsemerge fuse` with `workers` tensors fused at once."""
     from mergekit_sparse import fusion
     monkeypatch.setattr(fusion, "fusion_workers", lambda: workers)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return json.loads(run("fuse", *args, "--json").stdout)
-    finally:
-        torch.set_num_threads(threads)
+    return json.loads(run("fuse", *args, "--json").stdout)
 
 
 @pytest.mark.parametrize("cores", ["p", "masks"])
@@ -320,3 +314,48 @@ def test_values_too_large_for_float32_are_an_error_not_a_nan_merge(planted, tmp_
                                  str(planted["base"]), "--p", "25", "-o", str(tmp_path / "f.safetensors")])
     assert r.exit_code != 0 and "tensor 'b.w': values too large to fuse in float32" in r.output, r.output
     assert "Traceback" not in r.output and not (tmp_path / "f.safetensors").exists()
+
+
+NO_TORCH = """
+import sys
+from cli.main import main
+sys.argv = ["sparsemerge", *sys.argv[1:]]
+try:
+    main()
+except SystemExit as e:
+    code = e.code
+print("torch imported" if "torch" in sys.modules else "torch not imported")
+sys.exit(code)
+"""
+
+
+def _bf16_copy(src, dst):
+    import shutil
+    shutil.copytree(src, dst)
+    sd = load_file(src / "model.safetensors")
+    save_file({k: v.bfloat16() if v.is_floating_point() else v for k, v in sd.items()}, dst / "model.safetensors")
+    return dst
+
+
+@pytest.mark.parametrize("cores", ["p", "masks"])
+def test_fuse_never_imports_torch_and_writes_what_a_torch_process_writes(tiny_base, tiny_tasks, tmp_path, cores):
+    """The fusion is numpy throughout (torch's start-up is seconds): a `sparsemerge fuse` process of bf16
+    models never loads torch, and writes bit for bit what the same fusion writes in a process that has it."""
+    import subprocess
+    import sys
+    base, *tasks = (_bf16_copy(p, tmp_path / p.name) for p in (tiny_base, *tiny_tasks[:2]))
+    if cores == "masks":
+        run("core", "--base", base, *tasks, "--p", 2, "-o", tmp_path / "cores")
+        how = [x for t in tasks for x in ("--masks", tmp_path / "cores" / f"{t.name}.mask.safetensors")]
+    else:
+        how = ["--p", 2]
+    args = ["fuse", *tasks, "--base", base, *how, "--no-check", "--json"]
+    r = subprocess.run([sys.executable, "-c", NO_TORCH, *map(str, args), "-o", str(tmp_path / "alone")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("torch not imported"), r.stdout + r.stderr
+    run(*args, "-o", tmp_path / "with_torch")
+    a, b = Checkpoint.open(tmp_path / "alone"), Checkpoint.open(tmp_path / "with_torch")
+    assert a.infos["model.norm.weight"].code == "BF16" and a.names == b.names
+    assert all(torch.equal(a.tensor(n), b.tensor(n)) for n in a.names)
+    assert json.loads((tmp_path / "alone" / "fuse.json").read_text())["counts"] == \
+        json.loads((tmp_path / "with_torch" / "fuse.json").read_text())["counts"]
