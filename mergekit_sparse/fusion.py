@@ -259,12 +259,23 @@ def fuse(tasks: list[Checkpoint], labels: list[str], *, onto: Checkpoint, onto_i
     return write(counting=False)
 
 
-def _members(sorted_all: np.ndarray, sorted_some: np.ndarray) -> np.ndarray:
-    """Which entries of `sorted_all` are in `sorted_some` (both ascending)."""
-    if not len(sorted_some):
-        return np.zeros(len(sorted_all), dtype=bool)
-    at = np.minimum(np.searchsorted(sorted_some, sorted_all), len(sorted_some) - 1)
-    return sorted_some[at] == sorted_all
+def _union(sets: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The ascending union P of ascending position arrays, and for each array which entries of P it holds
+    (a stable sort of the concatenation merges the sorted runs in linear time; no searches)."""
+    cat = np.concatenate(sets)
+    if len(sets) == 1:
+        return cat, [np.ones(len(cat), dtype=bool)]
+    order = np.argsort(cat, kind="stable")
+    srt = cat[order]
+    first = np.empty(len(srt), dtype=bool)
+    first[:1] = True
+    np.not_equal(srt[1:], srt[:-1], out=first[1:])
+    slot = np.cumsum(first) - 1                              # each sorted entry's index in P
+    owner = np.searchsorted(np.cumsum([len(x) for x in sets]), order, side="right")
+    held = [np.zeros(int(slot[-1]) + 1 if len(slot) else 0, dtype=bool) for _ in sets]
+    for i, h in enumerate(held):
+        h[slot[owner == i]] = True
+    return srt[first], held
 
 
 MAX_WORKERS = 4
@@ -531,16 +542,12 @@ class _Fusion:
             return dtypes.to_float32(ckpt.array(name).reshape(-1)[positions], ckpt.infos[name].code)
 
         def patch(name: str) -> None:
-            chosen = [sel.extra.get(name, empty) for sel in sels]
-            P = np.concatenate(chosen)
-            if len(chosen) > 1:
-                P = np.sort(P)
-                P = P[np.concatenate(([True], P[1:] != P[:-1]))]
+            P, chosen = _union([sel.extra.get(name, empty) for sel in sels])
             w0 = at(self.base, name, P)
             values = [at(t, name, P) for t in self.tasks]
             deltas = [np.abs(v - w0) for v in values]
             sure = [d > sel.hi for d, sel in zip(deltas, sels)]
-            final = [s | _members(P, c) for s, c in zip(sure, chosen)]
+            final = [s | c for s, c in zip(sure, chosen)]
             value = np.empty(len(P), dtype=np.float32)       # every position of P is in a final core
             for sign, masks in ((-1, sure), (1, final)):
                 idx = [np.flatnonzero(m) for m in masks]

@@ -35,7 +35,6 @@ BLOCK = 4096             # sample block (entries)
 SAMPLE_CAP = 1 << 22     # at most ~4 M sampled scores
 CANDIDATE_CAP = 1 << 24  # at most ~16 M candidates (16 bytes each) before falling back to radix
 WINDOW_SLACK = 0.002     # the window's half-width is at least this share of all scores
-PREALLOCATE_CAP = 1 << 22  # candidate room reserved up front at most (64 MB); more grows by doubling
 
 
 def _torch(x):
@@ -395,11 +394,12 @@ class TopK:
         jl = int(np.searchsorted(cw, k + delta))
         self.hi = float(v[top[jh]]) if k - delta > 0 else float("inf")
         self.lo = float(v[top[jl]]) if jl < R else float("-inf")
-        # room for the candidates the sample predicts (in [lo, hi]), so the count pass rarely regrows
+        # room for the candidates the sample predicts (in [lo, hi]), so the count pass rarely regrows: untouched
+        # room costs address space only (large numpy arrays are mapped lazily), a regrowth copies everything
         desc = -v[top]
         ge_lo, gt_hi = (int(np.searchsorted(desc, -x, side=side)) for x, side in ((self.lo, "right"), (self.hi, "left")))
         expect = (cw[ge_lo - 1] if ge_lo else 0.0) - (cw[gt_hi - 1] if gt_hi else 0.0)
-        self._grow(int(min(1.25 * expect, PREALLOCATE_CAP)))
+        self._grow(int(min(1.25 * expect, CANDIDATE_CAP)))
 
     @staticmethod
     def _count_std(v, ends, w_block, tensor_of, t_hat) -> float:

@@ -359,3 +359,13 @@ def test_fuse_never_imports_torch_and_writes_what_a_torch_process_writes(tiny_ba
     assert all(torch.equal(a.tensor(n), b.tensor(n)) for n in a.names)
     assert json.loads((tmp_path / "alone" / "fuse.json").read_text())["counts"] == \
         json.loads((tmp_path / "with_torch" / "fuse.json").read_text())["counts"]
+
+
+@pytest.mark.parametrize("sizes", [(0,), (5,), (0, 0), (7, 0), (300, 200, 0, 50)])
+def test_union_of_position_sets_and_who_holds_what(sizes):
+    from mergekit_sparse.fusion import _union
+    g = np.random.default_rng(len(sizes))
+    sets = [np.sort(g.choice(1000, n, replace=False)).astype(np.int64) for n in sizes]
+    P, held = _union(sets)
+    assert np.array_equal(P, np.unique(np.concatenate(sets)))
+    assert all(np.array_equal(h, np.isin(P, s)) for h, s in zip(held, sets))
