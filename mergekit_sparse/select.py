@@ -1,9 +1,10 @@
 """Exact top-k over a stream of score tensors, with memory independent of model size.
 
 Every "top x %" of the project (core regions, GaLLoP and its baselines) goes through here.
-Scores arrive as float32 chunks of each tensor, tensors in scope order (sorted names), chunks
-in flat order; ties are broken by (sorted name, flat index), exactly as a stable sort of the
-concatenation would.
+Scores arrive as float32 chunks of each tensor (numpy arrays, or CPU torch tensors), tensors in
+scope order (sorted names), chunks in flat order; ties are broken by (sorted name, flat index),
+exactly as a stable sort of the concatenation would. Sampling and counting are numpy, so the
+core and fuse commands never load torch; masks from `select` and the radix fallback use torch.
 
 `TopK` (the default) needs one full pass to find the threshold:
 
