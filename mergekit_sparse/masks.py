@@ -10,9 +10,9 @@ Mask files are read lazily, one tensor at a time, like checkpoints.
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
 import mmap
+import threading
+from pathlib import Path
 
 import numpy as np
 
@@ -61,6 +61,7 @@ class MaskSet:
         self.path, self.shapes, self.meta = Path(path), dict(sorted(shapes.items())), meta
         self._map = None
         self._infos = None
+        self._lock = threading.Lock()             # fusion workers read masks from several threads
 
     @classmethod
     def load(cls, path: str | Path) -> MaskSet:
@@ -98,11 +99,12 @@ class MaskSet:
 
     def packed(self, name: str) -> np.ndarray:
         """The packed bits of one tensor, read-only over the memory-mapped file (no copy)."""
-        if self._infos is None:
-            self._infos = read_header(self.path)[0]
-        if self._map is None:
-            with open(self.path, "rb") as f:
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        with self._lock:
+            if self._infos is None:
+                self._infos = read_header(self.path)[0]
+            if self._map is None:
+                with open(self.path, "rb") as f:
+                    self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         info = self._infos[name]
         if info.offset + info.numel > len(self._map):
             raise CheckpointError(f"{self.path}: tensor '{name}' ends past the end of the file; it was truncated")
