@@ -146,7 +146,6 @@ class Checkpoint:
         self.infos = dict(sorted(infos.items()))
         self._headers = headers
         self._pickled = pickled
-        self._handles: dict[Path, object] = {}
         self._maps: dict[Path, mmap.mmap] = {}
         self._lock = threading.Lock()
 
@@ -249,17 +248,14 @@ class Checkpoint:
         return {"path": str(self.path), "header_sha256": self.fingerprint()}
 
     # -- data ---------------------------------------------------------------------------------
-    def array(self, name: str) -> np.ndarray:
-        """One tensor's data as a read-only numpy array over the memory-mapped file (no copy)."""
+    def _info(self, name: str) -> TensorInfo:
         info = self.infos.get(name)
         if info is None:
             raise CheckpointError(f"{self.path}: no tensor named '{name}'")
-        if self._pickled is not None:
-            import torch
-            t = self._pickled[name].detach().contiguous()
-            if t.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
-                t = t.view({2: torch.int16, 1: torch.uint8}[t.element_size()])
-            return t.numpy().view(dtypes.storage(info.code))
+        return info
+
+    def _mapping(self, info: TensorInfo) -> mmap.mmap:
+        """The file's one copy-on-write mapping (writes through it never reach the file)."""
         m = self._maps.get(info.file)
         if m is None:
             with self._lock:
@@ -267,15 +263,28 @@ class Checkpoint:
                 if m is None:
                     try:
                         with open(info.file, "rb") as f:
-                            m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                            m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
                     except (OSError, ValueError) as e:
                         raise CheckpointError(f"{info.file}: cannot open safetensors file ({e})") from None
                     self._maps[info.file] = m
         if info.offset + info.nbytes > len(m):
-            raise CheckpointError(f"{info.file}: '{name}' ends past the end of the file; the file was truncated "
-                                  "after it was opened")
-        return np.frombuffer(m, dtype=dtypes.storage(info.code), count=info.numel,
-                             offset=info.offset).reshape(info.shape)
+            raise CheckpointError(f"{info.file}: '{info.name}' ends past the end of the file; the file was "
+                                  "truncated after it was opened")
+        return m
+
+    def array(self, name: str) -> np.ndarray:
+        """One tensor's data as a read-only numpy array over the memory-mapped file (no copy)."""
+        info = self._info(name)
+        if self._pickled is not None:
+            import torch
+            t = self._pickled[name].detach().contiguous()
+            if t.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
+                t = t.view({2: torch.int16, 1: torch.uint8}[t.element_size()])
+            return t.numpy().view(dtypes.storage(info.code))
+        a = np.frombuffer(self._mapping(info), dtype=dtypes.storage(info.code), count=info.numel,
+                          offset=info.offset).reshape(info.shape)
+        a.flags.writeable = False
+        return a
 
     def float32(self, name: str, start: int = 0, end: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
         """Entries [start, end) of the flattened tensor as float32 (into `out` when given)."""
@@ -283,29 +292,19 @@ class Checkpoint:
         return dtypes.to_float32(raw, self.infos[name].code, out)
 
     def tensor(self, name: str):
-        """Read one tensor as a torch tensor (memory-mapped where possible)."""
-        """Read one tensor (memory-mapped where possible)."""
-        info = self.infos.get(name)
-        if info is None:
-            raise CheckpointError(f"{self.path}: no tensor named '{name}'")
+        """One tensor as a torch tensor over the same mapping as `array` (no copy; writing to it never
+        reaches the file)."""
+        info = self._info(name)
         if self._pickled is not None:
             return self._pickled[name]
-        handle = self._handles.get(info.file)
-        if handle is None:
-            from safetensors import safe_open
-            try:
-                handle = safe_open(str(info.file), framework="pt", device="cpu")
-            except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-                raise CheckpointError(f"{info.file}: cannot open safetensors file ({e})") from None
-            self._handles[info.file] = handle
-        try:
-            return handle.get_tensor(name)
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"{info.file}: cannot read tensor '{name}' ({e})") from None
+        import torch
+        if info.numel == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        return torch.frombuffer(self._mapping(info), dtype=info.dtype, count=info.numel,
+                                offset=info.offset).view(info.shape)
 
     def close(self) -> None:
-        self._handles.clear()
-        self._maps.clear()          # closed by the collector once no array refers to them
+        self._maps.clear()          # unmapped by the collector once no array or tensor refers to them
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, tensors={len(self.infos)}, params={self.numel})"

@@ -10,13 +10,11 @@ Mask files are read lazily, one tensor at a time, like checkpoints.
 from __future__ import annotations
 
 import json
-import mmap
-import threading
 from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import read_header
+from .checkpoint import Checkpoint, read_header
 from .errors import CheckpointError, MismatchError
 from .writer import AtomicPath, SafetensorsStream, check_output
 
@@ -59,16 +57,14 @@ class MaskSet:
 
     def __init__(self, path: Path, shapes: dict[str, tuple[int, ...]], meta: dict):
         self.path, self.shapes, self.meta = Path(path), dict(sorted(shapes.items())), meta
-        self._map = None
-        self._infos = None
-        self._lock = threading.Lock()             # fusion workers read masks from several threads
+        self._file: Checkpoint | None = None      # the packed bits, read like any checkpoint
 
     @classmethod
     def load(cls, path: str | Path) -> MaskSet:
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(f"{path}: mask file not found")
-        infos, metadata, _ = read_header(path)
+        infos, metadata, raw = read_header(path)
         try:
             meta = json.loads(metadata[META_KEY])
             shapes = {n: tuple(s) for n, s in meta["shapes"].items()}
@@ -83,7 +79,7 @@ class MaskSet:
             if info is None or info.code != "U8" or info.numel != packed_size(shape):
                 raise CheckpointError(f"{path}: tensor '{name}' is missing or has the wrong packed size")
         out = cls(path, shapes, meta)
-        out._infos = infos
+        out._file = Checkpoint(path, infos, folder=None, headers={path: raw}, label=path.name)
         return out
 
     @property
@@ -99,16 +95,9 @@ class MaskSet:
 
     def packed(self, name: str) -> np.ndarray:
         """The packed bits of one tensor, read-only over the memory-mapped file (no copy)."""
-        with self._lock:
-            if self._infos is None:
-                self._infos = read_header(self.path)[0]
-            if self._map is None:
-                with open(self.path, "rb") as f:
-                    self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        info = self._infos[name]
-        if info.offset + info.numel > len(self._map):
-            raise CheckpointError(f"{self.path}: tensor '{name}' ends past the end of the file; it was truncated")
-        return np.frombuffer(self._map, dtype=np.uint8, count=info.numel, offset=info.offset)
+        if self._file is None:
+            self._file = Checkpoint.open(self.path)
+        return self._file.array(name)
 
     def bits(self, name: str) -> np.ndarray:
         """One tensor's mask as a numpy bool array."""

@@ -3,8 +3,8 @@
 Every "top x %" of the project (core regions, GaLLoP and its baselines) goes through here.
 Scores arrive as float32 chunks of each tensor (numpy arrays, or CPU torch tensors), tensors in
 scope order (sorted names), chunks in flat order; ties are broken by (sorted name, flat index),
-exactly as a stable sort of the concatenation would. Sampling and counting are numpy, so the
-core and fuse commands never load torch; masks from `select` and the radix fallback use torch.
+exactly as a stable sort of the concatenation would. The selection is numpy, so the core and
+fuse commands never load torch; only the masks `select` returns are torch tensors.
 
 `TopK` (the default) needs one full pass to find the threshold:
 
@@ -51,11 +51,11 @@ def _np(x) -> np.ndarray:
     return x.numpy() if hasattr(x, "numpy") else np.asarray(x)
 
 
-def float_keys(x):
-    """int32 keys ordering exactly like the float32 values of `x` (flattened); -0.0 equals +0.0."""
-    import torch
-    x = _torch(x)
-    bits = (x.reshape(-1).float() + 0.0).view(torch.int32)          # + 0.0 turns -0.0 into +0.0
+def float_keys(x) -> np.ndarray:
+    """int32 keys (numpy) ordering exactly like the float32 values of `x` (flattened); -0.0 equals +0.0."""
+    if not isinstance(x, np.ndarray):
+        x = x.float()                                   # torch: bf16 and friends have no numpy view
+    bits = (np.asarray(_np(x), dtype=np.float32).reshape(-1) + np.float32(0.0)).view(np.int32)  # -0.0 -> +0.0
     return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
@@ -65,8 +65,8 @@ def key_to_float(key: int) -> float:
 
 
 def _chunks(x):
-    flat = x.reshape(-1)
-    for start in range(0, flat.numel(), CHUNK):
+    flat = _np(x).reshape(-1)
+    for start in range(0, flat.size, CHUNK):
         yield flat[start:start + CHUNK]
 
 
@@ -113,18 +113,17 @@ class RadixTopK:
         return self.k == self.total
 
     def observe(self, name: str, scores) -> None:
-        import torch
         if self.stage == 1:
             _check_finite(scores, name)
         if self.everything:
             return
-        for chunk in _chunks(_torch(scores)):
+        for chunk in _chunks(scores):
             key = float_keys(chunk)
             if self.stage == 1:
-                self.hist += torch.bincount((key >> 16) + BINS // 2, minlength=BINS).numpy()
+                self.hist += np.bincount((key >> 16) + BINS // 2, minlength=BINS)
             else:
                 low = key[((key >> 16) + BINS // 2) == self.bucket] & 0xFFFF
-                self.hist += torch.bincount(low, minlength=BINS).numpy()
+                self.hist += np.bincount(low, minlength=BINS)
 
     def next_pass(self) -> None:
         if self.everything:
@@ -153,41 +152,39 @@ class RadixTopK:
 
     def select(self, name: str, scores):
         """Pass 3: the boolean mask of one tensor (a torch tensor of the shape of `scores`)."""
-        import torch
         assert self.stage == 3, "select() comes after two observe passes"
-        scores = _torch(scores)
+        shape = tuple(scores.shape)
         if self.everything:
-            self.selected += scores.numel()
-            return torch.ones(scores.shape, dtype=torch.bool)
+            self.selected += math.prod(shape)
+            return _torch(np.ones(shape, dtype=bool))
         parts = []
         for chunk in _chunks(scores):
             key = float_keys(chunk)
             mask = key > self.threshold_key
             if self.ties_left > 0:
                 eq = key == self.threshold_key
-                mask |= eq & (eq.cumsum(0, dtype=torch.int32) <= self.ties_left)
+                mask |= eq & (eq.cumsum(dtype=np.int64) <= self.ties_left)
                 self.ties_left -= min(self.ties_left, int(eq.sum()))
             parts.append(mask)
-        mask = torch.cat(parts) if len(parts) > 1 else parts[0]
+        mask = np.concatenate(parts) if len(parts) > 1 else parts[0] if parts else np.zeros(0, dtype=bool)
         self.selected += int(mask.sum())
-        return mask.view(scores.shape)
+        return _torch(mask.reshape(shape))
 
 
 def topk_mask(scores, k: int) -> tuple:
     """Exact top-k of one in-memory tensor with ties by flat index ascending: (torch mask, threshold)."""
-    import torch
-    scores = _torch(scores)
-    n = scores.numel()
+    shape = tuple(scores.shape)
+    n = math.prod(shape)
     if k <= 0:
-        return torch.zeros(scores.shape, dtype=torch.bool), float("inf")
+        return _torch(np.zeros(shape, dtype=bool)), float("inf")
     if k >= n:
-        return torch.ones(scores.shape, dtype=torch.bool), float("-inf")
+        return _torch(np.ones(shape, dtype=bool)), float("-inf")
     key = float_keys(scores)
-    t = int(torch.kthvalue(key, n - k + 1).values)                 # k-th largest
+    t = int(np.partition(key, n - k)[n - k])                       # k-th largest
     mask = key > t
     eq = key == t
-    mask |= eq & (eq.cumsum(0, dtype=torch.int32) <= k - int(mask.sum()))
-    return mask.view(scores.shape), key_to_float(t)
+    mask |= eq & (eq.cumsum(dtype=np.int64) <= k - int(mask.sum()))
+    return _torch(mask.reshape(shape)), key_to_float(t)
 
 
 def chunk_ranges(n: int, size: int = CHUNK) -> list[tuple[int, int]]:

@@ -9,19 +9,12 @@ from .select import BINS, key_to_float
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
 
 
-def _keys(x: np.ndarray) -> np.ndarray:
-    """select.float_keys in numpy: int32 keys ordering like the float32 values; -0.0 equals +0.0."""
-    bits = (np.asarray(x, dtype=np.float32).reshape(-1) + np.float32(0.0)).view(np.int32)
-    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
-
-
 def key_histogram(scores) -> np.ndarray:
     """Counts of the scores (numpy or torch) per high 16 bits of their keys."""
-    from .select import CHUNK, _np
-    flat = _np(scores).reshape(-1)
+    from .select import _chunks, float_keys
     hist = np.zeros(BINS, dtype=np.int64)
-    for s in range(0, flat.size, CHUNK):
-        hist += np.bincount((_keys(flat[s:s + CHUNK]) >> 16) + BINS // 2, minlength=BINS)
+    for chunk in _chunks(scores):
+        hist += np.bincount((float_keys(chunk) >> 16) + BINS // 2, minlength=BINS)
     return hist
 
 

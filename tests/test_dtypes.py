@@ -84,3 +84,8 @@ def test_raw_reads_equal_torch_reads_at_any_offset(tmp_path):
         if t.is_floating_point():
             assert np.array_equal(ck.float32(name), t.float().reshape(-1).numpy()), name
             assert np.array_equal(ck.float32(name, 2, 5), t.float().reshape(-1)[2:5].numpy()), name
+        assert torch.equal(ck.tensor(name), t), name                        # one mapping serves both
+    before = (tmp_path / "m.safetensors").read_bytes()
+    ck.tensor("c.f32").add_(1)                                     # copy-on-write: the file is never written
+    assert (tmp_path / "m.safetensors").read_bytes() == before
+    assert torch.equal(Checkpoint.open(tmp_path / "m.safetensors").tensor("c.f32"), tensors["c.f32"])
