@@ -17,7 +17,7 @@ from common import generated_checkpoints, BIN, HERE, mb, measure, sparsemerge, t
 
 
 def make_grads(path, shapes) -> None:
-    from mergekit_sparse.writer import CheckpointWriter
+    from mergekit_sparse.storage.writer import CheckpointWriter
     if path.exists():
         return
     plan = [(n, torch.float32, s) for n, s in shapes]

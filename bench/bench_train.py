@@ -14,10 +14,10 @@ import torch
 from common import table
 
 from mergekit_sparse.builtin import builtin_model
-from mergekit_sparse.data import collate, encode, token_loss_sum
-from mergekit_sparse.models import load_model
-from mergekit_sparse.optim import MaskedAdamW
-from mergekit_sparse.tasks import generate
+from mergekit_sparse.training.data import collate, encode, token_loss_sum
+from mergekit_sparse.training.models import load_model
+from mergekit_sparse.training.optim import MaskedAdamW
+from mergekit_sparse.builtin.tasks import generate
 
 
 def steps_per_second(model, tok, opt, batches, steps) -> float:

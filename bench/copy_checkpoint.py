@@ -3,8 +3,8 @@
 import sys
 from pathlib import Path
 
-from mergekit_sparse.checkpoint import Checkpoint
-from mergekit_sparse.writer import CheckpointWriter
+from mergekit_sparse.storage.checkpoint import Checkpoint
+from mergekit_sparse.storage.writer import CheckpointWriter
 
 src, dst = Checkpoint.open(sys.argv[1]), Path(sys.argv[2])
 plan = [(n, i.dtype, i.shape) for n, i in src.infos.items()]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from mergekit_sparse.writer import CheckpointWriter
+from mergekit_sparse.storage.writer import CheckpointWriter
 
 
 def llama_shapes(params: float, hidden: int = 1536, inter: int = 4096, vocab: int = 32000) -> list[tuple[str, tuple]]:

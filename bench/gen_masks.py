@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from gen_checkpoints import llama_shapes
 
-from mergekit_sparse.masks import MaskWriter
+from mergekit_sparse.storage.masks import MaskWriter
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--out", type=Path, required=True)

@@ -34,7 +34,7 @@ def inspect(checkpoint, base, allow_pickle, as_json):
     Example:
       sparsemerge inspect runs/math --base base/ --json
     """
-    from mergekit_sparse.inspect import inspect_checkpoint, render_inspect
+    from mergekit_sparse.analysis.describe import inspect_checkpoint, render_inspect
     report = inspect_checkpoint(checkpoint, base=base, allow_pickle=allow_pickle)
     emit(report, as_json, render_inspect(report))
 
@@ -62,10 +62,10 @@ def core(tasks, base, percent, scope_kind, out_dir, include, exclude, allow_pick
     Example:
       sparsemerge core --base base/ runs/math runs/code --p 1 -o cores/
     """
-    from mergekit_sparse.checkpoint import Checkpoint
-    from mergekit_sparse.core import compute_cores, write_core_json
-    from mergekit_sparse.scope import align
-    from mergekit_sparse.writer import check_output
+    from mergekit_sparse.storage.checkpoint import Checkpoint
+    from mergekit_sparse.analysis.cores import compute_cores, write_core_json
+    from mergekit_sparse.storage.scope import align
+    from mergekit_sparse.storage.writer import check_output
 
     labels = labels_for(tasks)
     base_ck = Checkpoint.open(base, allow_pickle=allow_pickle)
@@ -116,7 +116,7 @@ def fuse(tasks, base, percent, scope_kind, masks, out, omega, weights, conflict,
       sparsemerge fuse a.safetensors b.safetensors --base base.safetensors --p 1
     """
     from mergekit_sparse.errors import OptionError
-    from mergekit_sparse.fuse_cli import run_fuse
+    from mergekit_sparse.fusion.api import run_fuse
     if not base and not masks:
         raise OptionError("fuse needs core regions: give --base BASE (cores = top --p % of |Δ|) or --masks "
                           "M1 M2 ... from `sparsemerge core`")

@@ -44,8 +44,8 @@ def eval_(model, tasks, out, batch_size, limit, max_new_tokens, strip, case_sens
     Example:
       sparsemerge eval --model fused/ --task math=math_test.jsonl --task code=code_test.jsonl -o acc.json
     """
-    from mergekit_sparse.evaluation import evaluate
-    from mergekit_sparse.writer import check_output
+    from mergekit_sparse.evaluation.accuracy import evaluate
+    from mergekit_sparse.storage.writer import check_output
     task_map = parse_pairs(tasks, "--task")
     check_output(out, [Path(model), *map(Path, task_map.values())], force=force)
     table = evaluate(model, task_map, batch_size=batch_size, limit=limit, strip=strip, case=case_sensitive,
@@ -84,8 +84,8 @@ def forget(vanilla, runs, seqs, metrics, out, html_out, force, as_json):
       sparsemerge forget --vanilla base_acc.json --run full=full_acc.json:math --run gallop=g_acc.json:math
     """
     from mergekit_sparse.errors import OptionError
-    from mergekit_sparse.forget import forget_report
-    from mergekit_sparse.writer import check_output
+    from mergekit_sparse.evaluation.forget import forget_report
+    from mergekit_sparse.storage.writer import check_output
     if not runs and not seqs:
         raise OptionError("give at least one --run NAME=TABLE:TASK or --seq A:B=AFTER_A,AFTER_B")
     for p in (out, html_out):
@@ -103,7 +103,7 @@ def forget(vanilla, runs, seqs, metrics, out, html_out, force, as_json):
     if out:
         out.write_text(json.dumps(doc, indent=2))
     if html_out:
-        from reports.forget import write_forget_report
+        from mergekit_sparse.reports.forget import write_forget_report
         write_forget_report(doc, html_out)
     lines = [f"{'run':<16} {'trained':<12} {'ID acc':>7} {'OOD acc':>8} {'forget':>7} {'collapse':>9}"]
     for name, r in doc["runs"].items():

@@ -29,7 +29,7 @@ def gradients(model, data, fraction, seed, batch_size, max_len, out, force, as_j
     Example:
       sparsemerge gradients --model base/ --data math.jsonl --fraction 0.1 -o grads.safetensors
     """
-    from mergekit_sparse.gradients import compute_gradients
+    from mergekit_sparse.training.gradients import compute_gradients
     meta = compute_gradients(model, data, out, fraction=fraction, seed=seed, batch_size=batch_size,
                              max_len=max_len, force=force, progress=progress_enabled())
     emit(meta | {"output": str(out)}, as_json, f"mean gradient over {meta['examples']} examples -> {out}")
@@ -59,10 +59,10 @@ def gallop(params, grads, rho, criterion, seed, out, html_out, sample, include, 
     Example:
       sparsemerge gallop --params base/ --grads grads.safetensors --rho 1 --html gallop.html
     """
-    from mergekit_sparse.checkpoint import Checkpoint
-    from mergekit_sparse.gallop import CRITERIA, check_gradients_fit, select_sparse
-    from mergekit_sparse.scope import align
-    from mergekit_sparse.writer import check_output
+    from mergekit_sparse.storage.checkpoint import Checkpoint
+    from mergekit_sparse.analysis.gallop import CRITERIA, check_gradients_fit, select_sparse
+    from mergekit_sparse.storage.scope import align
+    from mergekit_sparse.storage.writer import check_output
     p_ck, g_ck = Checkpoint.open(params), Checkpoint.open(grads)
     scope = align([p_ck, g_ck], include=include, exclude=exclude)
     check_output(out, [p_ck.path, g_ck.path], force=force)
@@ -82,7 +82,7 @@ def gallop(params, grads, rho, criterion, seed, out, html_out, sample, include, 
     summary_path = Path(f"{out}".removesuffix(".mask.safetensors").removesuffix(".safetensors") + ".json")
     summary_path.write_text(json.dumps(doc, indent=2))
     if html_out:
-        from reports.gallop import write_gallop_report
+        from mergekit_sparse.reports.gallop import write_gallop_report
         write_gallop_report(doc | {"sample": res.sample}, html_out)
     s = res.summaries[criterion]
     text = (f"{criterion}: selected {s.selected:,} of {s.total:,} ({rho} %), threshold {s.threshold:.4g}\n"

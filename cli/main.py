@@ -54,7 +54,7 @@ def emit(data: dict, as_json: bool, text: str) -> None:
 
 
 def labels_for(paths) -> list[str]:
-    from mergekit_sparse.checkpoint import task_labels
+    from mergekit_sparse.storage.checkpoint import task_labels
     return task_labels(paths)
 
 

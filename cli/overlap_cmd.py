@@ -51,9 +51,9 @@ def overlap(inputs, base, percent, tau, order, seed, out, html_out, save_masks, 
       sparsemerge overlap cores/*.mask.safetensors --tau 0.1 --html overlap.html
       sparsemerge overlap --base base/ runs/math runs/code runs/chat --p 1 --order input
     """
-    from mergekit_sparse.masks import MaskSet
-    from mergekit_sparse.overlap import compute_overlap, group_tasks, groups_document
-    from mergekit_sparse.writer import check_output
+    from mergekit_sparse.storage.masks import MaskSet
+    from mergekit_sparse.analysis.overlap import compute_overlap, group_tasks, groups_document
+    from mergekit_sparse.storage.writer import check_output
 
     labels = labels_for(inputs)
     check_output(out, list(inputs), force=force)
@@ -63,9 +63,9 @@ def overlap(inputs, base, percent, tau, order, seed, out, html_out, save_masks, 
                 "order": order, "seed": seed}
     with tempfile.TemporaryDirectory() as tmp:
         if base:
-            from mergekit_sparse.checkpoint import Checkpoint
-            from mergekit_sparse.core import compute_cores
-            from mergekit_sparse.scope import align
+            from mergekit_sparse.storage.checkpoint import Checkpoint
+            from mergekit_sparse.analysis.cores import compute_cores
+            from mergekit_sparse.storage.scope import align
             base_ck = Checkpoint.open(base, allow_pickle=allow_pickle)
             tasks = [Checkpoint.open(t, allow_pickle=allow_pickle) for t in inputs]
             scope = align([base_ck, *tasks], include=include, exclude=exclude)
@@ -83,7 +83,7 @@ def overlap(inputs, base, percent, tau, order, seed, out, html_out, save_masks, 
     tmp_out.write_text(json.dumps(doc, indent=2))
     tmp_out.replace(out)
     if html_out:
-        from reports.overlap import write_overlap_report
+        from mergekit_sparse.reports.overlap import write_overlap_report
         write_overlap_report(doc, html_out)
     m = doc["matrix"]
     width = max(len(t) for t in labels)

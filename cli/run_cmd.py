@@ -24,8 +24,8 @@ def run_cmd(config, out, as_json):
     Example:
       sparsemerge run pipeline.yaml -o runs/exp1
     """
-    from mergekit_sparse.config import load_config
-    from mergekit_sparse.pipeline import render_summary, run_pipeline
+    from mergekit_sparse.pipeline.config import load_config
+    from mergekit_sparse.pipeline.run import render_summary, run_pipeline
     cfg = load_config(config)
     root = out or (config.parent / cfg["output"])
     summary = run_pipeline(cfg, root, log=lambda m: click.echo(m, err=True))
@@ -46,6 +46,6 @@ def demo(out, fast, as_json):
     Example:
       sparsemerge demo -o demo-run && open demo-run/report.html
     """
-    from mergekit_sparse.demo import run_demo
+    from mergekit_sparse.pipeline.demo import run_demo
     summary = run_demo(out, fast=fast, log=lambda m: click.echo(m, err=True))
     emit(summary, as_json, summary["text"] + f"\nreport: {summary['report']}")

@@ -42,7 +42,7 @@ def train_options(f):
 
 
 def make_config(kw: dict):
-    from mergekit_sparse.trainer import TrainConfig
+    from mergekit_sparse.training.trainer import TrainConfig
     keys = ("steps", "lr", "batch_size", "grad_accum", "warmup", "schedule", "weight_decay", "optimizer", "momentum",
             "clip", "eval_every", "eval_fraction", "max_len", "save_every", "seed")
     cfg = {k: kw.pop(k) for k in keys}
@@ -67,7 +67,7 @@ def train_cmd(model, data, mask, out, force, as_json, **kw):
     Example:
       sparsemerge train --model base/ --data math.jsonl --mask gallop.mask.safetensors --steps 200 -o runs/math
     """
-    from mergekit_sparse.staged import run_train
+    from mergekit_sparse.training.staged import run_train
     summary = run_train(model, data, out, cfg=make_config(kw), mask=mask, force=force, progress=progress_enabled())
     f = summary["final"]
     emit(summary | {"output": str(out)}, as_json,
@@ -97,7 +97,7 @@ def retrain(model, groups, masks_dir, data, per_task, fraction, out, force, as_j
       sparsemerge retrain --model fused/ --groups groups.json --masks cores/ \\
           --data math=math.jsonl --data code=code.jsonl --per-task 200 --steps 100 -o retrained/
     """
-    from mergekit_sparse.staged import retrain as run
+    from mergekit_sparse.training.staged import retrain as run
     doc = run(model, groups, masks_dir, parse_pairs(data, "--data"), out, cfg=make_config(kw), per_task=per_task,
               fraction=fraction, force=force, progress=progress_enabled())
     lines = [f"stage {s['stage']}: {', '.join(s['group'])}" + (" (done earlier, skipped)" if s.get("skipped") else

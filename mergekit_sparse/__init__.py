@@ -1,6 +1,6 @@
 """mergekit-sparse: core parameter isolation (CPI-FT) and gradient-based sparse selection (GaLLoP).
 
-Import submodules directly (`mergekit_sparse.core`, `mergekit_sparse.fusion`, ...); this package
+Import submodules directly (`mergekit_sparse.analysis.cores`, `mergekit_sparse.fusion.driver`, ...); this package
 imports nothing heavy so that the CLI starts fast.
 """
 

@@ -33,7 +33,7 @@ def perturb_folder(src: Path, dst: Path, *, seed: int, scale: float = 0.01, hot:
 
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
-    from mergekit_sparse.tiny import build_tiny_llama
+    from mergekit_sparse.builtin.tiny import build_tiny_llama
     return build_tiny_llama(tmp_path_factory.mktemp("models") / "base", seed=0, hidden=32, layers=2)
 
 

@@ -12,11 +12,11 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from cli.main import cli
-from mergekit_sparse.checkpoint import Checkpoint
+from mergekit_sparse.cli.main import cli
+from mergekit_sparse.storage.checkpoint import Checkpoint
 from mergekit_sparse.errors import CheckpointError, MismatchError, OutputError
-from mergekit_sparse.scope import align
-from mergekit_sparse.writer import CheckpointWriter
+from mergekit_sparse.storage.scope import align
+from mergekit_sparse.storage.writer import CheckpointWriter
 
 
 def test_open_single_file_reads_headers_lazily(planted):

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mergekit_sparse import dtypes
-from mergekit_sparse.checkpoint import Checkpoint
+from mergekit_sparse.storage import dtypes
+from mergekit_sparse.storage.checkpoint import Checkpoint
 
 
 def _torch_bits(t: torch.Tensor) -> np.ndarray:

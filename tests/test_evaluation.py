@@ -8,8 +8,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cli.main import cli
-from mergekit_sparse.metrics import (
+from mergekit_sparse.cli.main import cli
+from mergekit_sparse.evaluation.metrics import (
     collapse,
     forget_ratio,
     load_accuracy_table,
@@ -95,8 +95,8 @@ def test_forget_cli_user_errors(tmp_path, args, message):
 def test_evaluator_accuracy_equals_hand_loop(tiny_base, tmp_path):
     """Targets are set to the model's own greedy answer for half the prompts: accuracy must be 0.5,
     and every batched prediction must equal the one-at-a-time hand loop."""
-    from mergekit_sparse.evaluation import generate_answers
-    from mergekit_sparse.models import load_model
+    from mergekit_sparse.evaluation.accuracy import generate_answers
+    from mergekit_sparse.training.models import load_model
     model, tok = load_model(tiny_base, dtype=torch.float32)
     prompts = [f"{a}+{b}=" for a in range(3) for b in range(4)] + ["longer prompt 7*8="]
     hand = []
@@ -119,8 +119,8 @@ def test_evaluator_accuracy_equals_hand_loop(tiny_base, tmp_path):
 
 
 def test_multiple_choice_accuracy_uses_loglikelihood(tiny_base, tmp_path):
-    from mergekit_sparse.evaluation import choice_loglik
-    from mergekit_sparse.models import load_model
+    from mergekit_sparse.evaluation.accuracy import choice_loglik
+    from mergekit_sparse.training.models import load_model
     model, tok = load_model(tiny_base, dtype=torch.float32)
     s = choice_loglik(model, tok, "q:", ["ab", "cd", "e"])
     best = max(range(3), key=s.__getitem__)

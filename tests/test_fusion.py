@@ -11,9 +11,9 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from cli.main import cli
-from mergekit_sparse.checkpoint import Checkpoint
-from mergekit_sparse.fusion import POLICIES, CoreScratch, fold_weights, resolve_cores, slerp
+from mergekit_sparse.cli.main import cli
+from mergekit_sparse.storage.checkpoint import Checkpoint
+from mergekit_sparse.fusion.driver import POLICIES, CoreScratch, fold_weights, resolve_cores, slerp
 
 
 def mergekit_slerp(t, v0, v1, dot_threshold=0.9995, eps=1e-8):
@@ -138,7 +138,7 @@ def test_fuse_with_mask_files_equals_on_the_fly_cores(tiny_base, tiny_tasks, tmp
 
 
 def test_fuse_falls_back_to_a_second_pass_when_the_window_misses(tiny_base, tiny_tasks, tmp_path, monkeypatch):
-    from mergekit_sparse import select
+    from mergekit_sparse.selection import topk as select
     run("fuse", tiny_tasks[0], tiny_tasks[1], "--base", tiny_base, "--p", 2, "-o", tmp_path / "one", "--no-check")
     monkeypatch.setattr(select, "CANDIDATE_CAP", 10)           # every window now overflows
     r = run("fuse", tiny_tasks[0], tiny_tasks[1], "--base", tiny_base, "--p", 2, "-o", tmp_path / "two",
@@ -161,7 +161,7 @@ def test_fuse_three_models_folds_in_order_with_weights(planted, tmp_path):
 
 def _empty_masks(planted, tmp_path):
     """Two all-false mask files for the planted models: fusion is then the SLERP fold alone."""
-    from mergekit_sparse.masks import save_masks
+    from mergekit_sparse.storage.masks import save_masks
     args = []
     for k in ("a", "b"):
         p = tmp_path / f"{k}.mask.safetensors"
@@ -254,7 +254,7 @@ def test_resolve_cores_matches_the_policy_position_by_position(policy, tasks):
 
 def _fuse_with_workers(monkeypatch, workers, *args):
     """`sparsemerge fuse` with `workers` tensors fused at once."""
-    from mergekit_sparse import fusion
+    from mergekit_sparse.fusion import driver as fusion
     monkeypatch.setattr(fusion, "fusion_workers", lambda: workers)
     return json.loads(run("fuse", *args, "--json").stdout)
 
@@ -281,7 +281,7 @@ def test_several_workers_write_what_one_worker_writes(tiny_base, tiny_tasks, tmp
 
 
 def test_a_failing_worker_stops_the_fusion_and_leaves_nothing(planted, tmp_path, monkeypatch):
-    from mergekit_sparse import fusion
+    from mergekit_sparse.fusion import driver as fusion
     monkeypatch.setattr(fusion, "fusion_workers", lambda: 2)
     sd = load_file(planted["b"])
     sd["b.w"][2, 1] = float("nan")
@@ -318,7 +318,7 @@ def test_values_too_large_for_float32_are_an_error_not_a_nan_merge(planted, tmp_
 
 NO_TORCH = """
 import sys
-from cli.main import main
+from mergekit_sparse.cli.main import main
 sys.argv = ["sparsemerge", *sys.argv[1:]]
 try:
     main()
@@ -363,7 +363,7 @@ def test_fuse_never_imports_torch_and_writes_what_a_torch_process_writes(tiny_ba
 
 @pytest.mark.parametrize("sizes", [(0,), (5,), (0, 0), (7, 0), (300, 200, 0, 50)])
 def test_union_of_position_sets_and_who_holds_what(sizes):
-    from mergekit_sparse.fusion import _union
+    from mergekit_sparse.fusion.driver import _union
     g = np.random.default_rng(len(sizes))
     sets = [np.sort(g.choice(1000, n, replace=False)).astype(np.int64) for n in sizes]
     P, held = _union(sets)

@@ -11,11 +11,11 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 from test_select_core import naive_topk
 
-from cli.main import cli
-from mergekit_sparse.checkpoint import Checkpoint
-from mergekit_sparse.gallop import EPS, select_sparse
-from mergekit_sparse.masks import MaskSet
-from mergekit_sparse.scope import align
+from mergekit_sparse.cli.main import cli
+from mergekit_sparse.storage.checkpoint import Checkpoint
+from mergekit_sparse.analysis.gallop import EPS, select_sparse
+from mergekit_sparse.storage.masks import MaskSet
+from mergekit_sparse.storage.scope import align
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:
@@ -67,8 +67,8 @@ def test_random_criterion_is_seeded_and_exact(tmp_path):
 
 
 def test_stored_mean_gradient_equals_hand_average_of_batch_gradients(tiny_base, add_data, tmp_path):
-    from mergekit_sparse.data import collate, encode, lm_loss, read_jsonl, seeded_subset
-    from mergekit_sparse.models import load_model
+    from mergekit_sparse.training.data import collate, encode, lm_loss, read_jsonl, seeded_subset
+    from mergekit_sparse.training.models import load_model
     out = tmp_path / "g.safetensors"
     r = CliRunner().invoke(cli, ["gradients", "--model", str(tiny_base), "--data", str(add_data), "--fraction", "0.5",
                                  "--seed", "3", "--batch-size", "4", "-o", str(out), "--json"])

@@ -19,7 +19,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from cli.main import cli
+from mergekit_sparse.cli.main import cli
 
 
 def sha(path: Path) -> str:
@@ -65,7 +65,7 @@ def world(tmp_path, planted, tiny_base, tiny_tasks):
     grads["model.norm.weight"][0] = float("nan")
     save_file(grads, tmp_path / "nan_grads.safetensors")
     w["nan_grads"] = str(tmp_path / "nan_grads.safetensors")
-    from mergekit_sparse.masks import save_masks
+    from mergekit_sparse.storage.masks import save_masks
     save_masks(tmp_path / "other.mask.safetensors", {"x.w": torch.ones(4, dtype=torch.bool)}, {})
     w["other_mask"] = str(tmp_path / "other.mask.safetensors")
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": "a", "response": \n')
@@ -236,7 +236,7 @@ def test_determinism_two_runs_byte_identical_and_across_thread_counts(tiny_base,
 
 def _mask_content(path: Path):
     """Bits and metadata of a mask file, without `sources` (which name this run's own input paths)."""
-    from mergekit_sparse.masks import MaskSet
+    from mergekit_sparse.storage.masks import MaskSet
     m = MaskSet.load(path)
     meta = {k: v for k, v in m.meta.items() if k != "sources"}
     return meta, {n: m.packed(n).tobytes() for n in m.names}

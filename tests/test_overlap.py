@@ -9,10 +9,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cli.main import cli
-from mergekit_sparse.masks import MaskSet, save_masks
-from mergekit_sparse.names import layer_key, module_of
-from mergekit_sparse.overlap import compute_overlap, group_tasks
+from mergekit_sparse.cli.main import cli
+from mergekit_sparse.storage.masks import MaskSet, save_masks
+from mergekit_sparse.analysis.names import layer_key, module_of
+from mergekit_sparse.analysis.overlap import compute_overlap, group_tasks
 
 SHAPES = {"model.layers.0.self_attn.q_proj.weight": (8, 8), "model.layers.0.mlp.up_proj.weight": (8, 5),
           "model.layers.1.self_attn.q_proj.weight": (8, 8), "model.layers.1.mlp.up_proj.weight": (8, 5),
@@ -51,7 +51,7 @@ def test_jaccard_and_breakdowns_equal_naive_on_unpacked_masks(tmp_path):
             assert m[i, j] == pytest.approx(naive_jaccard(raw[i], raw[j], SHAPES))
     for layer, counts in res.per_layer.items():
         keys = [k for k in SHAPES if layer_key(k) == layer]
-        from mergekit_sparse.overlap import jaccard_matrix
+        from mergekit_sparse.analysis.overlap import jaccard_matrix
         jm = jaccard_matrix(counts.inter, np.diag(counts.inter))
         assert jm[0, 1] == pytest.approx(naive_jaccard(raw[0], raw[1], keys))
     assert set(res.per_module) == {module_of(k) for k in SHAPES} == {"q_proj", "up_proj", "lm_head"}

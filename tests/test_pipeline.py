@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 from click.testing import CliRunner
 
-from cli.main import cli
+from mergekit_sparse.cli.main import cli
 
 SHORT = {"kind": "cpi-ft", "tasks": {"caesar": "builtin", "sub": "builtin"}, "ood_tasks": ["add", "rev"],
          "data": {"train": 32, "test": 4}, "probe": {"steps": 4, "batch_size": 8},

@@ -9,13 +9,13 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from cli.main import cli
-from mergekit_sparse import select
-from mergekit_sparse.checkpoint import Checkpoint
-from mergekit_sparse.core import compute_cores
+from mergekit_sparse.cli.main import cli
+from mergekit_sparse.selection import topk as select
+from mergekit_sparse.storage.checkpoint import Checkpoint
+from mergekit_sparse.analysis.cores import compute_cores
 from mergekit_sparse.errors import OptionError
-from mergekit_sparse.masks import MaskSet
-from mergekit_sparse.scope import align
+from mergekit_sparse.storage.masks import MaskSet
+from mergekit_sparse.storage.scope import align
 
 
 def naive_topk(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:

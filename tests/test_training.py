@@ -13,9 +13,9 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from cli.main import cli
-from mergekit_sparse.masks import save_masks
-from mergekit_sparse.optim import MaskedAdamW, MaskedSGD
+from mergekit_sparse.cli.main import cli
+from mergekit_sparse.storage.masks import save_masks
+from mergekit_sparse.training.optim import MaskedAdamW, MaskedSGD
 
 
 def toy_params(dtype=torch.float32, seed=0):
@@ -178,12 +178,12 @@ def test_train_cli_really_trains_and_masked_entries_stay_bit_identical(tiny_base
 
 
 def test_train_resumes_from_a_snapshot_to_the_same_weights(tiny_base, rev_data, tmp_path):
-    from mergekit_sparse.staged import run_train
-    from mergekit_sparse.trainer import TrainConfig
+    from mergekit_sparse.training.staged import run_train
+    from mergekit_sparse.training.trainer import TrainConfig
     cfg = TrainConfig(steps=12, lr=3e-3, batch_size=4, save_every=5, seed=3)
     run_train(str(tiny_base), str(rev_data), tmp_path / "straight", cfg=cfg)
     # interrupted run: a work folder with a step-5 snapshot, as the loop leaves it when killed at step 7
-    import mergekit_sparse.trainer as T
+    import mergekit_sparse.training.trainer as T
     calls = {"n": 0}
     real = T.MaskedAdamW.step
 
@@ -225,7 +225,7 @@ def test_retrain_freezes_earlier_cores_and_resumes_after_finished_stages(tiny_ba
     assert [s["group"] for s in doc["stages"]] == [["math", "code"], ["chat"]]
     s1 = load_file(tmp_path / "rt" / "stage-1" / "model.safetensors")
     s2 = load_file(tmp_path / "rt" / "stage-2" / "model.safetensors")
-    from mergekit_sparse.masks import MaskSet
+    from mergekit_sparse.storage.masks import MaskSet
     frozen = [MaskSet.load(cores / f"{t}.mask.safetensors") for t in ("math", "code")]
     moved = 0
     for n in s1:

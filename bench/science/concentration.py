@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from mergekit_sparse.builtin import builtin_model  # noqa: E402
-from mergekit_sparse.checkpoint import Checkpoint  # noqa: E402
+from mergekit_sparse.storage.checkpoint import Checkpoint  # noqa: E402
 
 
 def shares(base: Checkpoint, model: Checkpoint, percents=(1, 5, 10)) -> dict[int, tuple[float, float]]:

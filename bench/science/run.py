@@ -34,9 +34,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from mergekit_sparse.builtin import builtin_model  # noqa: E402
-from mergekit_sparse.evaluation import evaluate  # noqa: E402
-from mergekit_sparse.metrics import run_metrics, sequential  # noqa: E402
-from mergekit_sparse.tasks import PRETRAIN_TASKS, split, write_jsonl  # noqa: E402
+from mergekit_sparse.evaluation.accuracy import evaluate  # noqa: E402
+from mergekit_sparse.evaluation.metrics import run_metrics, sequential  # noqa: E402
+from mergekit_sparse.builtin.tasks import PRETRAIN_TASKS, split, write_jsonl  # noqa: E402
 
 SINGLE = ("full", "gallop-1", "gallop-5", "saft-5", "random-5")
 STEPS, BATCH = 150, 16
@@ -62,11 +62,11 @@ def acc(model: Path, tests: dict, cache: Path) -> dict[str, float]:
 
 
 def train_run(model: Path, data_path: Path | list, out: Path, *, lr: float, seed: int, mask: Path | None = None) -> Path:
-    from mergekit_sparse.data import read_jsonl
-    from mergekit_sparse.masks import MaskSet
-    from mergekit_sparse.models import load_model
-    from mergekit_sparse.staged import model_masks
-    from mergekit_sparse.trainer import TrainConfig, train
+    from mergekit_sparse.training.data import read_jsonl
+    from mergekit_sparse.storage.masks import MaskSet
+    from mergekit_sparse.training.models import load_model
+    from mergekit_sparse.training.staged import model_masks
+    from mergekit_sparse.training.trainer import TrainConfig, train
     if (out / "model.safetensors").is_file():
         return out
     paths = data_path if isinstance(data_path, list) else [data_path]
@@ -79,10 +79,10 @@ def train_run(model: Path, data_path: Path | list, out: Path, *, lr: float, seed
 
 
 def mask_for(method: str, base: Path, train_path: Path, out: Path, seed: int) -> Path:
-    from mergekit_sparse.checkpoint import Checkpoint
-    from mergekit_sparse.gallop import select_sparse
-    from mergekit_sparse.gradients import compute_gradients
-    from mergekit_sparse.scope import align
+    from mergekit_sparse.storage.checkpoint import Checkpoint
+    from mergekit_sparse.analysis.gallop import select_sparse
+    from mergekit_sparse.training.gradients import compute_gradients
+    from mergekit_sparse.storage.scope import align
     crit, rho = method.split("-")
     grads = out / "grads.safetensors"
     if not grads.is_file():
@@ -96,14 +96,14 @@ def mask_for(method: str, base: Path, train_path: Path, out: Path, seed: int) ->
 
 def cpi_ft(base: Path, probe_a: Path, probe_b: Path, trains: dict, a: str, b: str, out: Path, *, lr: float,
            seed: int) -> Path:
-    from mergekit_sparse.checkpoint import Checkpoint
-    from mergekit_sparse.core import compute_cores
-    from mergekit_sparse.fusion import fuse
-    from mergekit_sparse.masks import MaskSet
-    from mergekit_sparse.overlap import compute_overlap, group_tasks, groups_document
-    from mergekit_sparse.scope import align
-    from mergekit_sparse.staged import retrain
-    from mergekit_sparse.trainer import TrainConfig
+    from mergekit_sparse.storage.checkpoint import Checkpoint
+    from mergekit_sparse.analysis.cores import compute_cores
+    from mergekit_sparse.fusion.driver import fuse
+    from mergekit_sparse.storage.masks import MaskSet
+    from mergekit_sparse.analysis.overlap import compute_overlap, group_tasks, groups_document
+    from mergekit_sparse.storage.scope import align
+    from mergekit_sparse.training.staged import retrain
+    from mergekit_sparse.training.trainer import TrainConfig
     final = out / "retrained"
     if (final / "retrain.json").is_file():
         return Path(json.loads((final / "retrain.json").read_text())["final_model"])
@@ -222,7 +222,7 @@ def summarise(rows: list[dict], a: str, b: str) -> str:
 def write_report(rows: list[dict], path: Path) -> None:
     import plotly.graph_objects as go
 
-    from reports.html import write_report as write
+    from mergekit_sparse.reports.html import write_report as write
     fig = go.Figure()
     for i, m in enumerate(dict.fromkeys(r["method"] for r in rows)):
         rs = [r for r in rows if r["method"] == m]

@@ -19,14 +19,14 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import dtypes
-from .checkpoint import Checkpoint
-from .errors import NonFiniteError, OptionError
-from .masks import MaskWriter, pack
+from ..storage import dtypes
+from ..storage.checkpoint import Checkpoint
+from ..errors import NonFiniteError, OptionError
+from ..storage.masks import MaskWriter, pack
 from .names import layer_key
-from .scope import Scope
-from .select import CHUNK, TopK, chunk_ranges, k_for, sample_ranges, topk_mask
-from .stats import hist_quantiles, key_histogram
+from ..storage.scope import Scope
+from ..selection.topk import CHUNK, TopK, chunk_ranges, k_for, sample_ranges, topk_mask
+from ..selection.keys import hist_quantiles, key_histogram
 
 
 class PerTensorTopK:

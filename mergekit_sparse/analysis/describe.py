@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .checkpoint import Checkpoint
-from .scope import align
+from ..storage.checkpoint import Checkpoint
+from ..storage.scope import align
 
 
 def inspect_checkpoint(spec: str, *, base: str | None = None, allow_pickle: bool = False) -> dict:

@@ -21,13 +21,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import Checkpoint
-from .errors import NonFiniteError, OptionError
-from .masks import MaskWriter
+from ..storage.checkpoint import Checkpoint
+from ..errors import NonFiniteError, OptionError
+from ..storage.masks import MaskWriter
 from .names import layer_key, module_of
-from .scope import Scope
-from .select import TopK, chunk_ranges, k_for
-from .stats import hist_quantiles, key_histogram
+from ..storage.scope import Scope
+from ..selection.topk import TopK, chunk_ranges, k_for
+from ..selection.keys import hist_quantiles, key_histogram
 
 EPS = 1e-8
 CRITERIA = ("gallop", "saft", "pafi", "random")
@@ -95,7 +95,7 @@ def select_sparse(params: Checkpoint, grads: Checkpoint, scope: Scope, *, rho: f
 
     Passes over (θ, g): sampling + counting (see `select`), then one selection pass.
     """
-    from .core import run_passes
+    from .cores import run_passes
     for c in criteria:
         score(c, torch.zeros(1), torch.zeros(1))                      # validates the name
     total = scope.numel()
@@ -186,7 +186,7 @@ def select_sparse(params: Checkpoint, grads: Checkpoint, scope: Scope, *, rho: f
 
 def check_gradients_fit(params: Checkpoint, grads: Checkpoint) -> str | None:
     """A warning when the gradient file says it was computed at other parameters (None when it fits)."""
-    from .checkpoint import read_header
+    from ..storage.checkpoint import read_header
     meta = read_header(grads.files[0])[1] if grads.files else {}
     recorded = meta.get("model_sha256")
     if recorded and recorded != (actual := params.content_sha256()):

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 import networkx as nx
 import numpy as np
 
-from .errors import MismatchError, OptionError
-from .masks import MaskSet, popcount
+from ..errors import MismatchError, OptionError
+from ..storage.masks import MaskSet, popcount
 from .names import layer_key, module_of
 
 ORDERS = ("random", "input", "least-overlap")
@@ -189,7 +189,7 @@ def load_groups(path) -> dict:
     import json
     from pathlib import Path
 
-    from .errors import DataError
+    from ..errors import DataError
     try:
         doc = json.loads(Path(path).read_text())
         tasks, groups = doc["tasks"], doc["groups"]

@@ -1,9 +1,10 @@
-"""The built-in demo model: a ~0.9 M-parameter Llama with a character tokenizer, pre-trained by
-`pretrain()` on the synthetic mixture of `tasks.PRETRAIN_TASKS`, shipped in `assets/tiny-base`.
+"""Regenerate the built-in demo model: `pretrain()` trains the tiny Llama from a random init on the
+synthetic mixture of `tasks.PRETRAIN_TASKS` and saves it to `assets/tiny-base`. An entry point (like the
+CLI), so it may use `training`, which the `builtin` package itself never imports.
 
 Regenerate it (deterministic up to float rounding across machines; about 10 minutes on 2 CPU cores):
 
-    python -m mergekit_sparse.builtin --out mergekit_sparse/assets/tiny-base
+    python -m mergekit_sparse.builtin --out mergekit_sparse/builtin/assets/tiny-base
 """
 
 from __future__ import annotations
@@ -12,18 +13,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-ASSET = Path(__file__).resolve().parent / "assets" / "tiny-base"
-ARCH = {"hidden": 128, "layers": 6, "heads": 4, "kv_heads": 2, "intermediate": 256, "max_positions": 64}
-
-
-def builtin_model() -> Path:
-    """The shipped checkpoint folder."""
-    from .errors import CheckpointError
-    if not (ASSET / "model.safetensors").is_file():
-        raise CheckpointError(f"the built-in model is missing from {ASSET}; reinstall mergekit-sparse or "
-                              "regenerate it with `python -m mergekit_sparse.builtin`")
-    return ASSET
-
+from . import ARCH, ASSET
 
 def pretrain(out: Path, *, steps: int = 6000, per_task: int = 4000, lr: float = 3e-3, batch_size: int = 64,
              seed: int = 0, progress: bool = True, arch: dict | None = None) -> dict:
@@ -32,10 +22,10 @@ def pretrain(out: Path, *, steps: int = 6000, per_task: int = 4000, lr: float = 
     `arch` overrides entries of ARCH (e.g. {"hidden": 64, "intermediate": 128} for a narrower model)."""
     import torch
 
-    from .models import load_model
+    from ..training.models import load_model
     from .tasks import PRETRAIN_TASKS, generate
     from .tiny import build_tiny_llama
-    from .trainer import TrainConfig, train
+    from ..training.trainer import TrainConfig, train
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
         init = build_tiny_llama(Path(tmp) / "init", seed=seed, **{**ARCH, **(arch or {})})

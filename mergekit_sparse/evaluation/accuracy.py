@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .data import read_jsonl
-from .errors import OptionError
+from ..training.data import read_jsonl
+from ..errors import OptionError
 
 
 def normalise(text: str, *, strip: bool = True, case: bool = True) -> str:
@@ -100,7 +100,7 @@ def evaluate(model_dir: str, tasks: dict[str, str], *, batch_size: int = 16, lim
              strip: bool = True, case: bool = True, max_new_tokens: int | None = None,
              progress: bool = False) -> dict:
     """The accuracy table of one model on several tasks: {model, tasks: {name: {...}}}."""
-    from .models import load_model
+    from ..training.models import load_model
     if limit is not None and limit < 1:
         raise OptionError(f"--limit {limit} must be at least 1")
     data = {}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .errors import OptionError
+from ..errors import OptionError
 from .metrics import load_accuracy_table, mean, run_metrics, sequential
 
 

@@ -10,7 +10,7 @@ import json
 import math
 from pathlib import Path
 
-from .errors import DataError, OptionError
+from ..errors import DataError, OptionError
 
 LM_EVAL_DEFAULT_METRICS = ("acc,none", "exact_match,none", "exact_match,strict-match", "acc_norm,none",
                            "exact_match,flexible-extract", "acc", "exact_match")

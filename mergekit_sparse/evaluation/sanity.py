@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import NonFiniteError
+from ..errors import NonFiniteError
 
 
 def check_model_folder(folder: Path) -> dict:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import dtypes
-from .checkpoint import Checkpoint, task_labels
-from .errors import OptionError
-from .fusion import fuse
-from .masks import MaskSet
-from .scope import align
-from .writer import parse_size
+from ..storage import dtypes
+from ..storage.checkpoint import Checkpoint, task_labels
+from ..errors import OptionError
+from .driver import fuse
+from ..storage.masks import MaskSet
+from ..storage.scope import align
+from ..storage.writer import parse_size
 
 
 def run_fuse(tasks: list[str], *, base: str | None, percent: float, per_tensor: bool, masks: list[str],

@@ -37,14 +37,14 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import dtypes
-from .checkpoint import Checkpoint
-from .core import Buffers, PerTensorTopK, nonfinite_error, prepare_selectors
-from .errors import NonFiniteError, OptionError
-from .masks import MaskSet
-from .scope import Scope
-from .select import _np, chunk_ranges
-from .writer import CheckpointWriter, check_output
+from ..storage import dtypes
+from ..storage.checkpoint import Checkpoint
+from ..analysis.cores import Buffers, PerTensorTopK, nonfinite_error, prepare_selectors
+from ..errors import NonFiniteError, OptionError
+from ..storage.masks import MaskSet
+from ..storage.scope import Scope
+from ..selection.topk import _np, chunk_ranges
+from ..storage.writer import CheckpointWriter, check_output
 
 EPS = 1e-8
 DOT_THRESHOLD = 0.9995
@@ -225,7 +225,7 @@ def fuse(tasks: list[Checkpoint], labels: list[str], *, onto: Checkpoint, onto_i
     folder = onto.folder is not None
     validate = None
     if check and folder:
-        from .sanity import check_model_folder
+        from ..evaluation.sanity import check_model_folder
         validate = check_model_folder
 
     def write(counting: bool) -> FuseReport:

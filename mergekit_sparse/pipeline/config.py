@@ -26,7 +26,7 @@ import copy
 import json
 from pathlib import Path
 
-from .errors import DataError
+from ..errors import DataError
 
 TRAIN = {"steps": (int, 1, None), "lr": (float, 0, None), "batch_size": (int, 1, None), "warmup": (int, 0, None),
          "weight_decay": (float, 0, None), "optimizer": ("adamw", "sgd"), "momentum": (float, None, None)}
@@ -87,7 +87,7 @@ def _check(value, spec, where: str, problems: list[str]) -> None:
 
 def validate(raw: dict, *, base_dir: Path) -> dict:
     """Merge `raw` over the defaults and check everything; raise one DataError listing every problem."""
-    from .tasks import ALL_TASKS, PRETRAIN_TASKS
+    from ..builtin.tasks import ALL_TASKS, PRETRAIN_TASKS
     problems: list[str] = []
     if not isinstance(raw, dict):
         raise DataError("config: expected a mapping at the top level")

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from .config import validate
-from .pipeline import render_summary, run_pipeline
+from .run import render_summary, run_pipeline
 
 DEMO_TASKS = {t: "builtin" for t in ("caesar", "dsort", "sub", "map")}
 
@@ -43,14 +43,14 @@ def run_demo(out: Path, *, fast: bool = False, log=print) -> dict:
 
 def write_demo_report(out: Path, cpi: dict, gal: dict, summary: dict) -> Path:
     """Overlap and groups, the GaLLoP score map of the first task, accuracy and forgetting per method."""
-    from reports.forget import accuracy_figure, forget_figure
-    from reports.gallop import gallop_figures
-    from reports.html import write_report
-    from reports.overlap import overlap_figures
+    from mergekit_sparse.reports.forget import accuracy_figure, forget_figure
+    from mergekit_sparse.reports.gallop import gallop_figures
+    from mergekit_sparse.reports.html import write_report
+    from mergekit_sparse.reports.overlap import overlap_figures
 
-    from .checkpoint import Checkpoint
-    from .gallop import CRITERIA, select_sparse
-    from .scope import align
+    from ..storage.checkpoint import Checkpoint
+    from ..analysis.gallop import CRITERIA, select_sparse
+    from ..storage.scope import align
     sections = overlap_figures(json.loads(Path(cpi["groups_file"]).read_text()))[:3]
     first = next(iter(DEMO_TASKS))
     base = Checkpoint.open(_builtin())
@@ -67,5 +67,5 @@ def write_demo_report(out: Path, cpi: dict, gal: dict, summary: dict) -> Path:
 
 
 def _builtin() -> Path:
-    from .builtin import builtin_model
+    from ..builtin import builtin_model
     return builtin_model()

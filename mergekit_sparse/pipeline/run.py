@@ -19,12 +19,12 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from .builtin import builtin_model
-from .tasks import split, write_jsonl
+from ..builtin import builtin_model
+from ..builtin.tasks import split, write_jsonl
 
 
 def _sha_path(p: Path) -> str:
-    from .checkpoint import sha256_file
+    from ..storage.checkpoint import sha256_file
     if p.is_file():
         return sha256_file(p)
     h = hashlib.sha256()
@@ -69,7 +69,7 @@ class Run:
 
 
 def _train_cfg(section: dict, seed: int):
-    from .trainer import TrainConfig
+    from ..training.trainer import TrainConfig
     return TrainConfig(steps=section["steps"], lr=section["lr"], batch_size=section["batch_size"],
                        warmup=section["warmup"], weight_decay=section["weight_decay"], optimizer=section["optimizer"],
                        momentum=section["momentum"], seed=seed, max_len=48)
@@ -103,7 +103,7 @@ def _data_stage(run: Run, base: Path) -> tuple[dict, dict]:
 
 
 def _eval_stage(run: Run, name: str, model: Path, needs: list[str], tests: dict) -> Path:
-    from .evaluation import evaluate
+    from ..evaluation.accuracy import evaluate
     out = run.root / "eval" / f"{name}.json"
 
     def make():
@@ -118,7 +118,7 @@ def _eval_stage(run: Run, name: str, model: Path, needs: list[str], tests: dict)
 
 
 def _accuracy(path: Path) -> dict[str, float]:
-    from .metrics import load_accuracy_table
+    from ..evaluation.metrics import load_accuracy_table
     return load_accuracy_table(path)
 
 
@@ -144,7 +144,7 @@ def run_pipeline(cfg: dict, root: Path, *, log: Callable[[str], None] = print) -
 
 def _probes(run: Run, base: Path, trains: dict, tests: dict) -> dict:
     """Per-task full fine-tunes from the base (CPI-FT stage 1; also the full-FT baseline)."""
-    from .staged import run_train
+    from ..training.staged import run_train
     out = {}
     for i, t in enumerate(run.cfg["tasks"]):
         folder = run.root / "probe" / t
@@ -156,12 +156,12 @@ def _probes(run: Run, base: Path, trains: dict, tests: dict) -> dict:
 
 
 def _cpi_ft(run: Run, base: Path, trains: dict, tests: dict, probes: dict) -> dict:
-    from .checkpoint import Checkpoint
-    from .core import compute_cores, write_core_json
-    from .masks import MaskSet
-    from .overlap import compute_overlap, group_tasks, groups_document
-    from .scope import align
-    from .staged import retrain
+    from ..storage.checkpoint import Checkpoint
+    from ..analysis.cores import compute_cores, write_core_json
+    from ..storage.masks import MaskSet
+    from ..analysis.overlap import compute_overlap, group_tasks, groups_document
+    from ..storage.scope import align
+    from ..training.staged import retrain
     cfg, root, tasks = run.cfg, run.root, list(run.cfg["tasks"])
     cores = root / "cores"
     probe_stages = [f"probe-{t}" for t in tasks]
@@ -187,7 +187,7 @@ def _cpi_ft(run: Run, base: Path, trains: dict, tests: dict, probes: dict) -> di
     fused = root / "fused"
 
     def make_fused():
-        from .fusion import fuse
+        from ..fusion.driver import fuse
         cks = [Checkpoint.open(probes[t][0]) for t in tasks]
         b = Checkpoint.open(base)
         masks = [MaskSet.load(cores / f"{t}.mask.safetensors") for t in tasks]
@@ -213,11 +213,11 @@ def _cpi_ft(run: Run, base: Path, trains: dict, tests: dict, probes: dict) -> di
 
 
 def _gallop(run: Run, base: Path, trains: dict, tests: dict) -> dict:
-    from .checkpoint import Checkpoint
-    from .gallop import select_sparse
-    from .gradients import compute_gradients
-    from .scope import align
-    from .staged import run_train
+    from ..storage.checkpoint import Checkpoint
+    from ..analysis.gallop import select_sparse
+    from ..training.gradients import compute_gradients
+    from ..storage.scope import align
+    from ..training.staged import run_train
     cfg, root = run.cfg, run.root
     g = cfg["gallop"]
     runs = {}
@@ -246,7 +246,7 @@ def _gallop(run: Run, base: Path, trains: dict, tests: dict) -> dict:
 
 
 def _metrics(run: Run, vanilla: Path, summary: dict) -> dict:
-    from .metrics import run_metrics
+    from ..evaluation.metrics import run_metrics
     van = _accuracy(vanilla)
     rows = {}
     every = {**summary["runs"], **summary.get("sparse_runs", {}), **summary.get("multi", {})}

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from .select import BINS, key_to_float
+from .topk import BINS, key_to_float
 
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
 
 
 def key_histogram(scores) -> np.ndarray:
     """Counts of the scores (numpy or torch) per high 16 bits of their keys."""
-    from .select import _chunks, float_keys
+    from .topk import _chunks, float_keys
     hist = np.zeros(BINS, dtype=np.int64)
     for chunk in _chunks(scores):
         hist += np.bincount((float_keys(chunk) >> 16) + BINS // 2, minlength=BINS)

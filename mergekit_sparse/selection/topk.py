@@ -28,7 +28,7 @@ import threading
 
 import numpy as np
 
-from .errors import NonFiniteError, OptionError
+from ..errors import NonFiniteError, OptionError
 
 CHUNK = 1 << 19          # elements per chunk (2 MB of float32): measured fastest of 2^16..2^20 for fuse and core
 BINS = 1 << 16

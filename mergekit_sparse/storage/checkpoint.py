@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from . import dtypes
-from .errors import CheckpointError
+from ..errors import CheckpointError
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -364,7 +364,7 @@ def task_label(spec) -> str:
 
 def task_labels(specs) -> list[str]:
     """Display names for several tasks; duplicates are an error (they would overwrite each other's outputs)."""
-    from .errors import OptionError
+    from ..errors import OptionError
     labels = [task_label(s) for s in specs]
     seen: dict[str, str] = {}
     for spec, label in zip(specs, labels):

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import Checkpoint, read_header
-from .errors import CheckpointError, MismatchError
+from ..errors import CheckpointError, MismatchError
 from .writer import AtomicPath, SafetensorsStream, check_output
 
 FORMAT_VERSION = 1

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, field
 
 from .checkpoint import Checkpoint
-from .errors import MismatchError, OptionError
+from ..errors import MismatchError, OptionError
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import numpy as np
 
 from . import dtypes
 from .checkpoint import INDEX_NAME, SINGLE_NAME
-from .errors import OptionError, OutputError
+from ..errors import OptionError, OutputError
 
 REFERENCE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import DataError
+from ..errors import DataError
 
 IGNORE = -100
 
@@ -62,7 +62,7 @@ def _check_record(rec, kind: str) -> str | None:
 
 
 def file_sha256(path: str | Path) -> str:
-    from .checkpoint import sha256_file
+    from ..storage.checkpoint import sha256_file
     return sha256_file(Path(path))
 
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import Checkpoint
+from ..storage.checkpoint import Checkpoint
 from .data import collate, encode, file_sha256, read_jsonl, seeded_subset
-from .errors import NonFiniteError, OptionError
+from ..errors import NonFiniteError, OptionError
 from .models import load_model
-from .writer import CheckpointWriter
+from ..storage.writer import CheckpointWriter
 
 
 def batches(indices: list[int], batch_size: int) -> list[list[int]]:
@@ -60,7 +60,7 @@ def compute_gradients(model_dir: str, data: str, out: Path, *, fraction: float =
             "data": str(data), "data_sha256": file_sha256(data), "fraction": str(fraction), "seed": str(seed),
             "examples": str(len(indices)), "batch_size": str(batch_size), "max_len": str(max_len),
             "loss": "mean over response tokens per batch, batches weighted by size"}
-    from .writer import check_output
+    from ..storage.writer import check_output
     check_output(out, [ck.path, Path(data)], force=force)
     grads = mean_gradient(model, tokenizer, records, indices, batch_size=batch_size, max_len=max_len,
                           progress=progress)

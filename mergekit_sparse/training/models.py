@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 
 def load_model(folder: str | Path, *, dtype=None):
@@ -17,7 +17,7 @@ def load_model(folder: str | Path, *, dtype=None):
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder}: not a model folder (no config.json); training, gradients and "
                               "evaluation need a Hugging Face folder with its config and tokenizer")
-    from .checkpoint import Checkpoint
+    from ..storage.checkpoint import Checkpoint
     Checkpoint.open(folder)                     # validates the weights with our clear errors first
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)

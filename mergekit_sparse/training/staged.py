@@ -13,14 +13,14 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpoint
+from ..storage.checkpoint import Checkpoint
 from .data import balanced_sample, file_sha256, read_jsonl
-from .errors import MismatchError, OptionError
-from .masks import MaskSet
+from ..errors import MismatchError, OptionError
+from ..storage.masks import MaskSet
 from .models import load_model
-from .overlap import load_groups
+from ..analysis.overlap import load_groups
 from .trainer import TrainConfig, train
-from .writer import check_output
+from ..storage.writer import check_output
 
 
 def model_masks(model, mask_set: MaskSet, where) -> dict[str, torch.Tensor]:

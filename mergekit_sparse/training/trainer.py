@@ -19,9 +19,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import IGNORE, collate, encode, token_loss_sum
-from .errors import OptionError
+from ..errors import OptionError
 from .optim import OPTIMIZERS, MaskedAdamW, make_optimizer
-from .writer import CheckpointWriter
+from ..storage.writer import CheckpointWriter
 
 
 @dataclass(frozen=True)
