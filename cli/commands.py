@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from mergekit_sparse.settings import CoreSettings, FuseSettings
+
 from .main import (
     cli,
     emit,
@@ -15,9 +17,9 @@ from .main import (
     pickle_option,
     progress_enabled,
     scope_options,
+    spec_option,
 )
 
-PERCENT = click.FloatRange(0, 100, min_open=True)
 
 
 @cli.command()
@@ -42,10 +44,8 @@ def inspect(checkpoint, base, allow_pickle, as_json):
 @cli.command()
 @click.argument("tasks", nargs=-1, required=True)
 @click.option("--base", required=True, help="The pretrained checkpoint the tasks were fine-tuned from.")
-@click.option("--p", "percent", type=PERCENT, default=1.0, show_default=True,
-              help="Core size: the top p % of |θ_task − θ_base| (1 means 1 %).")
-@click.option("--scope", "scope_kind", type=click.Choice(["global", "per-tensor"]), default="global",
-              show_default=True, help="Select across the whole model, or p % inside each tensor.")
+@spec_option(CoreSettings, "p", "--p", "percent")
+@spec_option(CoreSettings, "scope", "--scope", "scope_kind")
 @click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("cores"),
               show_default=True, help="Folder for <task>.mask.safetensors and core.json.")
 @scope_options
@@ -87,16 +87,14 @@ def core(tasks, base, percent, scope_kind, out_dir, include, exclude, allow_pick
 @cli.command()
 @click.argument("tasks", nargs=-1, required=True)
 @click.option("--base", help="Pretrained checkpoint: core regions are computed from |θ_task − θ_base|.")
-@click.option("--p", "percent", type=PERCENT, default=1.0, show_default=True, help="Core size in % (with --base).")
-@click.option("--scope", "scope_kind", type=click.Choice(["global", "per-tensor"]), default="global",
-              show_default=True, help="Core selection across the model or inside each tensor.")
+@spec_option(CoreSettings, "p", "--p", "percent")
+@spec_option(CoreSettings, "scope", "--scope", "scope_kind")
 @click.option("--masks", multiple=True, help="Core mask files instead of --p, one per task in order (repeatable).")
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path),
               help="Output file or folder (mirrors the fusion base). Default: fused.safetensors or fused/.")
-@click.option("--omega", type=click.FloatRange(0, 1), help="For two models: SLERP(θ_b, θ_a, ω). Default 0.5.")
+@spec_option(FuseSettings, "omega", default=None, help="For two models: SLERP(θ_b, θ_a, ω). Default 0.5.")
 @click.option("--weights", help="Comma-separated fold weights, one per task (then one for --onto if separate).")
-@click.option("--conflict", type=click.Choice(["max-delta", "last", "mean"]), default="max-delta",
-              show_default=True, help="Who wins a position in several cores.")
+@spec_option(FuseSettings, "conflict")
 @click.option("--onto", help="Fusion base. Default: the last task given.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
               help="Output dtype. Default: the fusion base's.")
@@ -115,17 +113,11 @@ def fuse(tasks, base, percent, scope_kind, masks, out, omega, weights, conflict,
     Example (two task models, cores = top 1 % of |Δ| against the base):
       sparsemerge fuse a.safetensors b.safetensors --base base.safetensors --p 1
     """
-    from mergekit_sparse.errors import OptionError
-    from mergekit_sparse.fusion.api import run_fuse
-    if not base and not masks:
-        raise OptionError("fuse needs core regions: give --base BASE (cores = top --p % of |Δ|) or --masks "
-                          "M1 M2 ... from `sparsemerge core`")
-    if omega is not None and weights:
-        raise OptionError("give either --omega (two models) or --weights, not both")
-    data = run_fuse(list(tasks), base=base, percent=percent, per_tensor=scope_kind == "per-tensor",
-                    masks=list(masks), out=out, omega=omega, weights=weights, conflict=conflict, onto=onto,
-                    dtype=dtype, shard_size=shard_size, check=check, include=include, exclude=exclude,
-                    allow_pickle=allow_pickle, force=force, progress=progress_enabled())
+    from mergekit_sparse.fusion.api import fuse_checkpoints
+    data = fuse_checkpoints(list(tasks), base=base, percent=percent, per_tensor=scope_kind == "per-tensor",
+                            masks=list(masks), out=out, omega=omega, weights=weights, conflict=conflict, onto=onto,
+                            dtype=dtype, shard_size=shard_size, check=check, include=include, exclude=exclude,
+                            allow_pickle=allow_pickle, force=force, progress=progress_enabled())
     c = data["counts"]
     text = "\n".join([f"fused {', '.join(c['tasks'])} onto {c['onto']} -> {data['output']}",
                       "core positions overwritten: " + ", ".join(f"{k} {v:,}" for k, v in c["overwritten"].items()),

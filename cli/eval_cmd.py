@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
-from .main import cli, emit, force_option, json_option, progress_enabled
+from mergekit_sparse.settings import EvalSettings
+from mergekit_sparse.storage import atomic
+
+from .main import cli, emit, force_option, json_option, progress_enabled, spec_option
 
 
 def parse_pairs(values, what: str, sep: str = "=") -> dict[str, str]:
@@ -29,8 +31,8 @@ def parse_pairs(values, what: str, sep: str = "=") -> dict[str, str]:
               help="A task: JSONL of {prompt, response} (exact match) or {prompt, choices, answer} (repeatable).")
 @click.option("-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path), default=Path("acc.json"),
               show_default=True, help="The accuracy table.")
-@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
-@click.option("--limit", type=click.IntRange(1), help="Only the first N examples of each task.")
+@spec_option(EvalSettings, "batch_size")
+@spec_option(EvalSettings, "limit", help="Only the first N examples of each task.")
 @click.option("--max-new-tokens", type=click.IntRange(1), help="Default: longest target + 2.")
 @click.option("--strip/--no-strip", default=True, show_default=True, help="Strip whitespace before comparing.")
 @click.option("--case-sensitive/--case-insensitive", default=True, show_default=True)
@@ -53,7 +55,7 @@ def eval_(model, tasks, out, batch_size, limit, max_new_tokens, strip, case_sens
     if not save_outputs:
         for res in table["tasks"].values():
             res.pop("outputs")
-    out.write_text(json.dumps(table, indent=2))
+    atomic.write_json(out, table)
     lines = [f"{'task':<16} {'accuracy':>9} {'n':>6} {'empty':>6}"]
     lines += [f"{t:<16} {r['accuracy']:>9.4f} {r['n']:>6} {r['empty']:>6}" for t, r in table["tasks"].items()]
     lines.append(f"wrote {out}")
@@ -101,7 +103,7 @@ def forget(vanilla, runs, seqs, metrics, out, html_out, force, as_json):
     for w in doc["warnings"]:
         click.echo(f"warning: {w}", err=True)
     if out:
-        out.write_text(json.dumps(doc, indent=2))
+        atomic.write_json(out, doc)
     if html_out:
         from mergekit_sparse.reports.forget import write_forget_report
         write_forget_report(doc, html_out)

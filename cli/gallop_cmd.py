@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
-from .main import cli, emit, force_option, json_option, progress_enabled, scope_options
+from mergekit_sparse.settings import GallopSettings, TrainConfig
+from mergekit_sparse.storage import atomic
+
+from .main import cli, emit, force_option, json_option, progress_enabled, scope_options, spec_option
 
 
 @cli.command()
 @click.option("--model", required=True, help="HF model folder (with tokenizer) to take gradients at.")
 @click.option("--data", required=True, help="Task JSONL: {prompt, response} or {text} per line.")
-@click.option("--fraction", type=click.FloatRange(0, 1, min_open=True), default=0.1, show_default=True,
-              help="Share of the data in the seeded subset (d_s).")
+@spec_option(GallopSettings, "fraction")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
-@click.option("--max-len", type=click.IntRange(2), default=256, show_default=True, help="Truncate examples (tokens).")
+@spec_option(TrainConfig, "batch_size", help="Examples per forward pass.")
+@spec_option(TrainConfig, "max_len", default=256)
 @click.option("-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Gradient file (float32 safetensors with metadata).")
 @force_option
@@ -38,10 +39,8 @@ def gradients(model, data, fraction, seed, batch_size, max_len, out, force, as_j
 @cli.command()
 @click.option("--params", required=True, help="The model whose parameters are scored (θ).")
 @click.option("--grads", required=True, help="Gradient file from `sparsemerge gradients`.")
-@click.option("--rho", type=click.FloatRange(0, 100, min_open=True), default=1.0, show_default=True,
-              help="Select the top ρ % (1 means 1 %).")
-@click.option("--criterion", type=click.Choice(["gallop", "saft", "pafi", "random"]), default="gallop",
-              show_default=True, help="gallop |g|/(|θ|+ε), saft |g|, pafi lowest |θ|, random (seeded).")
+@spec_option(GallopSettings, "rho")
+@spec_option(GallopSettings, "criterion")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random criterion.")
 @click.option("-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("gallop.mask.safetensors"), show_default=True)
@@ -80,7 +79,7 @@ def gallop(params, grads, rho, criterion, seed, out, html_out, sample, include, 
                         sources={"params": p_ck.sources(), "grads": g_ck.sources()})
     doc = {"rho": rho, "main": criterion, "mask": str(out), "warning": warning, **res.to_json()}
     summary_path = Path(f"{out}".removesuffix(".mask.safetensors").removesuffix(".safetensors") + ".json")
-    summary_path.write_text(json.dumps(doc, indent=2))
+    atomic.write_json(summary_path, doc)
     if html_out:
         from mergekit_sparse.reports.gallop import write_gallop_report
         write_gallop_report(doc | {"sample": res.sample}, html_out)

@@ -79,6 +79,49 @@ def pickle_option(f):
                         help="Load pickled .bin/.pt weights with torch.load(weights_only=True).")(f)
 
 
+class SpecType(click.ParamType):
+    """A click type that validates with a setting's Spec, so the CLI and configs give one message."""
+
+    def __init__(self, spec):
+        self.spec = spec
+        self.name = spec.kind.__name__ if not spec.choices else "choice"
+
+    def get_metavar(self, param, ctx=None):
+        if self.spec.choices:
+            return "[" + "|".join(self.spec.choices) + "]"
+        return {"int": "INTEGER", "float": "FLOAT"}.get(self.name, self.name.upper())
+
+    def convert(self, value, param, ctx):
+        if not isinstance(value, str) or self.spec.choices:
+            v = value
+        else:
+            try:
+                v = int(value) if self.spec.kind is int else float(value) if self.spec.kind is float else value
+            except ValueError:
+                self.fail(f"expected {'an integer' if self.spec.kind is int else 'a number'}, got {value!r}", param, ctx)
+        why = self.spec.problem(v)
+        if why:
+            self.fail(why, param, ctx)
+        return v
+
+
+def spec_option(cls, name: str, *flags: str, default=..., **kw):
+    """A click option for setting `name` of the settings dataclass `cls`: its type, range, default and
+    help come from the declaration (`mergekit_sparse.settings`); `default` overrides the default."""
+    from dataclasses import fields
+
+    from mergekit_sparse.settings import spec_of
+    spec = spec_of(cls, name)
+    if default is ...:
+        default = next(f.default for f in fields(cls) if f.name == name)
+    flags = flags or ("--" + name.replace("_", "-"),)
+    help_text = kw.pop("help", spec.help)
+    if not spec.choices and (spec.lo is not None or spec.hi is not None):
+        help_text = f"{help_text} Range {spec.range_text()}.".strip()
+    return click.option(*flags, type=SpecType(spec), default=default, show_default=default is not None,
+                        help=help_text, **kw)
+
+
 def progress_enabled() -> bool:
     return sys.stderr.isatty()
 

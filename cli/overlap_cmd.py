@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
 import click
+
+from mergekit_sparse.settings import CoreSettings, OverlapSettings
+from mergekit_sparse.storage import atomic
 
 from .main import (
     cli,
@@ -17,19 +19,17 @@ from .main import (
     pickle_option,
     progress_enabled,
     scope_options,
+    spec_option,
 )
 
 
 @cli.command()
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--base", help="Treat INPUTS as task checkpoints and compute their cores against BASE first.")
-@click.option("--p", "percent", type=click.FloatRange(0, 100, min_open=True), default=1.0, show_default=True,
-              help="Core size in % (with --base).")
-@click.option("--tau", type=click.FloatRange(0, 1), default=0.1, show_default=True,
-              help="Group tasks whose Jaccard overlap S ≥ τ.")
-@click.option("--order", type=click.Choice(["random", "input", "least-overlap"]), default="random",
-              show_default=True, help="Stage order of the groups (see README).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --order random.")
+@spec_option(CoreSettings, "p", "--p", "percent", help="Core size in % (with --base).")
+@spec_option(OverlapSettings, "tau")
+@spec_option(OverlapSettings, "order")
+@spec_option(OverlapSettings, "seed")
 @click.option("-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path), default=Path("groups.json"),
               show_default=True, help="The groups file.")
 @click.option("--html", "html_out", type=click.Path(dir_okay=False, path_type=Path),
@@ -79,9 +79,7 @@ def overlap(inputs, base, percent, tau, order, seed, out, html_out, save_masks, 
         result = compute_overlap(masks, labels)
     groups = group_tasks(result.matrix, labels, tau=tau, order=order, seed=seed)
     doc = groups_document(result, groups, tau=tau, order=order, seed=seed, settings=settings)
-    tmp_out = out.with_name(f".{out.name}.partial")
-    tmp_out.write_text(json.dumps(doc, indent=2))
-    tmp_out.replace(out)
+    atomic.write_json(out, doc)
     if html_out:
         from mergekit_sparse.reports.overlap import write_overlap_report
         write_overlap_report(doc, html_out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
@@ -13,21 +14,27 @@ from .main import cli, emit, json_option
 @click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--output", "out", type=click.Path(file_okay=False, path_type=Path),
               help="Run folder (default: the config's `output`).")
+@click.option("--dry-run", is_flag=True, help="Validate the config and print the resolved settings as JSON; run nothing.")
 @json_option
-def run_cmd(config, out, as_json):
+def run_cmd(config, out, dry_run, as_json):
     """Run a whole pipeline from a YAML/JSON config; a rerun resumes and skips finished stages.
 
     The config is validated before any work starts, with every problem listed at once.
-    See the README for the keys.
+    See the README for the keys. `--dry-run` checks everything and prints the settings every stage
+    would use (defaults filled in), without touching any model.
 
     \b
     Example:
+      sparsemerge run pipeline.yaml --dry-run
       sparsemerge run pipeline.yaml -o runs/exp1
     """
     from mergekit_sparse.pipeline.config import load_config
-    from mergekit_sparse.pipeline.run import render_summary, run_pipeline
     cfg = load_config(config)
     root = out or (config.parent / cfg["output"])
+    if dry_run:
+        click.echo(json.dumps({"config": str(config), "run_folder": str(root), "settings": cfg}, indent=2))
+        return
+    from mergekit_sparse.pipeline.run import render_summary, run_pipeline
     summary = run_pipeline(cfg, root, log=lambda m: click.echo(m, err=True))
     emit(summary, as_json, render_summary(summary) + f"\nrun folder: {root}")
 
@@ -47,5 +54,7 @@ def demo(out, fast, as_json):
       sparsemerge demo -o demo-run && open demo-run/report.html
     """
     from mergekit_sparse.pipeline.demo import run_demo
+    from mergekit_sparse.reports.demo import write_demo_report
     summary = run_demo(out, fast=fast, log=lambda m: click.echo(m, err=True))
+    summary["report"] = str(write_demo_report(out))
     emit(summary, as_json, summary["text"] + f"\nreport: {summary['report']}")

@@ -7,45 +7,26 @@ from pathlib import Path
 import click
 
 from .eval_cmd import parse_pairs
-from .main import cli, emit, force_option, json_option, progress_enabled
+from mergekit_sparse.settings import RetrainSettings
+
+from .main import cli, emit, force_option, json_option, progress_enabled, spec_option
+
+
+TRAIN_FLAGS = ("steps", "lr", "batch_size", "grad_accum", "warmup", "schedule", "weight_decay", "optimizer",
+               "momentum", "clip", "eval_every", "eval_fraction", "max_len", "save_every", "seed")
 
 
 def train_options(f):
-    opts = [
-        click.option("--steps", type=click.IntRange(1), default=100, show_default=True, help="Optimizer steps."),
-        click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True),
-        click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True,
-                     help="Examples per optimizer step (global, across processes)."),
-        click.option("--grad-accum", type=click.IntRange(1), default=1, show_default=True,
-                     help="Micro-batches per step."),
-        click.option("--warmup", type=click.IntRange(0), default=0, show_default=True, help="Warm-up steps."),
-        click.option("--schedule", type=click.Choice(["cosine", "linear", "constant"]), default="cosine",
-                     show_default=True),
-        click.option("--weight-decay", type=click.FloatRange(0), default=0.0, show_default=True),
-        click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True,
-                     help="AdamW, or SGD with heavy-ball momentum (as torch.optim.SGD); both masked."),
-        click.option("--momentum", type=click.FloatRange(0, 1, max_open=True), default=0.9, show_default=True,
-                     help="SGD momentum (ignored by AdamW)."),
-        click.option("--clip", type=click.FloatRange(0), default=1.0, show_default=True,
-                     help="Clip the gradient norm (0: off)."),
-        click.option("--eval-every", type=click.IntRange(0), default=0, show_default=True,
-                     help="Held-out loss every N steps (needs --eval-fraction)."),
-        click.option("--eval-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True),
-        click.option("--max-len", type=click.IntRange(2), default=128, show_default=True),
-        click.option("--save-every", type=click.IntRange(0), default=0, show_default=True,
-                     help="Resumable snapshot every N steps."),
-        click.option("--seed", type=int, default=0, show_default=True),
-    ]
-    for o in reversed(opts):
-        f = o(f)
+    """Every TrainConfig setting as an option (declared once in mergekit_sparse.settings)."""
+    from mergekit_sparse.settings import TrainConfig
+    for name in reversed(TRAIN_FLAGS):
+        f = spec_option(TrainConfig, name)(f)
     return f
 
 
 def make_config(kw: dict):
-    from mergekit_sparse.training.trainer import TrainConfig
-    keys = ("steps", "lr", "batch_size", "grad_accum", "warmup", "schedule", "weight_decay", "optimizer", "momentum",
-            "clip", "eval_every", "eval_fraction", "max_len", "save_every", "seed")
-    cfg = {k: kw.pop(k) for k in keys}
+    from mergekit_sparse.settings import TrainConfig
+    cfg = {k: kw.pop(k) for k in TRAIN_FLAGS}
     cfg["clip"] = cfg["clip"] or None
     return TrainConfig(**cfg)
 
@@ -80,7 +61,7 @@ def train_cmd(model, data, mask, out, force, as_json, **kw):
 @click.option("--groups", required=True, help="groups.json from `sparsemerge overlap` (stage order).")
 @click.option("--masks", "masks_dir", required=True, help="Folder with <task>.mask.safetensors core masks.")
 @click.option("--data", "data", multiple=True, required=True, metavar="TASK=PATH", help="Training data per task.")
-@click.option("--per-task", type=click.IntRange(1), help="Examples per task per stage (balanced sample).")
+@spec_option(RetrainSettings, "per_task")
 @click.option("--fraction", type=click.FloatRange(0, 1, min_open=True),
               help="Or: this share of the smallest task, per task.")
 @click.option("-o", "--output", "out", type=click.Path(file_okay=False, path_type=Path), required=True)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 
-from .html import esc, table_html, write_report
+from .page import esc, table_html, write_report
 
 
 def accuracy_figure(doc: dict) -> go.Figure:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import plotly.graph_objects as go
 
-from .html import esc, write_report
+from .page import esc, write_report
 
 COLORS = {"gallop": "#d62728", "saft": "#1f77b4", "pafi": "#2ca02c", "random": "#7f7f7f"}
 

@@ -8,7 +8,7 @@ import networkx as nx
 import numpy as np
 import plotly.graph_objects as go
 
-from .html import esc, write_report
+from .page import esc, write_report
 
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22", "#17becf"]

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from mergekit_sparse.cli.main import cli
 from mergekit_sparse.storage.checkpoint import Checkpoint
-from mergekit_sparse.fusion.driver import POLICIES, CoreScratch, fold_weights, resolve_cores, slerp
+from mergekit_sparse.fusion.maths import POLICIES, CoreScratch, fold_weights, resolve_cores, slerp
 
 
 def mergekit_slerp(t, v0, v1, dot_threshold=0.9995, eps=1e-8):

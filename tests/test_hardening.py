@@ -46,6 +46,12 @@ def world(tmp_path, planted, tiny_base, tiny_tasks):
     hdr = json.dumps({"a.w": {"dtype": "F64", "shape": [2, 3], "data_offsets": [0, 24]}}).encode()
     (tmp_path / "lie.safetensors").write_bytes(len(hdr).to_bytes(8, "little") + hdr + b"\0" * 24)
     w["lie"] = str(tmp_path / "lie.safetensors")
+    listed = json.dumps([{"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}]).encode()
+    (tmp_path / "list.safetensors").write_bytes(len(listed).to_bytes(8, "little") + listed + b"\0" * 4)
+    w["list_header"] = str(tmp_path / "list.safetensors")
+    (tmp_path / "list_index").mkdir()
+    (tmp_path / "list_index" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["x"]}))
+    w["list_index"] = str(tmp_path / "list_index")
     bad_index = tmp_path / "bad_index"
     shutil.copytree(tiny_base, bad_index)
     (bad_index / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "../../etc/passwd"}}))
@@ -88,6 +94,8 @@ MATRIX = [
     ("truncated safetensors", "fuse {trunc} {b} --base {base} --p 50 -o {out_st}", "truncated"),
     ("header lies about dtype", "inspect {lie}", "its offsets span 24"),
     ("index outside the folder", "inspect {bad_index}", "points outside the model folder"),
+    ("header is a JSON list", "inspect {list_header}", "header is JSON but not an object"),
+    ("index weight_map is a list", "inspect {list_index}", "not a valid index"),
     ("pickled weights", "core --base {pickle} {a} --p 50 -o {out}", "refusing pickled weights"),
     ("mismatched names", "core --base {base} {names} --p 50 -o {out}", "'n.steps' is in"),
     ("mismatched shapes", "fuse {a} {shape} --base {base} --p 50 -o {out_st}", "shape mismatch for 'b.w'"),
@@ -127,6 +135,28 @@ def test_bad_input_matrix(world, argv, words):
     assert [p.name for p in Path(world["exists"]).iterdir()] == ["core.json"]
     after = {k: sha(Path(v)) for k, v in world.items() if Path(v).exists()}
     assert before == after                                           # inputs untouched
+
+
+HEADER_CASES = ("empty file", "truncated safetensors", "header lies about dtype", "index outside the folder",
+                "header is a JSON list", "index weight_map is a list")
+
+
+@pytest.mark.parametrize("argv, words", [pytest.param(a, w, id=i) for i, a, w in MATRIX if i in HEADER_CASES])
+def test_bad_headers_give_the_same_one_line_error_under_python_O(world, argv, words):
+    """Input checks are never `assert`s: `python -O` strips those, and the header checks must stay."""
+    r = subprocess.run([sys.executable, "-O", "-m", "mergekit_sparse", *[x.format(**world) for x in argv.split()]],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert words in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len([ln for ln in r.stderr.splitlines() if ln.startswith("Error")]) == 1, r.stderr
+
+
+def test_the_library_checks_nothing_with_assert():
+    import ast
+    root = Path(__file__).resolve().parent.parent
+    found = [f"{p.relative_to(root)}:{n.lineno}" for top in ("mergekit_sparse", "cli", "reports")
+             for p in (root / top).rglob("*.py") for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, ast.Assert)]
+    assert not found, found
 
 
 def run_cli(*args, env=None):

@@ -89,3 +89,48 @@ def test_demo_fast_runs_both_pipelines_and_writes_the_report(tmp_path):
     assert r.exit_code == 0, r.output
     assert "cpi-ft" in r.stdout and "gallop:caesar" in r.stdout and "groups (stage order)" in r.stdout
     assert_renders(tmp_path / "demo" / "report.html", "demo-report", tmp_path, figures=7)
+
+
+def test_dry_run_accepts_zero_edges_yaml_exponents_and_every_training_key(tmp_path):
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text("kind: cpi-ft\ntasks: {caesar: builtin, sub: builtin}\noverlap: {tau: 0}\nfuse: {omega: 0}\n"
+                   "probe: {lr: 2e-3, weight_decay: 0.0, max_len: 64, clip: 0.5, grad_accum: 2, batch_size: 8,\n"
+                   "        schedule: linear, eval_every: 5, eval_fraction: 0.1, save_every: 10}\n"
+                   "retrain: {lr: 1e4, per_task: 3}\n")
+    r = CliRunner().invoke(cli, ["run", str(cfg), "--dry-run", "-o", str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    s = doc["settings"]
+    assert s["overlap"]["tau"] == 0 and s["fuse"]["omega"] == 0 and s["probe"]["weight_decay"] == 0.0
+    assert s["probe"]["lr"] == 2e-3 and isinstance(s["retrain"]["lr"], float) and s["retrain"]["lr"] == 1e4
+    assert s["probe"]["max_len"] == 64 and s["probe"]["schedule"] == "linear" and s["probe"]["grad_accum"] == 2
+    assert s["retrain"]["max_len"] == 48                     # the pipeline's default, now a key
+    assert doc["run_folder"] == str(tmp_path / "run") and not (tmp_path / "run").exists()
+
+
+def test_pipeline_training_keys_reach_the_trainer():
+    from mergekit_sparse.pipeline.config import validate
+    from mergekit_sparse.pipeline.run import _train_cfg
+    cfg = validate({"tasks": {"caesar": "builtin", "sub": "builtin"},
+                    "probe": {"max_len": 64, "clip": 0, "grad_accum": 2, "schedule": "constant"}}, base_dir=Path("."))
+    tc = _train_cfg(cfg["probe"], 7)
+    assert (tc.max_len, tc.clip, tc.grad_accum, tc.schedule, tc.seed) == (64, None, 2, "constant", 7)
+
+
+def test_config_and_cli_reject_out_of_range_values_with_the_same_message(tmp_path):
+    cases = [("overlap", "tau", 1.5, ["overlap", "x.mask.safetensors", "--tau", "1.5"]),
+             ("fuse", "omega", -0.1, ["fuse", "a", "b", "--omega", "-0.1"]),
+             ("core", "p", 101, ["core", "a", "--base", "b", "--p", "101"]),
+             ("probe", "momentum", 1.0, ["train", "--model", "m", "--data", "d", "-o", "o", "--momentum", "1.0"]),
+             ("probe", "weight_decay", -1.0, ["train", "--model", "m", "--data", "d", "-o", "o", "--weight-decay", "-1.0"]),
+             ("gallop", "rho", 0.0, ["gallop", "--params", "p", "--grads", "g", "--rho", "0.0"])]
+    for section, key, value, argv in cases:
+        cfg = tmp_path / f"{section}-{key}.yaml"
+        cfg.write_text(yaml.safe_dump({"tasks": {"caesar": "builtin", "sub": "builtin"}, section: {key: value}}))
+        r_cfg = CliRunner().invoke(cli, ["run", str(cfg), "--dry-run"])
+        r_cli = CliRunner().invoke(cli, argv)
+        assert r_cfg.exit_code == 1 and r_cli.exit_code == 2, (r_cfg.output, r_cli.output)
+        line = next(ln for ln in r_cfg.output.splitlines() if f"config.{section}.{key}:" in ln)
+        message = line.split(f"config.{section}.{key}: ", 1)[1]
+        assert message in r_cli.output, (message, r_cli.output)
+        assert "out of range" in message

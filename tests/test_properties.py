@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_select_core import naive_topk, run_global
 
-from mergekit_sparse.fusion.driver import slerp
+from mergekit_sparse.fusion.maths import slerp
 from mergekit_sparse.storage.masks import pack, unpack
 from mergekit_sparse.evaluation.metrics import collapse, forget_ratio
 from mergekit_sparse.analysis.overlap import jaccard_matrix

@@ -10,7 +10,9 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from mergekit_sparse.cli.main import cli
+from mergekit_sparse.selection import passes
 from mergekit_sparse.selection import topk as select
+from mergekit_sparse.selection.passes import Pass
 from mergekit_sparse.storage.checkpoint import Checkpoint
 from mergekit_sparse.analysis.cores import compute_cores
 from mergekit_sparse.errors import OptionError
@@ -39,14 +41,14 @@ def run_global(scores: dict[str, torch.Tensor], k: int, chunk: int = 97) -> dict
     flat = {n: scores[n].reshape(-1).float() for n in scores}
     while kind := sel.wants():
         for n in sorted(flat):
-            ranges = (select.chunk_ranges(flat[n].numel(), chunk) if kind == "full"
-                      else select.sample_ranges(n, flat[n].numel(), total))
-            weight = {} if kind == "full" else {"weight": flat[n].numel() / sum(e - s for s, e in ranges)}
+            ranges = (passes.chunk_ranges(flat[n].numel(), chunk) if kind is not Pass.SAMPLE
+                      else passes.sample_ranges(n, flat[n].numel(), total))
+            weight = {} if kind is not Pass.SAMPLE else {"weight": flat[n].numel() / sum(e - s for s, e in ranges)}
             for s, e in ranges:
                 sel.observe(n, s, flat[n][s:e], **weight)
         sel.end_pass()
-    run_global.phase = sel.phase
-    out = {n: torch.cat([sel.select(n, s, flat[n][s:e]) for s, e in select.chunk_ranges(flat[n].numel(), chunk)])
+    run_global.window = sel.chosen() is not None
+    out = {n: torch.cat([sel.select(n, s, flat[n][s:e]) for s, e in passes.chunk_ranges(flat[n].numel(), chunk)])
            .view(scores[n].shape) for n in sorted(flat)}
     assert sel.selected == k
     return out
@@ -94,11 +96,11 @@ def test_window_breaks_ties_by_name_whatever_the_scan_order():
     sel = select.TopK(50, 120)
     while kind := sel.wants():
         for n in ("c", "b", "a"):                                   # not sorted
-            ranges = [(0, 40)] if kind == "full" else select.sample_ranges(n, 40, 120)
+            ranges = [(0, 40)] if kind is not Pass.SAMPLE else passes.sample_ranges(n, 40, 120)
             for s, e in ranges:
                 sel.observe(n, s, scores[n][s:e])
         sel.end_pass()
-    assert sel.phase == "window"
+    assert sel.chosen() is not None                # settled by the window
     got = {n: sel.select(n, 0, scores[n]) for n in ("c", "b", "a")}
     want = naive_topk(scores, 50)
     assert all(torch.equal(got[n], want[n]) for n in scores) and int(got["a"].sum()) == 10
@@ -121,7 +123,7 @@ def test_window_weights_tensors_sampled_at_different_rates():
     k = 20_000                                                        # 15 k small-tensor + 5 k from "big"
     got, want = run_global(scores, k), naive_topk(scores, k)
     assert all(torch.equal(got[n], want[n]) for n in scores)
-    assert run_global.phase == "window"                                # one full pass, no radix fallback
+    assert run_global.window                                # one full pass, no radix fallback
 
 
 def test_window_widens_for_blocks_of_different_scales():
@@ -132,7 +134,7 @@ def test_window_widens_for_blocks_of_different_scales():
     scores = {"w": rows.reshape(-1)}
     k = 20_480                                                        # 1 %
     got, want = run_global(scores, k), naive_topk(scores, k)
-    assert torch.equal(got["w"], want["w"]) and run_global.phase == "window"
+    assert torch.equal(got["w"], want["w"]) and run_global.window
 
 
 def test_global_topk_handles_negative_scores_and_all_zero():
@@ -280,7 +282,7 @@ def test_counting_tensors_at_once_selects_what_counting_in_order_does(threads):
     k, total, chunk = 30_000, 800_000, 4096
     sel = select.TopK(k, total)
     for n in sorted(scores):
-        ranges = select.sample_ranges(n, 200_000, total)
+        ranges = passes.sample_ranges(n, 200_000, total)
         for s, e in ranges:
             sel.observe(n, s, scores[n][s:e], weight=200_000 / sum(e - s for s, e in ranges))
     sel.end_pass()
@@ -300,7 +302,7 @@ def test_counting_tensors_at_once_selects_what_counting_in_order_does(threads):
             for n in ("t3", "t1", "t0", "t2"):
                 sel.count(n, s, scores[n][s:s + chunk])
     sel.end_pass()
-    assert sel.phase == "window"
+    assert sel.chosen() is not None                # settled by the window
     want = naive_topk(scores, k)
     got = {n: sel.select(n, 0, scores[n]) for n in scores}
     assert all(torch.equal(got[n], want[n]) for n in scores) and sel.selected == k

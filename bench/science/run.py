@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 from mergekit_sparse.builtin import builtin_model  # noqa: E402
 from mergekit_sparse.evaluation.accuracy import evaluate  # noqa: E402
 from mergekit_sparse.evaluation.metrics import run_metrics, sequential  # noqa: E402
-from mergekit_sparse.builtin.tasks import PRETRAIN_TASKS, split, write_jsonl  # noqa: E402
+from mergekit_sparse.builtin.tasks import PRETRAIN_TASKS, jsonl, split  # noqa: E402
+from mergekit_sparse.storage import atomic  # noqa: E402
 
 SINGLE = ("full", "gallop-1", "gallop-5", "saft-5", "random-5")
 STEPS, BATCH = 150, 16
@@ -47,8 +48,8 @@ def data(out: Path, tasks, seed: int) -> tuple[dict, dict]:
     trains, tests = {}, {}
     for t in tasks:
         tr, te = split(t, n_train=400, n_test=40, seed=seed)
-        trains[t] = write_jsonl(out / "data" / f"{t}.train.jsonl", tr)
-        tests[t] = write_jsonl(out / "data" / f"{t}.test.jsonl", te)
+        trains[t] = atomic.write_text(out / "data" / f"{t}.train.jsonl", jsonl(tr))
+        tests[t] = atomic.write_text(out / "data" / f"{t}.test.jsonl", jsonl(te))
     return trains, tests
 
 
@@ -222,7 +223,7 @@ def summarise(rows: list[dict], a: str, b: str) -> str:
 def write_report(rows: list[dict], path: Path) -> None:
     import plotly.graph_objects as go
 
-    from mergekit_sparse.reports.html import write_report as write
+    from mergekit_sparse.reports.page import write_report as write
     fig = go.Figure()
     for i, m in enumerate(dict.fromkeys(r["method"] for r in rows)):
         rs = [r for r in rows if r["method"] == m]

@@ -11,7 +11,6 @@ Several tasks share every pass, so the base is read once per pass whatever the t
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,63 +19,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..storage import dtypes
+from ..storage import atomic
 from ..storage.checkpoint import Checkpoint
-from ..errors import NonFiniteError, OptionError
 from ..storage.masks import MaskWriter, pack
 from .names import layer_key
 from ..storage.scope import Scope
-from ..selection.topk import CHUNK, TopK, chunk_ranges, k_for, sample_ranges, topk_mask
+from ..selection.passes import Buffers, chunk_ranges, nonfinite_error, run_passes
+from ..selection.topk import make_selector
 from ..selection.keys import hist_quantiles, key_histogram
-
-
-class PerTensorTopK:
-    """For `per-tensor` scope: ⌊p·n/100⌋ inside each tensor, in one pass over whole tensors."""
-
-    def __init__(self, percent: float, scope: Scope):
-        k_for(percent, scope.numel(), what="p")            # validates the range
-        self.percent = percent
-        self.k = sum(int(percent * scope.numel(n) // 100) for n in scope.names)
-        if self.k == 0:
-            biggest = max(scope.numel(n) for n in scope.names)
-            raise OptionError(f"--p {percent} selects no parameter in any tensor with --scope per-tensor; "
-                              f"the smallest usable value is {100 / biggest:.3g}")
-        self.selected = 0
-        self.thresholds: dict[str, float] = {}
-
-    def wants(self) -> None:
-        return None
-
-    @property
-    def threshold(self) -> float:
-        return min(self.thresholds.values(), default=float("nan"))
-
-    def select(self, name: str, start: int, scores):
-        """`scores` must be the whole tensor (start 0); returns its torch bool mask."""
-        mask, t = topk_mask(scores, int(self.percent * len(scores.reshape(-1)) // 100))
-        self.thresholds[name] = t
-        self.selected += int(mask.sum())
-        return mask
-
-
-def make_selector(percent: float, scope: Scope, *, per_tensor: bool = False):
-    if per_tensor:
-        return PerTensorTopK(percent, scope)
-    total = scope.numel()
-    return TopK(k_for(percent, total, what="p"), total)
-
-
-class Buffers:
-    """Reused numpy scratch buffers (float32 unless asked): streaming allocates nothing per chunk, so
-    glibc's heap cannot fragment and grow (freeing and re-allocating 16 MB chunks does exactly that)."""
-
-    def __init__(self):
-        self._bufs: dict[object, np.ndarray] = {}
-
-    def get(self, slot, n: int, dtype=np.float32) -> np.ndarray:
-        b = self._bufs.get(slot)
-        if b is None or b.size < n or b.dtype != dtype:
-            b = self._bufs[slot] = np.empty(max(n, CHUNK), dtype=dtype)
-        return b[:n]
 
 
 def delta_chunks(base: Checkpoint, tasks: list[Checkpoint]):
@@ -101,7 +51,6 @@ def delta_chunks(base: Checkpoint, tasks: list[Checkpoint]):
                 d = t.float32(name, s, e, out=bufs.get(i + 1, e - s))
                 out.append(np.abs(np.subtract(d, w0, out=d), out=d))                  # (e - s,)
             yield s, out
-    chunks.gathers = True
     return chunks
 
 
@@ -121,51 +70,6 @@ def _gather(ckpt: Checkpoint, name: str, ranges) -> np.ndarray:
     return dtypes.to_float32(picked.reshape(-1), code)
 
 
-def nonfinite_error(name: str, ckpts: list[Checkpoint], overflow: str = "the difference of two checkpoints "
-                    "overflows float32 (Inf)") -> NonFiniteError:
-    """The error naming the first of `ckpts` whose tensor holds NaN/Inf (`overflow` says what else it was)."""
-    for c in ckpts:
-        if not c.infos[name].is_float:
-            continue
-        if not np.isfinite(c.float32(name)).all():
-            return NonFiniteError(f"tensor '{name}' in {c.path} holds NaN/Inf values; fix or re-export that "
-                                  "checkpoint (NaN/Inf would poison every selection and merge)")
-    return NonFiniteError(f"tensor '{name}': {overflow}")
-
-
-def run_passes(selectors: list, scope: Scope, chunks, *, sources, progress: bool = False, desc: str = "select",
-               emit=None, sample_only: bool = False) -> None:
-    """Feed the selectors until each can select (with `sample_only`, until one wants a full pass).
-    `sources[i]` are the checkpoints behind selector i (named in a NaN error); `emit(i, name, start,
-    selector, chunk_len, n)` follows each chunk of the count pass (the selector holds its sure bits)."""
-    p = 0
-    while kinds := {s.wants() for s in selectors} - {None}:
-        p += 1
-        full = "full" in kinds
-        if full and sample_only:
-            return
-        for name in tqdm(scope.names, desc=f"{desc}: pass {p}", disable=not progress, leave=False):
-            n = scope.numel(name)
-            ranges = chunk_ranges(n) if full else sample_ranges(name, n, scope.numel())
-            weight = {} if full else {"weight": n / sum(e - s for s, e in ranges)}     # scores per sampled score
-            items = chunks(name, ranges)
-            if not full and getattr(chunks, "gathers", False):   # the sample blocks of a tensor in one go
-                items, weight = chunks(name, ranges, gather=True), {**weight, "blocks": len(ranges)}
-            for start, scores in items:
-                for i, (sel, sc) in enumerate(zip(selectors, scores)):
-                    if sel.wants() is None:
-                        continue
-                    counting = getattr(sel, "phase", None) == "count"
-                    try:
-                        sel.observe(name, start, sc, **weight)
-                    except NonFiniteError:
-                        raise nonfinite_error(name, sources[i]) from None
-                    if emit is not None and counting:
-                        emit(i, name, start, sel, len(sc), n)
-        for sel in selectors:
-            sel.end_pass()
-
-
 def prepare_selectors(base: Checkpoint, tasks: list[Checkpoint], scope: Scope, *, percent: float,
                       per_tensor: bool = False, progress: bool = False, desc: str = "core",
                       sample_only: bool = False, selectors: list | None = None) -> list:
@@ -175,7 +79,7 @@ def prepare_selectors(base: Checkpoint, tasks: list[Checkpoint], scope: Scope, *
     if selectors is None:
         selectors = [make_selector(percent, scope, per_tensor=per_tensor) for _ in tasks]
     run_passes(selectors, scope, delta_chunks(base, tasks), sources=[[base, t] for t in tasks], progress=progress,
-               desc=desc, sample_only=sample_only)
+               desc=desc, sample_only=sample_only, gathers=True)
     return selectors
 
 
@@ -242,17 +146,17 @@ def compute_cores(base: Checkpoint, tasks: list[Checkpoint], scope: Scope, *, pe
                     writers[i].write_packed(name, np.concatenate(pending[i]))
                     pending[i] = []
             run_passes(selectors, scope, delta_chunks(base, tasks), sources=[[base, t] for t in tasks],
-                       progress=progress, desc="core", emit=emit)
-            if all(sel.phase == "window" for sel in selectors):
+                       progress=progress, desc="core", emit=emit, gathers=True)
+            if all(sel.chosen() is not None for sel in selectors):
                 for i, sel in enumerate(selectors):
-                    for name, pos in sel.extra.items():
+                    for name, pos in sel.chosen().items():
                         writers[i].set_bits(name, pos)
                         counts[i][name] += len(pos)
                     sel.selected = sel.k
             else:                                          # a window missed (or p = 100): one selection pass
                 import torch
                 for w in writers:
-                    w.__exit__(OSError, None, None)
+                    w.discard()
                 writers, counts = open_writers(), [dict() for _ in tasks]
                 for name in tqdm(scope.names, desc="core: select", disable=not progress, leave=False):
                     parts = [[] for _ in tasks]
@@ -264,15 +168,14 @@ def compute_cores(base: Checkpoint, tasks: list[Checkpoint], scope: Scope, *, pe
                         writers[i].write(name, mask.view(scope.shapes[name]))
                         counts[i][name] = int(mask.sum())
             for i, sel in enumerate(selectors):
-                sample = getattr(sel, "sample_values", None)
-                if sample is not None and sample.size:
-                    hists[i] += key_histogram(sample)
+                if sel.sample_values.size:
+                    hists[i] += key_histogram(sel.sample_values)
         for w, sel in zip(writers, selectors):
             w.update_meta(threshold=sel.threshold, selected=sel.k)
-            w.__exit__(None, None, None)
-    except BaseException as e:
+            w.commit()
+    except BaseException:
         for w in writers:
-            w.__exit__(type(e), e, None)
+            w.discard()
         raise
     layer_sizes: dict[str, int] = defaultdict(int)
     for name in scope.names:
@@ -280,7 +183,8 @@ def compute_cores(base: Checkpoint, tasks: list[Checkpoint], scope: Scope, *, pe
     out = []
     for i, (sel, task, label) in enumerate(zip(selectors, tasks, labels)):
         total_sel = sum(counts[i].values())
-        assert total_sel == sel.k, f"selected {total_sel} instead of k = {sel.k}"
+        if total_sel != sel.k:
+            raise RuntimeError(f"core of {label}: selected {total_sel} instead of k = {sel.k}; this is a bug")
         per_layer = defaultdict(int)
         for name, c in counts[i].items():
             per_layer[layer_key(name)] += c
@@ -290,10 +194,10 @@ def compute_cores(base: Checkpoint, tasks: list[Checkpoint], scope: Scope, *, pe
             per_tensor={n: {"selected": counts[i].get(n, 0), "numel": scope.numel(n)} for n in scope.names},
             per_layer={k: per_layer[k] / layer_sizes[k] for k in layer_sizes},
             delta_quantiles=hist_quantiles(hists[i]), mask_path=str(out_dir / f"{label}.mask.safetensors"),
-            full_passes=getattr(sel, "full_passes", 1) + (0 if getattr(sel, "phase", "") == "window" else 1)))
+            full_passes=sel.full_passes + (0 if sel.chosen() is not None else 1)))
     return out
 
 
 def write_core_json(path: Path, summaries: list[CoreSummary], settings: dict, scope: Scope) -> None:
     data = {"settings": settings, "scope": scope.to_json(), "tasks": [s.to_json() for s in summaries]}
-    path.write_text(json.dumps(data, indent=2))
+    atomic.write_json(path, data)

@@ -16,17 +16,21 @@ import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    import torch
 
 from ..storage.checkpoint import Checkpoint
 from ..errors import NonFiniteError, OptionError
 from ..storage.masks import MaskWriter
 from .names import layer_key, module_of
 from ..storage.scope import Scope
-from ..selection.topk import TopK, chunk_ranges, k_for
+from ..selection.passes import chunk_ranges, run_passes
+from ..selection.topk import TopK, k_for
 from ..selection.keys import hist_quantiles, key_histogram
 
 EPS = 1e-8
@@ -36,6 +40,7 @@ CRITERIA = ("gallop", "saft", "pafi", "random")
 def hash_uniform(name: str, seed: int, start: int, n: int) -> torch.Tensor:
     """Seeded U[0, 1) scores for flat positions start..start+n of tensor `name`: a hash of the
     position, so any slice of a tensor gets the same values whatever pass reads it."""
+    import torch
     x = torch.arange(start, start + n, dtype=torch.int64) + (zlib.crc32(name.encode()) << 20) + seed * 0x9E3779B9
     for mult in (0xBF58476D1CE4E5B9 - (1 << 64), 0x94D049BB133111EB - (1 << 64)):      # splitmix64 finaliser
         x = (x ^ (x >> 31 & ((1 << 33) - 1))) * mult
@@ -93,9 +98,10 @@ def select_sparse(params: Checkpoint, grads: Checkpoint, scope: Scope, *, rho: f
                   progress: bool = False, sources: dict | None = None) -> GallopResult:
     """Select the top ρ % under each criterion; write the `main` criterion's mask to `out`.
 
-    Passes over (θ, g): sampling + counting (see `select`), then one selection pass.
+    Passes over (θ, g): sampling + counting (see `selection`), then one selection pass.
+    Scores are computed with torch (imported here: the analysis package itself never loads it).
     """
-    from .cores import run_passes
+    import torch
     for c in criteria:
         score(c, torch.zeros(1), torch.zeros(1))                      # validates the name
     total = scope.numel()
@@ -164,10 +170,10 @@ def select_sparse(params: Checkpoint, grads: Checkpoint, scope: Scope, *, rho: f
             sizes_layer[layer_key(name)] += n
             sizes_module[module_of(name)] += n
         if writer is not None:
-            writer.__exit__(None, None, None)
+            writer.commit()
     except BaseException as e:
         if writer is not None:
-            writer.__exit__(type(e), e, None)
+            writer.discard()
         raise
     summaries = {}
     for c, sel in zip(criteria, sels):

@@ -193,9 +193,10 @@ def load_groups(path) -> dict:
     try:
         doc = json.loads(Path(path).read_text())
         tasks, groups = doc["tasks"], doc["groups"]
-        assert isinstance(tasks, list) and isinstance(groups, list)
-    except (OSError, ValueError, KeyError, AssertionError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise DataError(f"{path}: not a groups file from `sparsemerge overlap` ({type(e).__name__})") from None
+    if not isinstance(tasks, list) or not isinstance(groups, list):
+        raise DataError(f"{path}: not a groups file from `sparsemerge overlap` (tasks and groups must be lists)")
     flat = [t for g in groups for t in g]
     if sorted(flat) != sorted(tasks):
         raise MismatchError(f"{path}: the groups do not partition the tasks {tasks}")

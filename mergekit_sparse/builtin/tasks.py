@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 LETTERS = "abcdefgh"
 MAPPING = dict(zip(LETTERS, "hgfedcba"))          # the fixed letter map of the `map` task
@@ -87,8 +86,6 @@ def split(task: str, *, n_train: int, n_test: int, seed: int = 0) -> tuple[list[
     return train, test
 
 
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
+def jsonl(records: list[dict]) -> str:
+    """Records as JSONL text (one JSON object a line)."""
+    return "".join(json.dumps(r) + "\n" for r in records)

@@ -1,23 +1,69 @@
-"""Glue for `sparsemerge fuse`: open inputs, validate options, call `fusion.fuse`, describe the result."""
+"""`fuse_checkpoints`: the one entry point of a fusion, for the CLI and the pipeline alike.
+
+It opens the inputs, validates every option in one place (before any tensor is read), builds the
+settings record, and runs the streaming driver. Callers print or store what it returns.
+"""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+from ..errors import OptionError
 from ..storage import dtypes
 from ..storage.checkpoint import Checkpoint, task_labels
-from ..errors import OptionError
-from .driver import fuse
 from ..storage.masks import MaskSet
 from ..storage.scope import align
 from ..storage.writer import parse_size
+from .driver import fuse
+from .maths import POLICIES
 
 
-def run_fuse(tasks: list[str], *, base: str | None, percent: float, per_tensor: bool, masks: list[str],
-             out: Path | None, omega: float | None, weights: str | None, conflict: str, onto: str | None,
-             dtype: str | None, shard_size: str | None, check: bool, include=(), exclude=(),
-             allow_pickle: bool = False, force: bool = False, progress: bool = False) -> dict:
-    labels = task_labels(tasks)
+def _weights(omega: float | None, weights, n_models: int, onto_idx: int | None) -> list[float] | None:
+    """The fold weights from --omega (two models) or --weights, validated."""
+    if omega is not None and weights:
+        raise OptionError("give either --omega (two models) or --weights, not both")
+    if omega is not None:
+        if not (isinstance(omega, (int, float)) and math.isfinite(omega) and 0 <= omega <= 1):
+            raise OptionError(f"--omega {omega!r} is out of range; give a number in [0, 1], e.g. --omega 0.5")
+        if n_models != 2:
+            raise OptionError(f"--omega is for two models; with {n_models} use --weights")
+        # SLERP(θ_b, θ_a, ω): the fusion base weighs 1 − ω, the other model ω
+        return [1 - omega, omega] if onto_idx == 0 else [omega, 1 - omega]
+    if not weights:
+        return None
+    if isinstance(weights, str):
+        try:
+            weights = [float(x) for x in weights.split(",")]
+        except ValueError:
+            raise OptionError(f"--weights {weights!r} must be comma-separated numbers, e.g. 1,1,2") from None
+    w = [float(x) for x in weights]
+    if not all(math.isfinite(x) for x in w):
+        raise OptionError(f"--weights {weights!r} must be finite numbers")
+    return w
+
+
+def fuse_checkpoints(tasks: list[str], *, out: str | Path | None = None, base: str | None = None,
+                     percent: float = 1.0, per_tensor: bool = False, masks: list[str] = (),
+                     omega: float | None = None, weights=None, conflict: str = "max-delta",
+                     onto: str | None = None, dtype: str | None = None, shard_size: str | None = None,
+                     check: bool = True, include=(), exclude=(), labels: list[str] | None = None,
+                     allow_pickle: bool = False, force: bool = False, progress: bool = False) -> dict:
+    """Fuse the task checkpoints (SLERP of whole tensors, then every task's core written back).
+
+    Cores come from `masks` (one mask file per task) or from `base` and `percent` (computed on the
+    fly). The fusion base is `onto`, by default the last task. `weights` is a list or a
+    comma-separated string (one per task, then one for a separate `onto`); `omega` is the two-model
+    shorthand SLERP(θ_b, θ_a, ω). Returns {"output", "settings", "counts", "checked"}.
+    """
+    if not base and not masks:
+        raise OptionError("fuse needs core regions: give --base BASE (cores = top --p % of |Δ|) or --masks "
+                          "M1 M2 ... from `sparsemerge core`")
+    if conflict not in POLICIES:
+        raise OptionError(f"--conflict {conflict!r} is not one of {', '.join(POLICIES)}")
+    if not masks and not (isinstance(percent, (int, float)) and math.isfinite(percent) and 0 < percent <= 100):
+        raise OptionError(f"--p {percent!r} is out of range; give a percentage in (0, 100], e.g. --p 1")
+    labels = list(labels) if labels else task_labels(tasks)
     task_cks = [Checkpoint.open(t, allow_pickle=allow_pickle) for t in tasks]
     base_ck = Checkpoint.open(base, allow_pickle=allow_pickle) if base else None
     if onto is None:
@@ -29,16 +75,7 @@ def run_fuse(tasks: list[str], *, base: str | None, percent: float, per_tensor: 
     n_models = len(task_cks) + (onto_idx is None)
     if n_models < 2:
         raise OptionError("fuse needs at least two models: give two or more tasks, or --onto a separate model")
-    w = None
-    if omega is not None:
-        if n_models != 2:
-            raise OptionError(f"--omega is for two models; with {n_models} use --weights")
-        w = [omega, 1 - omega] if onto_idx == 1 else ([1 - omega, omega] if onto_idx == 0 else [omega, 1 - omega])
-    elif weights:
-        try:
-            w = [float(x) for x in weights.split(",")]
-        except ValueError:
-            raise OptionError(f"--weights {weights!r} must be comma-separated numbers, e.g. 1,1,2") from None
+    w = _weights(omega, weights, n_models, onto_idx)
     mask_sets = None
     if masks:
         if len(masks) != len(task_cks):
@@ -52,8 +89,8 @@ def run_fuse(tasks: list[str], *, base: str | None, percent: float, per_tensor: 
         raise OptionError(f"output {out} should end in .safetensors (the fusion base is a single file)")
     settings = {"tasks": [c.sources() for c in task_cks], "base": base_ck.sources() if base_ck else None,
                 "onto": onto_ck.sources(), "p": None if masks else percent,
-                "core_scope": "per-tensor" if per_tensor else "global", "masks": list(masks), "weights": w,
-                "omega": omega, "conflict": conflict, "dtype": dtype, "include": list(include),
+                "core_scope": "per-tensor" if per_tensor else "global", "masks": [str(m) for m in masks],
+                "weights": w, "omega": omega, "conflict": conflict, "dtype": dtype, "include": list(include),
                 "exclude": list(exclude), "scope": scope.to_json()}
     report = fuse(task_cks, labels, onto=onto_ck, onto_is_task=onto_idx, scope=scope, out=out, base=base_ck,
                   masks=mask_sets, percent=percent, per_tensor=per_tensor, weights=w, conflict=conflict,

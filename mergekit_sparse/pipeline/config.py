@@ -16,8 +16,10 @@ A config is YAML or JSON. Top-level keys and their sections (all optional but `t
     retrain: TRAIN + {per_task: INT}
     gallop: TRAIN + {rho: FLOAT, criterion: gallop | saft | pafi | random, fraction: FLOAT}
     eval: {limit: INT, batch_size: INT}
-  where TRAIN = {steps: INT, lr: FLOAT, batch_size: INT, warmup: INT, weight_decay: FLOAT,
-                 optimizer: adamw | sgd, momentum: FLOAT in [0, 1) (sgd only)}
+  where TRAIN = every setting of `settings.TrainConfig` but `seed` (steps, lr, batch_size, grad_accum,
+  warmup, schedule, weight_decay, optimizer, momentum, clip, eval_every, eval_fraction, max_len,
+  save_every). Keys, ranges and messages come from the declarations in `mergekit_sparse.settings`,
+  the ones the CLI's options use; only the defaults below are the pipeline's own.
 """
 
 from __future__ import annotations
@@ -27,62 +29,71 @@ import json
 from pathlib import Path
 
 from ..errors import DataError
+from ..settings import (
+    CoreSettings,
+    DataSettings,
+    EvalSettings,
+    FuseSettings,
+    GallopSettings,
+    OverlapSettings,
+    RetrainSettings,
+    Spec,
+    TrainConfig,
+    defaults,
+    specs,
+)
 
-TRAIN = {"steps": (int, 1, None), "lr": (float, 0, None), "batch_size": (int, 1, None), "warmup": (int, 0, None),
-         "weight_decay": (float, 0, None), "optimizer": ("adamw", "sgd"), "momentum": (float, None, None)}
-TRAIN_DEFAULTS = {"warmup": 10, "weight_decay": 0.0, "optimizer": "adamw", "momentum": 0.9}
-SCHEMA = {
-    "kind": ("cpi-ft", "gallop"),
-    "base": str, "output": str, "seed": (int, None, None),
-    "tasks": dict, "ood_tasks": list,
-    "data": {"train": (int, 1, None), "test": (int, 1, None)},
-    "probe": TRAIN,
-    "core": {"p": (float, 0, 100), "scope": ("global", "per-tensor")},
-    "overlap": {"tau": (float, 0, 1), "order": ("random", "input", "least-overlap"), "seed": (int, None, None)},
-    "fuse": {"omega": (float, 0, 1), "conflict": ("max-delta", "last", "mean")},
-    "retrain": {**TRAIN, "per_task": (int, 1, None)},
-    "gallop": {**TRAIN, "rho": (float, 0, 100), "criterion": ("gallop", "saft", "pafi", "random"),
-               "fraction": (float, 0, 1)},
-    "eval": {"limit": (int, 1, None), "batch_size": (int, 1, None)},
+TRAIN_KEYS = tuple(n for n in specs(TrainConfig) if n not in ("seed", "sparse_below"))   # seed: the run's
+SECTIONS: dict[str, dict[str, Spec]] = {
+    "data": specs(DataSettings),
+    "probe": {k: specs(TrainConfig)[k] for k in TRAIN_KEYS},
+    "core": specs(CoreSettings),
+    "overlap": specs(OverlapSettings),
+    "fuse": specs(FuseSettings),
+    "retrain": {**{k: specs(TrainConfig)[k] for k in TRAIN_KEYS}, **specs(RetrainSettings)},
+    "gallop": {**{k: specs(TrainConfig)[k] for k in TRAIN_KEYS}, **specs(GallopSettings)},
+    "eval": specs(EvalSettings),
 }
+TOP = {"kind": Spec(str, choices=("cpi-ft", "gallop")), "base": Spec(str), "output": Spec(str), "seed": Spec(int),
+       "tasks": dict, "ood_tasks": list}
+_TRAIN = {k: defaults(TrainConfig)[k] for k in TRAIN_KEYS}
+# the pipeline's own defaults where they differ from the commands' (declared ranges are never overridden)
 DEFAULTS = {
     "kind": "cpi-ft", "base": "builtin", "output": "run", "seed": 0, "tasks": {}, "ood_tasks": None,
-    "data": {"train": 400, "test": 40},
-    "probe": {**TRAIN_DEFAULTS, "steps": 150, "lr": 3e-3, "batch_size": 16},
-    "core": {"p": 5.0, "scope": "global"},
-    "overlap": {"tau": 0.1, "order": "random", "seed": 0},
-    "fuse": {"omega": 0.5, "conflict": "max-delta"},
-    "retrain": {**TRAIN_DEFAULTS, "steps": 60, "lr": 1e-3, "batch_size": 16, "warmup": 5, "per_task": 100},
-    "gallop": {**TRAIN_DEFAULTS, "steps": 150, "lr": 3e-3, "batch_size": 16, "rho": 5.0, "criterion": "gallop",
-               "fraction": 0.25},
-    "eval": {"limit": 40, "batch_size": 40},
+    "data": defaults(DataSettings),
+    "probe": {**_TRAIN, "steps": 150, "lr": 3e-3, "batch_size": 16, "warmup": 10, "max_len": 48},
+    "core": {**defaults(CoreSettings), "p": 5.0},
+    "overlap": defaults(OverlapSettings),
+    "fuse": defaults(FuseSettings),
+    "retrain": {**_TRAIN, "steps": 60, "lr": 1e-3, "batch_size": 16, "warmup": 5, "max_len": 48, "per_task": 100},
+    "gallop": {**_TRAIN, "steps": 150, "lr": 3e-3, "batch_size": 16, "warmup": 10, "max_len": 48,
+               **defaults(GallopSettings), "rho": 5.0, "fraction": 0.25},
+    "eval": {**defaults(EvalSettings), "limit": 40, "batch_size": 40},
 }
 
 
-def _check(value, spec, where: str, problems: list[str]) -> None:
-    if isinstance(spec, dict):
-        if not isinstance(value, dict):
-            problems.append(f"{where}: expected a mapping, got {type(value).__name__}")
-            return
-        for k, v in value.items():
-            if k not in spec:
-                problems.append(f"{where}.{k}: unknown key (known: {', '.join(spec)})")
-            else:
-                _check(v, spec[k], f"{where}.{k}", problems)
-    elif isinstance(spec, tuple) and spec and isinstance(spec[0], str):
-        if value not in spec:
-            problems.append(f"{where}: {value!r} is not one of {', '.join(spec)}")
-    elif isinstance(spec, tuple):
-        typ, lo, hi = spec
-        ok_type = isinstance(value, (int, float)) and not isinstance(value, bool) if typ is float else \
-            isinstance(value, int) and not isinstance(value, bool)
-        if not ok_type:
-            problems.append(f"{where}: expected {'a number' if typ is float else 'an integer'}, got {value!r}")
-        elif (lo is not None and (value <= lo if typ is float else value < lo)) or (hi is not None and value > hi):
-            rng = f"({lo}, {hi}]" if typ is float else f">= {lo}"
-            problems.append(f"{where}: {value} is out of range {rng}")
-    elif not isinstance(value, spec):
-        problems.append(f"{where}: expected {spec.__name__}, got {type(value).__name__}")
+def _check(raw: dict, problems: list[str]) -> None:
+    for key, value in raw.items():
+        where = f"config.{key}"
+        if key in SECTIONS:
+            if not isinstance(value, dict):
+                problems.append(f"{where}: expected a mapping, got {type(value).__name__}")
+                continue
+            for k, v in value.items():
+                spec = SECTIONS[key].get(k)
+                if spec is None:
+                    problems.append(f"{where}.{k}: unknown key (known: {', '.join(SECTIONS[key])})")
+                elif why := spec.problem(v):
+                    problems.append(f"{where}.{k}: {why}")
+        elif key in TOP:
+            spec = TOP[key]
+            if isinstance(spec, Spec):
+                if why := spec.problem(value):
+                    problems.append(f"{where}: {why}")
+            elif value is not None and not isinstance(value, spec):
+                problems.append(f"{where}: expected a {'mapping' if spec is dict else 'list'}, got {type(value).__name__}")
+        else:
+            problems.append(f"{where}: unknown key (known: {', '.join([*TOP, *SECTIONS])})")
 
 
 def validate(raw: dict, *, base_dir: Path) -> dict:
@@ -91,7 +102,7 @@ def validate(raw: dict, *, base_dir: Path) -> dict:
     problems: list[str] = []
     if not isinstance(raw, dict):
         raise DataError("config: expected a mapping at the top level")
-    _check(raw, SCHEMA, "config", problems)
+    _check(raw, problems)
     cfg = copy.deepcopy(DEFAULTS)
     for k, v in raw.items():
         if isinstance(cfg.get(k), dict) and isinstance(v, dict) and k != "tasks":
@@ -99,9 +110,9 @@ def validate(raw: dict, *, base_dir: Path) -> dict:
         else:
             cfg[k] = v
     for section in ("probe", "retrain", "gallop"):
-        mom = cfg[section].get("momentum")
-        if isinstance(mom, (int, float)) and not 0 <= mom < 1:
-            problems.append(f"config.{section}.momentum: {mom!r} is out of range [0, 1)")
+        b, g = cfg[section].get("batch_size"), cfg[section].get("grad_accum")
+        if isinstance(b, int) and isinstance(g, int) and g > 0 and b % g:
+            problems.append(f"config.{section}.batch_size: {b} must be a multiple of grad_accum {g}")
     tasks = cfg.get("tasks")
     if isinstance(tasks, dict):
         if len(tasks) < (2 if cfg["kind"] == "cpi-ft" else 1):
@@ -130,6 +141,33 @@ def validate(raw: dict, *, base_dir: Path) -> dict:
     return cfg
 
 
+def _yaml_loader():
+    """PyYAML's safe loader, reading floats as YAML 1.2 does: `2e-3` and `1e4` are numbers (YAML 1.1,
+    PyYAML's default, reads them as strings because they lack a dot)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X),
+        list("-+0123456789."))
+    return Loader
+
+
+def load_yaml(text: str):
+    import yaml
+    return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
+
+
 def load_config(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -137,8 +175,7 @@ def load_config(path: str | Path) -> dict:
     text = path.read_text()
     try:
         if path.suffix in (".yaml", ".yml"):
-            import yaml
-            raw = yaml.safe_load(text)
+            raw = load_yaml(text)
         else:
             raw = json.loads(text)
     except Exception as e:  # noqa: BLE001 - YAML and JSON raise different types

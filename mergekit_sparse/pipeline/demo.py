@@ -1,9 +1,14 @@
-"""`sparsemerge demo`: both pipelines on the built-in model and tasks, one summary, one report."""
+"""`sparsemerge demo`: both pipelines on the built-in model and tasks, one summary.
+
+The run folder gets `summary.json` and `criteria.json`, the result files the demo report
+(`mergekit_sparse.reports.demo`) reads; the library itself never draws.
+"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from ..storage import atomic
 
 from .config import validate
 from .run import render_summary, run_pipeline
@@ -36,34 +41,23 @@ def run_demo(out: Path, *, fast: bool = False, log=print) -> dict:
     gal = run_pipeline(gal_cfg, out, log=log)
     metrics = {**cpi["metrics"], **{k: v for k, v in gal["metrics"].items() if not k.startswith("full-ft")}}
     summary = {"vanilla": cpi["vanilla"], "ood_tasks": cpi["ood_tasks"], "metrics": metrics, "groups": cpi["groups"]}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    report = write_demo_report(out, cpi, gal, summary)
-    return summary | {"report": str(report), "text": render_summary(summary)}
+    summary["groups_file"] = cpi["groups_file"]
+    write_criteria(out, cpi)
+    atomic.write_json(out / "summary.json", summary)
+    return summary | {"text": render_summary(summary)}
 
 
-def write_demo_report(out: Path, cpi: dict, gal: dict, summary: dict) -> Path:
-    """Overlap and groups, the GaLLoP score map of the first task, accuracy and forgetting per method."""
-    from mergekit_sparse.reports.forget import accuracy_figure, forget_figure
-    from mergekit_sparse.reports.gallop import gallop_figures
-    from mergekit_sparse.reports.html import write_report
-    from mergekit_sparse.reports.overlap import overlap_figures
-
-    from ..storage.checkpoint import Checkpoint
+def write_criteria(out: Path, cpi: dict) -> Path:
+    """The GaLLoP score map of the first task under every criterion (for the demo report): `criteria.json`."""
     from ..analysis.gallop import CRITERIA, select_sparse
+    from ..storage.checkpoint import Checkpoint
     from ..storage.scope import align
-    sections = overlap_figures(json.loads(Path(cpi["groups_file"]).read_text()))[:3]
     first = next(iter(DEMO_TASKS))
     base = Checkpoint.open(_builtin())
     grads = Checkpoint.open(out / "gallop" / first / "grads.safetensors")
     res = select_sparse(base, grads, align([base, grads]), rho=5.0, criteria=list(CRITERIA), main="gallop", out=None,
                         sample_size=20000)
-    sections += gallop_figures({"rho": 5.0, **res.to_json(), "sample": res.sample})[:2]
-    doc = {"vanilla": {"accuracy": summary["vanilla"]},
-           "runs": {k: v | {"trained": v["trained"] if isinstance(v["trained"], str) else "+".join(v["trained"])}
-                    for k, v in summary["metrics"].items()}, "warnings": []}
-    sections += [("Accuracy per task", "vanilla = the built-in base model", accuracy_figure(doc)),
-                 ("Forgetting per method", "", forget_figure(doc))]
-    return write_report(out / "report.html", "mergekit-sparse demo", sections)
+    return atomic.write_json(out / "criteria.json", {"task": first, "rho": 5.0, **res.to_json(), "sample": res.sample})
 
 
 def _builtin() -> Path:

@@ -20,7 +20,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..builtin import builtin_model
-from ..builtin.tasks import split, write_jsonl
+from ..builtin.tasks import jsonl, split
+from ..storage import atomic
+from .config import TRAIN_KEYS
 
 
 def _sha_path(p: Path) -> str:
@@ -62,17 +64,16 @@ class Run:
         self.log(f"[run]  {name}")
         fn()
         rec = {"key": key, "settings": settings, "outputs": {str(p): _sha_path(p) for p in outputs}}
-        tmp = marker.with_suffix(".partial")
-        tmp.write_text(json.dumps(rec, indent=2, default=str))
-        tmp.replace(marker)
+        atomic.write_json(marker, rec)
         self.done.append((name, "ran"))
 
 
 def _train_cfg(section: dict, seed: int):
-    from ..training.trainer import TrainConfig
-    return TrainConfig(steps=section["steps"], lr=section["lr"], batch_size=section["batch_size"],
-                       warmup=section["warmup"], weight_decay=section["weight_decay"], optimizer=section["optimizer"],
-                       momentum=section["momentum"], seed=seed, max_len=48)
+    """The TrainConfig of a training section (every TrainConfig key is a config key; `clip: 0` is off)."""
+    from ..settings import TrainConfig
+    cfg = {k: section[k] for k in TRAIN_KEYS}
+    cfg["clip"] = cfg["clip"] or None
+    return TrainConfig(**cfg, seed=seed)
 
 
 def _data_stage(run: Run, base: Path) -> tuple[dict, dict]:
@@ -93,8 +94,8 @@ def _data_stage(run: Run, base: Path) -> tuple[dict, dict]:
         for t in eval_names:
             if cfg["tasks"].get(t, "builtin") == "builtin":
                 tr, te = split(t, n_train=cfg["data"]["train"], n_test=cfg["data"]["test"], seed=cfg["seed"])
-                write_jsonl(train_paths[t], tr)
-                write_jsonl(test_paths[t], te)
+                atomic.write_text(train_paths[t], jsonl(tr))
+                atomic.write_text(test_paths[t], jsonl(te))
     user_hashes = {t: _sha_path(p) for t, p in test_paths.items() if p not in outputs}
     user_hashes |= {f"{t}.train": _sha_path(p) for t, p in train_paths.items() if p not in outputs}
     run.stage("data", {"data": cfg["data"], "seed": cfg["seed"], "tasks": eval_names, "user_files": user_hashes,
@@ -112,7 +113,7 @@ def _eval_stage(run: Run, name: str, model: Path, needs: list[str], tests: dict)
         for res in table["tasks"].values():
             res.pop("outputs")
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(table, indent=2))
+        atomic.write_json(out, table)
     run.stage(f"eval-{name}", {"eval": run.cfg["eval"]}, needs, [out], make)
     return out
 
@@ -138,7 +139,7 @@ def run_pipeline(cfg: dict, root: Path, *, log: Callable[[str], None] = print) -
         summary |= _gallop(run, base, trains, tests)
     summary |= _metrics(run, vanilla, summary)
     summary["stages"] = run.done
-    (run.root / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    atomic.write_json(run.root / "summary.json", summary)
     return summary
 
 
@@ -181,19 +182,17 @@ def _cpi_ft(run: Run, base: Path, trains: dict, tests: dict, probes: dict) -> di
         o = cfg["overlap"]
         groups = group_tasks(res.matrix, tasks, tau=o["tau"], order=o["order"], seed=o["seed"])
         doc = groups_document(res, groups, tau=o["tau"], order=o["order"], seed=o["seed"], settings=o)
-        groups_path.write_text(json.dumps(doc, indent=2))
+        atomic.write_json(groups_path, doc)
     run.stage("overlap", cfg["overlap"], ["cores"], [groups_path], make_groups)
 
     fused = root / "fused"
 
     def make_fused():
-        from ..fusion.driver import fuse
-        cks = [Checkpoint.open(probes[t][0]) for t in tasks]
-        b = Checkpoint.open(base)
-        masks = [MaskSet.load(cores / f"{t}.mask.safetensors") for t in tasks]
-        fuse(cks, tasks, onto=cks[-1], onto_is_task=len(cks) - 1, scope=align([b, *cks]), out=fused, base=b,
-             masks=masks, conflict=cfg["fuse"]["conflict"], check=True, settings=cfg["fuse"],
-             weights=None if len(cks) > 2 else [cfg["fuse"]["omega"], 1 - cfg["fuse"]["omega"]])
+        from ..fusion.api import fuse_checkpoints
+        fuse_checkpoints([str(probes[t][0]) for t in tasks], labels=tasks, out=fused, base=str(base),
+                         masks=[str(cores / f"{t}.mask.safetensors") for t in tasks],
+                         conflict=cfg["fuse"]["conflict"], check=True,
+                         omega=cfg["fuse"]["omega"] if len(tasks) == 2 else None)
     run.stage("fuse", cfg["fuse"], ["cores"] + probe_stages, [fused], make_fused)
     fused_acc = _eval_stage(run, "fused", fused, ["fuse"], tests)
 
@@ -235,8 +234,7 @@ def _gallop(run: Run, base: Path, trains: dict, tests: dict) -> dict:
                           out=mask, seed=cfg["seed"])
         run.stage(f"mask-{t}", {"rho": g["rho"], "criterion": g["criterion"]}, [f"gradients-{t}"], [mask], make_mask)
         tc = _train_cfg(g, cfg["seed"] + i)
-        run.stage(f"sparse-{t}", {k: g[k] for k in ("steps", "lr", "batch_size", "warmup", "weight_decay", "optimizer",
-                                                    "momentum")},
+        run.stage(f"sparse-{t}", {k: g[k] for k in TRAIN_KEYS},
                   [f"mask-{t}"], [model],
                   lambda model=model, mask=mask, t=t, tc=tc: run_train(str(base), str(trains[t]), model, cfg=tc,
                                                                        mask=str(mask)))

@@ -25,49 +25,19 @@ from __future__ import annotations
 
 import math
 import threading
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import NonFiniteError, OptionError
+from .keys import BINS, CHUNK, _chunks, _np, _torch, float_keys, key_to_float
+from .passes import Pass
 
-CHUNK = 1 << 19          # elements per chunk (2 MB of float32): measured fastest of 2^16..2^20 for fuse and core
-BINS = 1 << 16
-BLOCK = 4096             # sample block (entries)
-SAMPLE_CAP = 1 << 22     # at most ~4 M sampled scores
+if TYPE_CHECKING:
+    from ..storage.scope import Scope
+
 CANDIDATE_CAP = 1 << 24  # at most ~16 M candidates (16 bytes each) before falling back to radix
 WINDOW_SLACK = 0.002     # the window's half-width is at least this share of all scores
-
-
-def _torch(x):
-    """`x` as a torch tensor (numpy arrays are shared, not copied)."""
-    import torch
-    return torch.from_numpy(x) if isinstance(x, np.ndarray) else x
-
-
-def _np(x) -> np.ndarray:
-    """`x` as a numpy array (CPU torch tensors are shared, not copied)."""
-    if isinstance(x, np.ndarray):
-        return x
-    return x.numpy() if hasattr(x, "numpy") else np.asarray(x)
-
-
-def float_keys(x) -> np.ndarray:
-    """int32 keys (numpy) ordering exactly like the float32 values of `x` (flattened); -0.0 equals +0.0."""
-    if not isinstance(x, np.ndarray):
-        x = x.float()                                   # torch: bf16 and friends have no numpy view
-    bits = (np.asarray(_np(x), dtype=np.float32).reshape(-1) + np.float32(0.0)).view(np.int32)  # -0.0 -> +0.0
-    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
-
-
-def key_to_float(key: int) -> float:
-    k = np.array([key], dtype=np.int32)
-    return float((k ^ ((k >> 31) & 0x7FFFFFFF)).view(np.float32)[0])
-
-
-def _chunks(x):
-    flat = _np(x).reshape(-1)
-    for start in range(0, flat.size, CHUNK):
-        yield flat[start:start + CHUNK]
 
 
 def _check_finite(scores, name: str) -> None:
@@ -152,7 +122,8 @@ class RadixTopK:
 
     def select(self, name: str, scores):
         """Pass 3: the boolean mask of one tensor (a torch tensor of the shape of `scores`)."""
-        assert self.stage == 3, "select() comes after two observe passes"
+        if self.stage != 3:
+            raise RuntimeError("RadixTopK.select() before its two observe passes; this is a bug")
         shape = tuple(scores.shape)
         if self.everything:
             self.selected += math.prod(shape)
@@ -187,23 +158,6 @@ def topk_mask(scores, k: int) -> tuple:
     return _torch(mask.reshape(shape)), key_to_float(t)
 
 
-def chunk_ranges(n: int, size: int = CHUNK) -> list[tuple[int, int]]:
-    return [(s, min(n, s + size)) for s in range(0, n, size)]
-
-
-def sample_ranges(name: str, n: int, total: int) -> list[tuple[int, int]]:
-    """Seeded sample blocks of one tensor: all of a small tensor, else ~fraction·n entries in blocks."""
-    import zlib
-    frac = min(0.02, SAMPLE_CAP / max(1, total))
-    if n <= 64 * BLOCK:
-        return [(0, n)]
-    blocks = n // BLOCK
-    count = max(1, min(blocks, round(frac * n / BLOCK)))
-    g = np.random.default_rng(zlib.crc32(name.encode()))
-    picks = np.sort(g.permutation(blocks)[:count]).tolist()
-    return [(b * BLOCK, (b + 1) * BLOCK) for b in picks]
-
-
 def _largest(v: np.ndarray, r: int) -> np.ndarray:
     """Indices of every entry of `v` at or above some value, at least the r largest, by value descending.
 
@@ -224,16 +178,16 @@ def _largest(v: np.ndarray, r: int) -> np.ndarray:
 class TopK:
     """Exact global top-k with a sampled window and one counting pass (radix fallback).
 
-    Protocol, for drivers (see `core.run_passes`): while `wants()` is "sample" or "full", feed
-    `observe(name, start, scores)` for the ranges of that pass, then `end_pass()`; once `wants()`
-    is None, `select(name, start, scores)` returns each chunk's mask, chunks in scope order.
+    A `passes.CountingSelector`: while `wants()` is a `Pass`, feed `observe(name, start, scores)` for
+    the ranges of that pass, then `end_pass()`; once `wants()` is None, either `chosen()` completes the
+    counting pass's sure positions, or `select(name, start, scores)` returns each chunk's mask.
     """
 
     def __init__(self, k: int, total: int):
         if not 0 < k <= total:
             raise OptionError(f"cannot select {k} of {total} parameters")
         self.k, self.total = k, total
-        self.phase = "sample"
+        self._phase = "sample"
         self.sample_values = np.zeros(0, dtype=np.float32)     # kept for quantile summaries
         self.samples: list[np.ndarray] = []
         self.sample_meta: list[tuple[int, float, int]] = []   # (tensor index, weight, blocks) per observed sample
@@ -260,12 +214,17 @@ class TopK:
     def everything(self) -> bool:
         return self.k == self.total
 
-    def wants(self) -> str | None:
-        if self.phase == "sample":
-            return "sample"
-        if self.phase in ("count", "radix1", "radix2"):
-            return "full"
+    def wants(self) -> Pass | None:
+        if self._phase == "sample":
+            return Pass.SAMPLE
+        if self._phase == "count":
+            return Pass.COUNT
+        if self._phase in ("radix1", "radix2"):
+            return Pass.FULL
         return None
+
+    def chosen(self) -> dict[str, np.ndarray] | None:
+        return self.extra if self._phase == "window" else None
 
     def _np_bool(self, n: int, slot: str = "ge") -> np.ndarray:
         """Reused per-thread bool scratch (no per-chunk allocation: keeps the heap from fragmenting)."""
@@ -278,13 +237,13 @@ class TopK:
     def observe(self, name: str, start: int, scores, weight: float = 1.0, blocks: int = 1) -> None:
         """Sample pass only: `weight` is how many scores of the tensor each sampled score stands for, and
         `scores` may be `blocks` equal-size sample blocks of one tensor, concatenated."""
-        if self.phase == "sample":
+        if self._phase == "sample":
             scores = _np(scores)
             _check_finite(scores, name)
             self.samples.append(np.array(scores, dtype=np.float32))
             t = self._sample_tensors.setdefault(name, len(self._sample_tensors))
             self.sample_meta.append((t, weight, blocks))
-        elif self.phase == "count":
+        elif self._phase == "count":
             self._sure = self.count(name, start, scores)
         else:
             self.radix.observe(name, scores)
@@ -332,23 +291,23 @@ class TopK:
             setattr(self, key, new)
 
     def end_pass(self) -> None:
-        if self.phase != "sample":
+        if self._phase != "sample":
             self.full_passes += 1
-        if self.phase == "sample":
+        if self._phase == "sample":
             self._window()
-            self.phase = "count" if self.k < self.total else "done"
-        elif self.phase == "count":
+            self._phase = "count" if self.k < self.total else "done"
+        elif self._phase == "count":
             self._scratch, self._sure, self._local = {}, None, threading.local()
             if not self._resolve():
                 self.radix = RadixTopK(self.k, self.total)
-                self.phase = "radix1"
-        elif self.phase == "radix1":
+                self._phase = "radix1"
+        elif self._phase == "radix1":
             self.radix.next_pass()
-            self.phase = "radix2"
-        elif self.phase == "radix2":
+            self._phase = "radix2"
+        elif self._phase == "radix2":
             self.radix.next_pass()
             self.threshold = self.radix.threshold
-            self.phase = "radix"
+            self._phase = "radix"
 
     def _window(self) -> None:
         """Bracket the k-th largest score from the sample: [lo, hi] around the weighted estimate.
@@ -446,7 +405,7 @@ class TopK:
         for part_t, part_p in zip(np.split(chosen_t, cuts), np.split(chosen_p, cuts)):
             if part_t.size:
                 self.extra[names[int(part_t[0])]] = part_p
-        self.phase = "window"
+        self._phase = "window"
         return True
 
     def sure_positions(self) -> np.ndarray:
@@ -465,10 +424,10 @@ class TopK:
         """The chunk's mask (a torch bool tensor) once every pass is done."""
         import torch
         scores = _torch(scores)
-        if self.phase == "done":
+        if self._phase == "done":
             self.selected += scores.numel()
             return torch.ones(scores.shape, dtype=torch.bool)
-        if self.phase == "radix":
+        if self._phase == "radix":
             mask = self.radix.select(name, scores)
             self.selected = self.radix.selected
             return mask
@@ -480,3 +439,51 @@ class TopK:
                 mask[torch.from_numpy(pos[a:b] - start)] = True
         self.selected += int(mask.sum())
         return mask
+
+
+class PerTensorTopK:
+    """For `per-tensor` scope: ⌊p·n/100⌋ inside each tensor, in one pass over whole tensors."""
+
+    def __init__(self, percent: float, scope: Scope):
+        k_for(percent, scope.numel(), what="p")            # validates the range
+        self.percent = percent
+        self.k = sum(int(percent * scope.numel(n) // 100) for n in scope.names)
+        if self.k == 0:
+            biggest = max(scope.numel(n) for n in scope.names)
+            raise OptionError(f"--p {percent} selects no parameter in any tensor with --scope per-tensor; "
+                              f"the smallest usable value is {100 / biggest:.3g}")
+        self.selected = 0
+        self.full_passes = 0                    # the caller's one pass selects (no counting pass)
+        self.sample_values = np.zeros(0, dtype=np.float32)
+        self.thresholds: dict[str, float] = {}
+
+    def wants(self) -> None:
+        return None
+
+    def observe(self, name: str, start: int, scores, weight: float = 1.0, blocks: int = 1) -> None:
+        raise RuntimeError("PerTensorTopK needs no pass before select(); this is a bug")
+
+    def end_pass(self) -> None:
+        pass
+
+    def chosen(self) -> None:
+        return None
+
+    @property
+    def threshold(self) -> float:
+        return min(self.thresholds.values(), default=float("nan"))
+
+    def select(self, name: str, start: int, scores):
+        """`scores` must be the whole tensor (start 0); returns its torch bool mask."""
+        mask, t = topk_mask(scores, int(self.percent * len(scores.reshape(-1)) // 100))
+        self.thresholds[name] = t
+        self.selected += int(mask.sum())
+        return mask
+
+
+def make_selector(percent: float, scope: Scope, *, per_tensor: bool = False) -> TopK | PerTensorTopK:
+    """The selector of the top `percent` % of the scope's scores: global (TopK) or inside each tensor."""
+    if per_tensor:
+        return PerTensorTopK(percent, scope)
+    total = scope.numel()
+    return TopK(k_for(percent, total, what="p"), total)

@@ -81,9 +81,11 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], byte
         raise CheckpointError(f"{path}: cannot read ({e.strerror})") from e
     try:
         header = json.loads(raw)
-        assert isinstance(header, dict)
-    except (ValueError, AssertionError):
+    except ValueError:
         raise CheckpointError(f"{path}: safetensors header is not valid JSON; the file is corrupt") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: safetensors header is JSON but not an object (found {type(header).__name__}); "
+                              "the file is corrupt")
     metadata = header.pop("__metadata__", None) or {}
     infos: dict[str, TensorInfo] = {}
     data_size, end_max = size - 8 - n, 0
@@ -313,9 +315,10 @@ class Checkpoint:
 def _shards_from_index(index: Path) -> list[Path]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
-        assert isinstance(weight_map, dict)
-    except (ValueError, KeyError, AssertionError, TypeError):
-        raise CheckpointError(f"{index}: not a valid index (expected JSON with a 'weight_map' object)") from None
+    except (ValueError, KeyError, TypeError):
+        weight_map = None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: not a valid index (expected JSON with a 'weight_map' object)")
     folder = index.parent.resolve()
     files = []
     for shard in sorted(set(weight_map.values())):

@@ -16,7 +16,8 @@ import numpy as np
 
 from .checkpoint import Checkpoint, read_header
 from ..errors import CheckpointError, MismatchError
-from .writer import AtomicPath, SafetensorsStream, check_output
+from .atomic import AtomicPath, os_error
+from .writer import SafetensorsStream, check_output
 
 FORMAT_VERSION = 1
 META_KEY = "mergekit_sparse"
@@ -145,11 +146,10 @@ class MaskWriter:
         self.write_packed(name, pack(mask))
 
     def write_packed(self, name: str, packed: np.ndarray) -> None:
-        from .writer import _os_error
         try:
             self._stream.write(name, np.asarray(packed, dtype=np.uint8))
         except OSError as e:
-            raise _os_error(e, self.out) from None
+            raise os_error(e, self.out) from None
 
     def update_meta(self, **fields) -> None:
         """Metadata known only once the data is written (the threshold): rewritten before commit."""
@@ -173,21 +173,34 @@ class MaskWriter:
             mm[where] |= np.bitwise_or.reduceat(bits, first)                    # the bits of each byte at once
         del mm                                     # left to the page cache like every other write (no msync)
 
-    def __enter__(self) -> MaskWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is not None:
-            self._stream.abort()
-            self._atomic.discard()
-            return False
+    def commit(self) -> Path:
+        """Finish the file (patches applied) and put it in place."""
         try:
             self._stream.close()
             self._apply_patches()
             self._atomic.commit()
+        except OSError as e:
+            self._atomic.discard()
+            raise os_error(e, self.out) from None
         except BaseException:
             self._atomic.discard()
             raise
+        return self.out
+
+    def discard(self) -> None:
+        """Drop the unfinished file (nothing is left behind)."""
+        self._stream.abort()
+        self._atomic.discard()
+
+    def __enter__(self) -> MaskWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        """Commit on success, discard on error."""
+        if exc_type is not None:
+            self.discard()
+        else:
+            self.commit()
         return False
 
 

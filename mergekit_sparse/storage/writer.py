@@ -22,6 +22,7 @@ import numpy as np
 from . import dtypes
 from .checkpoint import INDEX_NAME, SINGLE_NAME
 from ..errors import OptionError, OutputError
+from .atomic import AtomicPath, os_error
 
 REFERENCE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
@@ -45,13 +46,6 @@ def check_output(out: Path, inputs: list[Path], *, force: bool) -> None:
             raise OutputError(f"cannot create the output folder {parent} ({e.strerror})") from None
     if not os.access(parent, os.W_OK):
         raise OutputError(f"output folder {parent} is not writable; choose another -o path")
-
-
-def _os_error(e: OSError, where: Path) -> OutputError:
-    if e.errno == errno.ENOSPC:
-        return OutputError(f"no space left on the device while writing {where}; free space or write elsewhere "
-                           "(the partial output was removed)")
-    return OutputError(f"cannot write {where} ({e.strerror}); the partial output was removed")
 
 
 def _fault_injection() -> None:
@@ -179,48 +173,19 @@ class SafetensorsStream:
     def abort(self) -> None:
         self._f.close()
 
+    @property
+    def entries(self) -> list[tuple[str, str, tuple[int, ...], int]]:
+        """The planned (name, dtype code, shape, nbytes), in file order."""
+        return list(self._order)
 
-def _alive(pid: str) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return True
+    def upcoming(self) -> tuple[str, str, tuple[int, ...], int]:
+        """The next tensor `write`/`write_chunks` expects."""
+        return self._order[self._next]
 
-
-class AtomicPath:
-    """A temporary sibling of `out` that replaces `out` on commit and vanishes on failure."""
-
-    def __init__(self, out: Path, *, force: bool, is_dir: bool):
-        self.out = out
-        self.tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-        self.force = force
-        for stale in out.parent.glob(f".{out.name}.partial-*"):     # left by a killed run
-            if not _alive(stale.name.rsplit("-", 1)[-1]):
-                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp) if self.tmp.is_dir() else self.tmp.unlink()
-        if is_dir:
-            self.tmp.mkdir(parents=True)
-
-    def commit(self) -> None:
-        if self.out.exists():
-            if not self.force:
-                raise OutputError(f"output {self.out} appeared while writing; pass --force to replace it")
-            old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
-            os.replace(self.out, old)
-            os.replace(self.tmp, self.out)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            os.replace(self.tmp, self.out)
-
-    def discard(self) -> None:
-        if self.tmp.is_dir():
-            shutil.rmtree(self.tmp, ignore_errors=True)
-        elif self.tmp.exists():
-            self.tmp.unlink()
+    def flush(self) -> None:
+        """Push buffered bytes to the file (before positional writes or a mapping of it)."""
+        if not self._f.closed:
+            self._f.flush()
 
 
 class CheckpointWriter:
@@ -235,8 +200,8 @@ class CheckpointWriter:
     `plan` lists (name, dtype, shape) in the order tensors will be written (the order in the
     files). With `any_order`, every file is opened at once and `write_chunks` takes the tensors in
     any order, from several threads if need be (each tensor from one thread). Shards are cut by
-    `shard_bytes` (None: one file). On leaving the block without error the output is renamed
-    into place; on error the temporary output is removed.
+    `shard_bytes` (None: one file). `commit()` puts the finished output in place and
+    `discard()` removes the temporary output (leaving a `with` block does one or the other).
     """
 
     def __init__(self, out: Path, plan: list[tuple[str, object, tuple[int, ...]]], *, folder: bool,
@@ -262,16 +227,16 @@ class CheckpointWriter:
             try:
                 for i, shard in enumerate(self.shards):
                     stream = SafetensorsStream(self._shard_path(i), shard, {"format": "pt", **self.metadata})
-                    stream._f.flush()                     # the header, before any positional write
+                    stream.flush()                        # the header, before any positional write
                     self._opened.append(stream)
-                    for name, dtype, _, nbytes in stream._order:
+                    for name, dtype, _, nbytes in stream.entries:
                         self._streams[name] = stream
                         self.weight_map[name] = stream.path.name
                         self.locations[name] = (stream.path, stream.data_start + stream.offsets[name],
                                                 nbytes // dtypes.itemsize(dtype), dtype)
             except OSError as e:
-                self.__exit__(type(e), e, None)
-                raise _os_error(e, self.out) from None
+                self.discard()
+                raise os_error(e, self.out) from None
 
     def _shard_path(self, i: int) -> Path:
         if not self.folder:
@@ -289,7 +254,7 @@ class CheckpointWriter:
             try:
                 self._streams[name].write_at(name, chunks)
             except OSError as e:
-                raise _os_error(e, self.out) from None
+                raise os_error(e, self.out) from None
             return
         try:
             if self._stream is None or self._in_shard == len(self.shards[self._shard_i]):
@@ -301,12 +266,12 @@ class CheckpointWriter:
                                                  {"format": "pt", **self.metadata})
                 self._opened.append(self._stream)
             stream = self._stream
-            _, dtype, shape, nbytes = stream._order[stream._next]
+            _, dtype, shape, nbytes = stream.upcoming()
             self.locations[name] = (stream.path, stream.data_start + stream.offsets[name],
                                     nbytes // dtypes.itemsize(dtype), dtype)
             stream.write_chunks(name, chunks)
         except OSError as e:
-            raise _os_error(e, self.out) from None
+            raise os_error(e, self.out) from None
         self.weight_map[name] = self._shard_path(self._shard_i).name
         self._in_shard += 1
 
@@ -321,23 +286,33 @@ class CheckpointWriter:
             return
         try:
             for stream in self._opened:
-                if stream.path == path and not stream._f.closed:
-                    stream._f.flush()
+                if stream.path == path:
+                    stream.flush()
             mm = np.memmap(path, dtype=view.dtype, mode="r+", offset=offset, shape=(numel,))
             mm[positions] = view                      # left to the page cache like every other write (no msync)
             del mm
         except OSError as e:
-            raise _os_error(e, self.out) from None
+            raise os_error(e, self.out) from None
 
     def __enter__(self) -> CheckpointWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        """Commit on success, discard on error."""
         if exc_type is not None:
-            for stream in self._opened:
-                stream.abort()
-            self._atomic.discard()
-            return False
+            self.discard()
+        else:
+            self.commit()
+        return False
+
+    def discard(self) -> None:
+        """Drop everything written so far (nothing is left behind)."""
+        for stream in self._opened:
+            stream.abort()
+        self._atomic.discard()
+
+    def commit(self) -> Path:
+        """Finish every file (index, reference files), validate, and put the output in place."""
         try:
             if not self._opened:  # an empty plan still yields a valid file
                 self._opened.append(SafetensorsStream(self._shard_path(0), [], {"format": "pt", **self.metadata}))
@@ -350,11 +325,11 @@ class CheckpointWriter:
             self._atomic.commit()
         except OSError as e:
             self._atomic.discard()
-            raise _os_error(e, self.out) from None
+            raise os_error(e, self.out) from None
         except BaseException:
             self._atomic.discard()
             raise
-        return False
+        return self.out
 
     def add_file(self, name: str, text: str) -> None:
         """A small text file to put in the output folder (written before the rename)."""

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..storage.checkpoint import Checkpoint
+from ..storage import atomic
 from .data import balanced_sample, file_sha256, read_jsonl
 from ..errors import MismatchError, OptionError
 from ..storage.masks import MaskSet
@@ -105,12 +106,12 @@ def retrain(model_dir: str, groups_path: str, masks_dir: str, data: dict[str, st
                 "frozen_bit_identical": frozen_ok, "final": summary["final"]}
         if not frozen_ok:
             raise RuntimeError(f"stage {k}: a frozen parameter changed; this is a bug")
-        done.write_text(json.dumps(info, indent=2, default=str))
+        atomic.write_json(done, info)
         stages.append(info)
         current = stage_dir
     result = {"plan": plan, "stages": [{k: v for k, v in s.items() if k != "stage_plan"} for s in stages],
               "final_model": str(current)}
-    (out / "retrain.json").write_text(json.dumps(result, indent=2, default=str))
+    atomic.write_json(out / "retrain.json", result)
     return result
 
 

@@ -12,7 +12,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -20,47 +20,11 @@ from tqdm.auto import tqdm
 
 from .data import IGNORE, collate, encode, token_loss_sum
 from ..errors import OptionError
-from .optim import OPTIMIZERS, MaskedAdamW, make_optimizer
+from ..settings import TrainConfig
+from .optim import MaskedAdamW, make_optimizer
 from ..storage.writer import CheckpointWriter
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    steps: int = 100
-    lr: float = 1e-3
-    batch_size: int = 8              # global examples per optimizer step (all ranks, all micro-batches)
-    grad_accum: int = 1
-    warmup: int = 0
-    schedule: str = "cosine"         # cosine | linear | constant
-    weight_decay: float = 0.0
-    optimizer: str = "adamw"         # adamw | sgd (heavy-ball momentum)
-    momentum: float = 0.9            # sgd only
-    clip: float | None = 1.0
-    eval_every: int = 0
-    eval_fraction: float = 0.0
-    max_len: int = 128
-    seed: int = 0
-    save_every: int = 0              # steps between resumable snapshots (0: only at the end)
-    sparse_below: float = 0.1
-
-    def check(self) -> None:
-        problems = []
-        if self.steps < 1:
-            problems.append(f"--steps {self.steps} must be at least 1")
-        if not self.lr > 0:
-            problems.append(f"--lr {self.lr} must be positive")
-        if self.batch_size < 1 or self.grad_accum < 1 or self.batch_size % self.grad_accum:
-            problems.append(f"--batch-size {self.batch_size} must be a positive multiple of --grad-accum {self.grad_accum}")
-        if self.schedule not in ("cosine", "linear", "constant"):
-            problems.append(f"--schedule {self.schedule!r} is not cosine, linear or constant")
-        if self.optimizer not in OPTIMIZERS:
-            problems.append(f"--optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-        if not 0 <= self.momentum < 1:
-            problems.append(f"--momentum {self.momentum} must be in [0, 1)")
-        if not 0 <= self.eval_fraction < 1:
-            problems.append(f"--eval-fraction {self.eval_fraction} must be in [0, 1)")
-        if problems:
-            raise OptionError("; ".join(problems))
+from ..storage import atomic
+from ..storage.atomic import AtomicPath
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -218,16 +182,15 @@ def _order(n: int, count: int, seed: int) -> list[int]:
 def _snapshot(work: Path, model, opt: MaskedAdamW, step: int) -> None:
     """Atomically write model weights + optimizer state + step (the resume point)."""
     from safetensors.torch import save_file
-    tmp = work / "snapshot.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-    torch.save(opt.state_dict(), tmp / "optimizer.pt")
-    (tmp / "step.json").write_text(json.dumps({"step": step}))
-    final = work / "snapshot"
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    snap = AtomicPath(work / "snapshot", force=True, is_dir=True)
+    try:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, snap.tmp / "model.safetensors")
+        torch.save(opt.state_dict(), snap.tmp / "optimizer.pt")
+        (snap.tmp / "step.json").write_text(json.dumps({"step": step}))
+        snap.commit()
+    except BaseException:
+        snap.discard()
+        raise
 
 
 def _resume_point(work: Path, settings: dict) -> int:
@@ -255,8 +218,8 @@ def _prepare_work(work: Path, settings: dict, start: int) -> None:
     if not start:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
-    (work / "settings.json").write_text(json.dumps(settings, sort_keys=True, default=str))
+    atomic.write_text(work / "settings.json", json.dumps(settings, sort_keys=True, default=str))
     log = work / "log.jsonl"
     if start and log.exists():
         lines = [ln for ln in log.read_text().splitlines() if json.loads(ln)["step"] <= start]
-        log.write_text("".join(ln + "\n" for ln in lines))
+        atomic.write_text(log, "".join(ln + "\n" for ln in lines))

@@ -12,6 +12,8 @@ from pathlib import Path
 import plotly.graph_objects as go
 import plotly.offline
 
+from mergekit_sparse.storage import atomic
+
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 h1{font-size:1.6em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ddd}
 .note{color:#555;font-size:.9em}table{border-collapse:collapse}td,th{padding:2px 8px;border:1px solid #ddd}"""
@@ -41,9 +43,7 @@ def write_report(path: Path, title: str, sections: list[tuple[str, str, go.Figur
         parts.append("</section>")
     parts.append("</body></html>")
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text("".join(parts), encoding="utf-8")
-    tmp.replace(path)
+    atomic.write_text(path, "".join(parts))
     return path
 
 
