@@ -14,7 +14,7 @@ import argparse
 import json
 import shutil
 
-from common import generated_checkpoints, BIN, HERE, mb, measure, sparsemerge, table
+from common import BIN, HERE, generated_checkpoints, mb, measure, sparsemerge, table
 
 
 def main() -> None:
@@ -30,17 +30,61 @@ def main() -> None:
         for threads in args.threads:
             out = root / "cores"
             shutil.rmtree(out, ignore_errors=True)
-            ours = measure([sparsemerge(), "core", "--base", inputs[0], *inputs[1:], "--p", str(args.p), "-o", str(out),
-                            "--force"], threads=threads)
+            ours = measure(
+                [
+                    sparsemerge(),
+                    "core",
+                    "--base",
+                    inputs[0],
+                    *inputs[1:],
+                    "--p",
+                    str(args.p),
+                    "-o",
+                    str(out),
+                    "--force",
+                ],
+                threads=threads,
+            )
             passes = max(t["full_passes"] for t in json.loads((out / "core.json").read_text())["tasks"])
-            plain = measure([str(BIN / "python"), str(HERE / "plain_read.py"), *inputs, "--passes", str(passes)],
-                            threads=threads)
-            plain3 = measure([str(BIN / "python"), str(HERE / "plain_read.py"), *inputs, "--passes", "3"], threads=threads)
-            rows.append((f"{size / 1e9:.2f}B", threads, passes, f"{plain['wall']:.1f}s", f"{ours['wall']:.1f}s",
-                         f"{ours['wall'] / plain['wall']:.2f}x", f"{plain3['wall']:.1f}s",
-                         mb(ours["anon"]), mb(ours["rss"]), mb(bound), "ok" if ours["anon"] <= bound else "OVER"))
-    print(table(rows, ("params", "threads", "full passes", "plain read", "core", "ratio", "plain read x3",
-                       "peak anon", "peak rss", "anon bound", "bound")))
+            plain = measure(
+                [str(BIN / "python"), str(HERE / "plain_read.py"), *inputs, "--passes", str(passes)], threads=threads
+            )
+            plain3 = measure(
+                [str(BIN / "python"), str(HERE / "plain_read.py"), *inputs, "--passes", "3"], threads=threads
+            )
+            rows.append(
+                (
+                    f"{size / 1e9:.2f}B",
+                    threads,
+                    passes,
+                    f"{plain['wall']:.1f}s",
+                    f"{ours['wall']:.1f}s",
+                    f"{ours['wall'] / plain['wall']:.2f}x",
+                    f"{plain3['wall']:.1f}s",
+                    mb(ours["anon"]),
+                    mb(ours["rss"]),
+                    mb(bound),
+                    "ok" if ours["anon"] <= bound else "OVER",
+                )
+            )
+    print(
+        table(
+            rows,
+            (
+                "params",
+                "threads",
+                "full passes",
+                "plain read",
+                "core",
+                "ratio",
+                "plain read x3",
+                "peak anon",
+                "peak rss",
+                "anon bound",
+                "bound",
+            ),
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import statistics
 import subprocess
 import time
 
-from common import generated_checkpoints, BIN, HERE, mb, measure, sparsemerge, table
+from common import BIN, HERE, generated_checkpoints, mb, measure, sparsemerge, table
 
 MERGEKIT = HERE / ".mergekit-venv" / "bin" / "mergekit-yaml"
 
@@ -28,8 +28,13 @@ MERGEKIT = HERE / ".mergekit-venv" / "bin" / "mergekit-yaml"
 def median(runs: list[dict]) -> dict:
     """The median wall of repeated runs (their spread alongside) and the largest memory peaks."""
     walls = sorted(r["wall"] for r in runs)
-    return {"wall": statistics.median(walls), "lo": walls[0], "hi": walls[-1],
-            "anon": max(r["anon"] for r in runs), "rss": max(r["rss"] for r in runs)}
+    return {
+        "wall": statistics.median(walls),
+        "lo": walls[0],
+        "hi": walls[-1],
+        "anon": max(r["anon"] for r in runs),
+        "rss": max(r["rss"] for r in runs),
+    }
 
 
 def main() -> None:
@@ -41,19 +46,39 @@ def main() -> None:
     root, largest, bound = generated_checkpoints(args.size)
     base, a, b = (str(root / x) for x in ("base", "task0", "task1"))
     cfg = root / "slerp.yaml"
-    cfg.write_text(f"merge_method: slerp\nbase_model: {b}\nmodels:\n  - model: {a}\n  - model: {b}\n"
-                   f"parameters:\n  t: 0.5\ndtype: bfloat16\n")
+    cfg.write_text(
+        f"merge_method: slerp\nbase_model: {b}\nmodels:\n  - model: {a}\n  - model: {b}\n"
+        f"parameters:\n  t: 0.5\ndtype: bfloat16\n"
+    )
     rows = []
     for threads in args.threads:
         runs: dict[str, list[dict]] = {"ours": [], "floor": [], "mk": []}
         for _ in range(args.repeats):
             out = root / "fused"
             shutil.rmtree(out, ignore_errors=True)
-            runs["ours"].append(measure([sparsemerge(), "fuse", a, b, "--base", base, "--p", "1", "-o", str(out),
-                                         "--no-check"], threads=threads))
+            runs["ours"].append(
+                measure(
+                    [sparsemerge(), "fuse", a, b, "--base", base, "--p", "1", "-o", str(out), "--no-check"],
+                    threads=threads,
+                )
+            )
             passes = json.loads((out / "fuse.json").read_text())["counts"]["full_passes"]
-            runs["floor"].append(measure([str(BIN / "python"), str(HERE / "plain_read.py"), base, a, b, "--passes",
-                                          str(passes), "--write", str(root / "floor.bin")], threads=threads))
+            runs["floor"].append(
+                measure(
+                    [
+                        str(BIN / "python"),
+                        str(HERE / "plain_read.py"),
+                        base,
+                        a,
+                        b,
+                        "--passes",
+                        str(passes),
+                        "--write",
+                        str(root / "floor.bin"),
+                    ],
+                    threads=threads,
+                )
+            )
             if MERGEKIT.exists():
                 shutil.rmtree(root / "mk", ignore_errors=True)
                 runs["mk"].append(measure([str(MERGEKIT), str(cfg), str(root / "mk")], threads=threads))
@@ -62,12 +87,38 @@ def main() -> None:
         if runs["mk"]:
             m = median(runs["mk"])
             mk = f"{m['wall']:.1f}s [{m['lo']:.1f}-{m['hi']:.1f}] (ours {ours['wall'] / m['wall']:.2f}x)"
-        rows.append((threads, passes, f"{floor['wall']:.1f}s [{floor['lo']:.1f}-{floor['hi']:.1f}]",
-                     f"{ours['wall']:.1f}s [{ours['lo']:.1f}-{ours['hi']:.1f}]", f"{ours['wall'] / floor['wall']:.2f}x",
-                     mk, mb(ours["anon"]), mb(ours["rss"]), mb(bound), "ok" if ours["anon"] <= bound else "OVER"))
+        rows.append(
+            (
+                threads,
+                passes,
+                f"{floor['wall']:.1f}s [{floor['lo']:.1f}-{floor['hi']:.1f}]",
+                f"{ours['wall']:.1f}s [{ours['lo']:.1f}-{ours['hi']:.1f}]",
+                f"{ours['wall'] / floor['wall']:.2f}x",
+                mk,
+                mb(ours["anon"]),
+                mb(ours["rss"]),
+                mb(bound),
+                "ok" if ours["anon"] <= bound else "OVER",
+            )
+        )
     print(f"medians of {args.repeats} interleaved runs, [fastest-slowest]")
-    print(table(rows, ("threads", "full passes", "floor", "fuse", "vs floor", "mergekit slerp", "peak anon",
-                       "peak rss", "anon bound", "bound")))
+    print(
+        table(
+            rows,
+            (
+                "threads",
+                "full passes",
+                "floor",
+                "fuse",
+                "vs floor",
+                "mergekit slerp",
+                "peak anon",
+                "peak rss",
+                "anon bound",
+                "bound",
+            ),
+        )
+    )
     t = time.perf_counter()
     subprocess.run([sparsemerge(), "--help"], capture_output=True, check=True)
     print(f"sparsemerge --help: {time.perf_counter() - t:.2f}s (target < 0.5 s)")

@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 
 import torch
+from common import BIN, HERE, generated_checkpoints, mb, measure, sparsemerge, table
 from gen_checkpoints import llama_shapes
-from common import generated_checkpoints, BIN, HERE, mb, measure, sparsemerge, table
 
 
 def make_grads(path, shapes) -> None:
     from mergekit_sparse.storage.writer import CheckpointWriter
+
     if path.exists():
         return
     plan = [(n, torch.float32, s) for n, s in shapes]
@@ -37,12 +38,38 @@ def main() -> None:
     make_grads(grads, shapes)
     rows = []
     for threads in args.threads:
-        plain = measure([str(BIN / "python"), str(HERE / "plain_read.py"), str(root / "base"), str(grads),
-                         "--passes", "2"], threads=threads)
-        ours = measure([sparsemerge(), "gallop", "--params", str(root / "base"), "--grads", str(grads), "--rho", "1",
-                        "-o", str(root / "gallop.mask.safetensors"), "--force"], threads=threads)
-        rows.append((threads, f"{plain['wall']:.1f}s", f"{ours['wall']:.1f}s", f"{ours['wall'] / plain['wall']:.2f}x",
-                     mb(ours["anon"]), mb(ours["rss"]), mb(bound), "ok" if ours["anon"] <= bound else "OVER"))
+        plain = measure(
+            [str(BIN / "python"), str(HERE / "plain_read.py"), str(root / "base"), str(grads), "--passes", "2"],
+            threads=threads,
+        )
+        ours = measure(
+            [
+                sparsemerge(),
+                "gallop",
+                "--params",
+                str(root / "base"),
+                "--grads",
+                str(grads),
+                "--rho",
+                "1",
+                "-o",
+                str(root / "gallop.mask.safetensors"),
+                "--force",
+            ],
+            threads=threads,
+        )
+        rows.append(
+            (
+                threads,
+                f"{plain['wall']:.1f}s",
+                f"{ours['wall']:.1f}s",
+                f"{ours['wall'] / plain['wall']:.2f}x",
+                mb(ours["anon"]),
+                mb(ours["rss"]),
+                mb(bound),
+                "ok" if ours["anon"] <= bound else "OVER",
+            )
+        )
     print(table(rows, ("threads", "plain read x2", "gallop", "ratio", "peak anon", "peak rss", "anon bound", "bound")))
 
 

@@ -14,14 +14,14 @@ import torch
 from common import table
 
 from mergekit_sparse.builtin import builtin_model
+from mergekit_sparse.builtin.tasks import generate
 from mergekit_sparse.training.data import collate, encode, token_loss_sum
 from mergekit_sparse.training.models import load_model
 from mergekit_sparse.training.optim import MaskedAdamW
-from mergekit_sparse.builtin.tasks import generate
 
 
 def steps_per_second(model, tok, opt, batches, steps) -> float:
-    for b in batches[:3]:                                         # warm-up
+    for b in batches[:3]:  # warm-up
         loss, n = token_loss_sum(model, b)
         (loss / n).backward()
         opt.step()
@@ -47,7 +47,7 @@ def main() -> None:
         for kind in ("dense", "sparse", "dense"):
             model, tok = load_model(builtin_model(), dtype=torch.float32)
             recs = generate("caesar", 16 * 8, seed=0)
-            batches = [collate([encode(tok, r) for r in recs[i:i + 16]], tok.pad_token_id) for i in range(0, 128, 16)]
+            batches = [collate([encode(tok, r) for r in recs[i : i + 16]], tok.pad_token_id) for i in range(0, 128, 16)]
             named = list(model.named_parameters())
             masks = None
             if kind == "sparse":
@@ -55,10 +55,19 @@ def main() -> None:
                 masks = {n: torch.rand(p.shape, generator=g) < 0.01 for n, p in named}
             opt = MaskedAdamW(named, masks, lr=1e-3, weight_decay=0.01)
             res.setdefault(kind, []).append((steps_per_second(model, tok, opt, batches, args.steps), opt.state_bytes()))
-        dense = min(t for t, _ in res["dense"])                  # best of two dense runs, around the sparse one
+        dense = min(t for t, _ in res["dense"])  # best of two dense runs, around the sparse one
         sparse, sparse_bytes = res["sparse"][0]
-        rows.append((threads, f"{dense * 1e3:.1f} ms", f"{sparse * 1e3:.1f} ms", f"{sparse / dense:.2f}x",
-                     f"{res['dense'][0][1]:,} B", f"{sparse_bytes:,} B", f"{sparse_bytes / res['dense'][0][1]:.3%}"))
+        rows.append(
+            (
+                threads,
+                f"{dense * 1e3:.1f} ms",
+                f"{sparse * 1e3:.1f} ms",
+                f"{sparse / dense:.2f}x",
+                f"{res['dense'][0][1]:,} B",
+                f"{sparse_bytes:,} B",
+                f"{sparse_bytes / res['dense'][0][1]:.3%}",
+            )
+        )
     print(table(rows, ("threads", "dense step", "sparse step", "ratio", "dense state", "sparse state", "state ratio")))
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import shutil
 
-from common import generated_checkpoints, BIN, HERE, mb, measure, table
+from common import BIN, HERE, generated_checkpoints, mb, measure, table
 
 
 def main() -> None:
@@ -21,11 +21,26 @@ def main() -> None:
     root, largest, bound = generated_checkpoints(args.size)
     plain = measure([str(BIN / "python"), str(HERE / "plain_read.py"), str(root / "base")], threads=args.threads)
     shutil.rmtree(root / "copy", ignore_errors=True)
-    ours = measure([str(BIN / "python"), str(HERE / "copy_checkpoint.py"), str(root / "base"), str(root / "copy")],
-                   threads=args.threads)
-    print(table([(f"{plain['wall']:.1f}s", f"{ours['wall']:.1f}s", mb(ours["anon"]), mb(ours["rss"]),
-                  mb(largest * 4), mb(bound), "ok" if ours["anon"] <= bound else "OVER")],
-                ("plain read", "copy", "peak anon", "peak rss", "largest f32", "anon bound", "bound")))
+    ours = measure(
+        [str(BIN / "python"), str(HERE / "copy_checkpoint.py"), str(root / "base"), str(root / "copy")],
+        threads=args.threads,
+    )
+    print(
+        table(
+            [
+                (
+                    f"{plain['wall']:.1f}s",
+                    f"{ours['wall']:.1f}s",
+                    mb(ours["anon"]),
+                    mb(ours["rss"]),
+                    mb(largest * 4),
+                    mb(bound),
+                    "ok" if ours["anon"] <= bound else "OVER",
+                )
+            ],
+            ("plain read", "copy", "peak anon", "peak rss", "largest f32", "anon bound", "bound"),
+        )
+    )
 
 
 if __name__ == "__main__":

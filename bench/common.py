@@ -42,6 +42,7 @@ def measure(cmd: list[str], *, threads: int, env: dict | None = None) -> dict:
             for k, v in _status(proc.pid).items():
                 peak[k] = max(peak[k], v)
             time.sleep(0.02)
+
     th = threading.Thread(target=sample, daemon=True)
     th.start()
     out, err = proc.communicate()
@@ -72,9 +73,12 @@ def generated_checkpoints(size: float) -> tuple[Path, int, float]:
     import math
 
     from gen_checkpoints import llama_shapes
+
     root = HERE / "out" / f"ckpt-{int(size // 1e6)}M"
-    subprocess.run([sys.executable, str(HERE / "gen_checkpoints.py"), "--out", str(root), "--params", str(size),
-                    "--tasks", "2"], check=True)
+    subprocess.run(
+        [sys.executable, str(HERE / "gen_checkpoints.py"), "--out", str(root), "--params", str(size), "--tasks", "2"],
+        check=True,
+    )
     shapes, _ = llama_shapes(size)
     largest = max(math.prod(s) for _, s in shapes)
     return root, largest, 2 * largest * 4 + 400e6

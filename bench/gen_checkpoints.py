@@ -22,15 +22,24 @@ from mergekit_sparse.storage.writer import CheckpointWriter
 def llama_shapes(params: float, hidden: int = 1536, inter: int = 4096, vocab: int = 32000) -> list[tuple[str, tuple]]:
     per_layer = 4 * hidden * hidden + 3 * hidden * inter + 2 * hidden
     layers = max(1, round((params - 2 * vocab * hidden) / per_layer))
-    shapes = [("model.embed_tokens.weight", (vocab, hidden)), ("lm_head.weight", (vocab, hidden)),
-              ("model.norm.weight", (hidden,))]
+    shapes = [
+        ("model.embed_tokens.weight", (vocab, hidden)),
+        ("lm_head.weight", (vocab, hidden)),
+        ("model.norm.weight", (hidden,)),
+    ]
     for i in range(layers):
         p = f"model.layers.{i}."
-        shapes += [(p + "self_attn.q_proj.weight", (hidden, hidden)), (p + "self_attn.k_proj.weight", (hidden, hidden)),
-                   (p + "self_attn.v_proj.weight", (hidden, hidden)), (p + "self_attn.o_proj.weight", (hidden, hidden)),
-                   (p + "mlp.gate_proj.weight", (inter, hidden)), (p + "mlp.up_proj.weight", (inter, hidden)),
-                   (p + "mlp.down_proj.weight", (hidden, inter)), (p + "input_layernorm.weight", (hidden,)),
-                   (p + "post_attention_layernorm.weight", (hidden,))]
+        shapes += [
+            (p + "self_attn.q_proj.weight", (hidden, hidden)),
+            (p + "self_attn.k_proj.weight", (hidden, hidden)),
+            (p + "self_attn.v_proj.weight", (hidden, hidden)),
+            (p + "self_attn.o_proj.weight", (hidden, hidden)),
+            (p + "mlp.gate_proj.weight", (inter, hidden)),
+            (p + "mlp.up_proj.weight", (inter, hidden)),
+            (p + "mlp.down_proj.weight", (hidden, inter)),
+            (p + "input_layernorm.weight", (hidden,)),
+            (p + "post_attention_layernorm.weight", (hidden,)),
+        ]
     return sorted(shapes), layers
 
 
@@ -56,10 +65,20 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     shapes, layers = llama_shapes(args.params)
     plan = [(n, dtype, s) for n, s in shapes]
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 1536,
-           "intermediate_size": 4096, "num_hidden_layers": layers, "num_attention_heads": 12,
-           "num_key_value_heads": 12, "vocab_size": 32000, "max_position_embeddings": 2048,
-           "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": args.dtype}
+    cfg = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 1536,
+        "intermediate_size": 4096,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 12,
+        "vocab_size": 32000,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "torch_dtype": args.dtype,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     for label, task in [("base", None)] + [(f"task{t}", t) for t in range(args.tasks)]:
         folder = args.out / label
@@ -73,7 +92,9 @@ def main() -> None:
                 w.write(n, tensor(n, s, args.seed, task, layers).to(d))
         print(f"wrote {folder}")
     total = sum(torch.Size(s).numel() for _, s in shapes)
-    print(f"{total / 1e9:.2f} B parameters, {layers} layers, largest tensor {max(torch.Size(s).numel() for _, s in shapes):,}")
+    print(
+        f"{total / 1e9:.2f} B parameters, {layers} layers, largest tensor {max(torch.Size(s).numel() for _, s in shapes):,}"
+    )
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from .main import (
 )
 
 
-
 @cli.command()
 @click.argument("checkpoint")
 @click.option("--base", help="Compare with this checkpoint: alignment and per-tensor relative delta norms.")
@@ -37,6 +36,7 @@ def inspect(checkpoint, base, allow_pickle, as_json):
       sparsemerge inspect runs/math --base base/ --json
     """
     from mergekit_sparse.analysis.describe import inspect_checkpoint, render_inspect
+
     report = inspect_checkpoint(checkpoint, base=base, allow_pickle=allow_pickle)
     emit(report, as_json, render_inspect(report))
 
@@ -46,8 +46,15 @@ def inspect(checkpoint, base, allow_pickle, as_json):
 @click.option("--base", required=True, help="The pretrained checkpoint the tasks were fine-tuned from.")
 @spec_option(CoreSettings, "p", "--p", "percent")
 @spec_option(CoreSettings, "scope", "--scope", "scope_kind")
-@click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("cores"),
-              show_default=True, help="Folder for <task>.mask.safetensors and core.json.")
+@click.option(
+    "-o",
+    "--output",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("cores"),
+    show_default=True,
+    help="Folder for <task>.mask.safetensors and core.json.",
+)
 @scope_options
 @pickle_option
 @force_option
@@ -62,8 +69,8 @@ def core(tasks, base, percent, scope_kind, out_dir, include, exclude, allow_pick
     Example:
       sparsemerge core --base base/ runs/math runs/code --p 1 -o cores/
     """
-    from mergekit_sparse.storage.checkpoint import Checkpoint
     from mergekit_sparse.analysis.cores import compute_cores, write_core_json
+    from mergekit_sparse.storage.checkpoint import Checkpoint
     from mergekit_sparse.storage.scope import align
     from mergekit_sparse.storage.writer import check_output
 
@@ -72,10 +79,25 @@ def core(tasks, base, percent, scope_kind, out_dir, include, exclude, allow_pick
     task_cks = [Checkpoint.open(t, allow_pickle=allow_pickle) for t in tasks]
     scope = align([base_ck, *task_cks], include=include, exclude=exclude)
     check_output(out_dir / "core.json", [base_ck.path, *[t.path for t in task_cks]], force=force)
-    summaries = compute_cores(base_ck, task_cks, scope, percent=percent, out_dir=out_dir, labels=labels,
-                              per_tensor=scope_kind == "per-tensor", force=force, progress=progress_enabled())
-    settings = {"p": percent, "scope": scope_kind, "include": list(include), "exclude": list(exclude),
-                "base": base_ck.sources(), "tasks": [t.sources() for t in task_cks]}
+    summaries = compute_cores(
+        base_ck,
+        task_cks,
+        scope,
+        percent=percent,
+        out_dir=out_dir,
+        labels=labels,
+        per_tensor=scope_kind == "per-tensor",
+        force=force,
+        progress=progress_enabled(),
+    )
+    settings = {
+        "p": percent,
+        "scope": scope_kind,
+        "include": list(include),
+        "exclude": list(exclude),
+        "base": base_ck.sources(),
+        "tasks": [t.sources() for t in task_cks],
+    }
     write_core_json(out_dir / "core.json", summaries, settings, scope)
     data = {"settings": settings, "tasks": [s.to_json() | {"per_tensor": None} for s in summaries]}
     lines = [f"{'task':<20} {'selected':>12} {'of':>14} {'threshold':>12}  mask"]
@@ -90,23 +112,51 @@ def core(tasks, base, percent, scope_kind, out_dir, include, exclude, allow_pick
 @spec_option(CoreSettings, "p", "--p", "percent")
 @spec_option(CoreSettings, "scope", "--scope", "scope_kind")
 @click.option("--masks", multiple=True, help="Core mask files instead of --p, one per task in order (repeatable).")
-@click.option("-o", "--output", "out", type=click.Path(path_type=Path),
-              help="Output file or folder (mirrors the fusion base). Default: fused.safetensors or fused/.")
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    type=click.Path(path_type=Path),
+    help="Output file or folder (mirrors the fusion base). Default: fused.safetensors or fused/.",
+)
 @spec_option(FuseSettings, "omega", default=None, help="For two models: SLERP(θ_b, θ_a, ω). Default 0.5.")
 @click.option("--weights", help="Comma-separated fold weights, one per task (then one for --onto if separate).")
 @spec_option(FuseSettings, "conflict")
 @click.option("--onto", help="Fusion base. Default: the last task given.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
-              help="Output dtype. Default: the fusion base's.")
+@click.option(
+    "--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Output dtype. Default: the fusion base's."
+)
 @click.option("--shard-size", help="Shard a folder output, e.g. 5GB.")
-@click.option("--check/--no-check", default=True, show_default=True,
-              help="Folder outputs: load with transformers and check the logits are finite before finishing.")
+@click.option(
+    "--check/--no-check",
+    default=True,
+    show_default=True,
+    help="Folder outputs: load with transformers and check the logits are finite before finishing.",
+)
 @scope_options
 @pickle_option
 @force_option
 @json_option
-def fuse(tasks, base, percent, scope_kind, masks, out, omega, weights, conflict, onto, dtype, shard_size, check,
-         include, exclude, allow_pickle, force, as_json):
+def fuse(
+    tasks,
+    base,
+    percent,
+    scope_kind,
+    masks,
+    out,
+    omega,
+    weights,
+    conflict,
+    onto,
+    dtype,
+    shard_size,
+    check,
+    include,
+    exclude,
+    allow_pickle,
+    force,
+    as_json,
+):
     """Fuse fine-tuned checkpoints: SLERP everything, then write back each task's core region (CPI-FT stage 3).
 
     \b
@@ -114,14 +164,35 @@ def fuse(tasks, base, percent, scope_kind, masks, out, omega, weights, conflict,
       sparsemerge fuse a.safetensors b.safetensors --base base.safetensors --p 1
     """
     from mergekit_sparse.fusion.api import fuse_checkpoints
-    data = fuse_checkpoints(list(tasks), base=base, percent=percent, per_tensor=scope_kind == "per-tensor",
-                            masks=list(masks), out=out, omega=omega, weights=weights, conflict=conflict, onto=onto,
-                            dtype=dtype, shard_size=shard_size, check=check, include=include, exclude=exclude,
-                            allow_pickle=allow_pickle, force=force, progress=progress_enabled())
+
+    data = fuse_checkpoints(
+        list(tasks),
+        base=base,
+        percent=percent,
+        per_tensor=scope_kind == "per-tensor",
+        masks=list(masks),
+        out=out,
+        omega=omega,
+        weights=weights,
+        conflict=conflict,
+        onto=onto,
+        dtype=dtype,
+        shard_size=shard_size,
+        check=check,
+        include=include,
+        exclude=exclude,
+        allow_pickle=allow_pickle,
+        force=force,
+        progress=progress_enabled(),
+    )
     c = data["counts"]
-    text = "\n".join([f"fused {', '.join(c['tasks'])} onto {c['onto']} -> {data['output']}",
-                      "core positions overwritten: " + ", ".join(f"{k} {v:,}" for k, v in c["overwritten"].items()),
-                      "conflicts: " + (", ".join(f"{k} {v:,}" for k, v in c["conflicts"].items()) or "none"),
-                      f"interpolated (non-core): {c['interpolated']:,}; nearly colinear (lerp) tensors: "
-                      f"{len(c['linear_tensors'])}"])
+    text = "\n".join(
+        [
+            f"fused {', '.join(c['tasks'])} onto {c['onto']} -> {data['output']}",
+            "core positions overwritten: " + ", ".join(f"{k} {v:,}" for k, v in c["overwritten"].items()),
+            "conflicts: " + (", ".join(f"{k} {v:,}" for k, v in c["conflicts"].items()) or "none"),
+            f"interpolated (non-core): {c['interpolated']:,}; nearly colinear (lerp) tensors: "
+            f"{len(c['linear_tensors'])}",
+        ]
+    )
     emit(data, as_json, text)

@@ -14,6 +14,7 @@ from .main import cli, emit, force_option, json_option, progress_enabled, spec_o
 
 def parse_pairs(values, what: str, sep: str = "=") -> dict[str, str]:
     from mergekit_sparse.errors import OptionError
+
     out = {}
     for v in values:
         name, s, rest = v.partition(sep)
@@ -27,10 +28,23 @@ def parse_pairs(values, what: str, sep: str = "=") -> dict[str, str]:
 
 @cli.command("eval")
 @click.option("--model", required=True, help="HF model folder (with tokenizer).")
-@click.option("--task", "tasks", multiple=True, required=True, metavar="NAME=PATH",
-              help="A task: JSONL of {prompt, response} (exact match) or {prompt, choices, answer} (repeatable).")
-@click.option("-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path), default=Path("acc.json"),
-              show_default=True, help="The accuracy table.")
+@click.option(
+    "--task",
+    "tasks",
+    multiple=True,
+    required=True,
+    metavar="NAME=PATH",
+    help="A task: JSONL of {prompt, response} (exact match) or {prompt, choices, answer} (repeatable).",
+)
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("acc.json"),
+    show_default=True,
+    help="The accuracy table.",
+)
 @spec_option(EvalSettings, "batch_size")
 @spec_option(EvalSettings, "limit", help="Only the first N examples of each task.")
 @click.option("--max-new-tokens", type=click.IntRange(1), help="Default: longest target + 2.")
@@ -48,10 +62,19 @@ def eval_(model, tasks, out, batch_size, limit, max_new_tokens, strip, case_sens
     """
     from mergekit_sparse.evaluation.accuracy import evaluate
     from mergekit_sparse.storage.writer import check_output
+
     task_map = parse_pairs(tasks, "--task")
     check_output(out, [Path(model), *map(Path, task_map.values())], force=force)
-    table = evaluate(model, task_map, batch_size=batch_size, limit=limit, strip=strip, case=case_sensitive,
-                     max_new_tokens=max_new_tokens, progress=progress_enabled())
+    table = evaluate(
+        model,
+        task_map,
+        batch_size=batch_size,
+        limit=limit,
+        strip=strip,
+        case=case_sensitive,
+        max_new_tokens=max_new_tokens,
+        progress=progress_enabled(),
+    )
     if not save_outputs:
         for res in table["tasks"].values():
             res.pop("outputs")
@@ -59,19 +82,37 @@ def eval_(model, tasks, out, batch_size, limit, max_new_tokens, strip, case_sens
     lines = [f"{'task':<16} {'accuracy':>9} {'n':>6} {'empty':>6}"]
     lines += [f"{t:<16} {r['accuracy']:>9.4f} {r['n']:>6} {r['empty']:>6}" for t, r in table["tasks"].items()]
     lines.append(f"wrote {out}")
-    brief = {"model": table["model"], "output": str(out),
-             "tasks": {t: {k: v for k, v in r.items() if k != "outputs"} for t, r in table["tasks"].items()}}
+    brief = {
+        "model": table["model"],
+        "output": str(out),
+        "tasks": {t: {k: v for k, v in r.items() if k != "outputs"} for t, r in table["tasks"].items()},
+    }
     emit(brief, as_json, "\n".join(lines))
 
 
 @cli.command()
 @click.option("--vanilla", required=True, help="Accuracy table of the model before fine-tuning.")
-@click.option("--run", "runs", multiple=True, metavar="NAME=TABLE:TASK",
-              help="A fine-tuned run: its accuracy table and the task it was trained on (repeatable).")
-@click.option("--seq", "seqs", multiple=True, metavar="A:B=AFTER_A,AFTER_B",
-              help="Sequential forgetting A→B: tables after training on A, then after B (repeatable).")
-@click.option("--metric", "metrics", multiple=True, metavar="[TASK=]NAME",
-              help="lm-eval results: the metric to read (e.g. acc,none), for all tasks or per task.")
+@click.option(
+    "--run",
+    "runs",
+    multiple=True,
+    metavar="NAME=TABLE:TASK",
+    help="A fine-tuned run: its accuracy table and the task it was trained on (repeatable).",
+)
+@click.option(
+    "--seq",
+    "seqs",
+    multiple=True,
+    metavar="A:B=AFTER_A,AFTER_B",
+    help="Sequential forgetting A→B: tables after training on A, then after B (repeatable).",
+)
+@click.option(
+    "--metric",
+    "metrics",
+    multiple=True,
+    metavar="[TASK=]NAME",
+    help="lm-eval results: the metric to read (e.g. acc,none), for all tasks or per task.",
+)
 @click.option("-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path), help="Write metrics JSON.")
 @click.option("--html", "html_out", type=click.Path(dir_okay=False, path_type=Path), help="Write a report.")
 @force_option
@@ -88,6 +129,7 @@ def forget(vanilla, runs, seqs, metrics, out, html_out, force, as_json):
     from mergekit_sparse.errors import OptionError
     from mergekit_sparse.evaluation.forget import forget_report
     from mergekit_sparse.storage.writer import check_output
+
     if not runs and not seqs:
         raise OptionError("give at least one --run NAME=TABLE:TASK or --seq A:B=AFTER_A,AFTER_B")
     for p in (out, html_out):
@@ -106,12 +148,15 @@ def forget(vanilla, runs, seqs, metrics, out, html_out, force, as_json):
         atomic.write_json(out, doc)
     if html_out:
         from mergekit_sparse.reports.forget import write_forget_report
+
         write_forget_report(doc, html_out)
     lines = [f"{'run':<16} {'trained':<12} {'ID acc':>7} {'OOD acc':>8} {'forget':>7} {'collapse':>9}"]
     for name, r in doc["runs"].items():
         fr = "n/a" if r["forget_ratio"] is None else f"{r['forget_ratio']:.3f}"
-        lines.append(f"{name:<16} {r['trained']:<12} {r['id_accuracy']:>7.3f} {r['ood_accuracy'] or 0:>8.3f} "
-                     f"{fr:>7} {r['collapse_rate']:>6.2f} ({r['collapse_count']})")
+        lines.append(
+            f"{name:<16} {r['trained']:<12} {r['id_accuracy']:>7.3f} {r['ood_accuracy'] or 0:>8.3f} "
+            f"{fr:>7} {r['collapse_rate']:>6.2f} ({r['collapse_count']})"
+        )
     for name, s in doc["sequential"].items():
         lines.append(f"{name}: ΔA = {s['delta_A']:+.3f}, ΔB = {s['delta_B']:+.3f}")
     if doc["runs"]:

@@ -19,8 +19,14 @@ from .main import cli, emit, force_option, json_option, progress_enabled, scope_
 @click.option("--seed", type=int, default=0, show_default=True)
 @spec_option(TrainConfig, "batch_size", help="Examples per forward pass.")
 @spec_option(TrainConfig, "max_len", default=256)
-@click.option("-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Gradient file (float32 safetensors with metadata).")
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Gradient file (float32 safetensors with metadata).",
+)
 @force_option
 @json_option
 def gradients(model, data, fraction, seed, batch_size, max_len, out, force, as_json):
@@ -31,8 +37,18 @@ def gradients(model, data, fraction, seed, batch_size, max_len, out, force, as_j
       sparsemerge gradients --model base/ --data math.jsonl --fraction 0.1 -o grads.safetensors
     """
     from mergekit_sparse.training.gradients import compute_gradients
-    meta = compute_gradients(model, data, out, fraction=fraction, seed=seed, batch_size=batch_size,
-                             max_len=max_len, force=force, progress=progress_enabled())
+
+    meta = compute_gradients(
+        model,
+        data,
+        out,
+        fraction=fraction,
+        seed=seed,
+        batch_size=batch_size,
+        max_len=max_len,
+        force=force,
+        progress=progress_enabled(),
+    )
     emit(meta | {"output": str(out)}, as_json, f"mean gradient over {meta['examples']} examples -> {out}")
 
 
@@ -42,12 +58,27 @@ def gradients(model, data, fraction, seed, batch_size, max_len, out, force, as_j
 @spec_option(GallopSettings, "rho")
 @spec_option(GallopSettings, "criterion")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random criterion.")
-@click.option("-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path),
-              default=Path("gallop.mask.safetensors"), show_default=True)
-@click.option("--html", "html_out", type=click.Path(dir_okay=False, path_type=Path),
-              help="Report comparing all four criteria (one offline HTML file).")
-@click.option("--sample", type=click.IntRange(100), default=20000, show_default=True,
-              help="Entries sampled for the report's density plot.")
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("gallop.mask.safetensors"),
+    show_default=True,
+)
+@click.option(
+    "--html",
+    "html_out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Report comparing all four criteria (one offline HTML file).",
+)
+@click.option(
+    "--sample",
+    type=click.IntRange(100),
+    default=20000,
+    show_default=True,
+    help="Entries sampled for the report's density plot.",
+)
 @scope_options
 @force_option
 @json_option
@@ -58,10 +89,11 @@ def gallop(params, grads, rho, criterion, seed, out, html_out, sample, include, 
     Example:
       sparsemerge gallop --params base/ --grads grads.safetensors --rho 1 --html gallop.html
     """
-    from mergekit_sparse.storage.checkpoint import Checkpoint
     from mergekit_sparse.analysis.gallop import CRITERIA, check_gradients_fit, select_sparse
+    from mergekit_sparse.storage.checkpoint import Checkpoint
     from mergekit_sparse.storage.scope import align
     from mergekit_sparse.storage.writer import check_output
+
     p_ck, g_ck = Checkpoint.open(params), Checkpoint.open(grads)
     scope = align([p_ck, g_ck], include=include, exclude=exclude)
     check_output(out, [p_ck.path, g_ck.path], force=force)
@@ -74,16 +106,30 @@ def gallop(params, grads, rho, criterion, seed, out, html_out, sample, include, 
     if criterion in criteria:
         criteria.remove(criterion)
     criteria.insert(0, criterion)
-    res = select_sparse(p_ck, g_ck, scope, rho=rho, criteria=criteria, main=criterion, out=out, seed=seed,
-                        sample_size=sample if html_out else 0, force=force, progress=progress_enabled(),
-                        sources={"params": p_ck.sources(), "grads": g_ck.sources()})
+    res = select_sparse(
+        p_ck,
+        g_ck,
+        scope,
+        rho=rho,
+        criteria=criteria,
+        main=criterion,
+        out=out,
+        seed=seed,
+        sample_size=sample if html_out else 0,
+        force=force,
+        progress=progress_enabled(),
+        sources={"params": p_ck.sources(), "grads": g_ck.sources()},
+    )
     doc = {"rho": rho, "main": criterion, "mask": str(out), "warning": warning, **res.to_json()}
     summary_path = Path(f"{out}".removesuffix(".mask.safetensors").removesuffix(".safetensors") + ".json")
     atomic.write_json(summary_path, doc)
     if html_out:
         from mergekit_sparse.reports.gallop import write_gallop_report
+
         write_gallop_report(doc | {"sample": res.sample}, html_out)
     s = res.summaries[criterion]
-    text = (f"{criterion}: selected {s.selected:,} of {s.total:,} ({rho} %), threshold {s.threshold:.4g}\n"
-            f"wrote {out} and {summary_path}" + (f" and {html_out}" if html_out else ""))
+    text = (
+        f"{criterion}: selected {s.selected:,} of {s.total:,} ({rho} %), threshold {s.threshold:.4g}\n"
+        f"wrote {out} and {summary_path}" + (f" and {html_out}" if html_out else "")
+    )
     emit({k: v for k, v in doc.items()} | {"summary": str(summary_path)}, as_json, text)

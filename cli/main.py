@@ -23,10 +23,22 @@ class Group(click.Group):
             click.echo(f"Error: {e}", err=True)
             ctx.exit(1)
 
-    ORDER = ("demo", "run", "inspect", "core", "overlap", "fuse", "gradients", "gallop", "train", "retrain", "eval",
-             "forget")
+    ORDER = (
+        "demo",
+        "run",
+        "inspect",
+        "core",
+        "overlap",
+        "fuse",
+        "gradients",
+        "gallop",
+        "train",
+        "retrain",
+        "eval",
+        "forget",
+    )
 
-    def list_commands(self, ctx):            # the workflow's order, not the alphabet's
+    def list_commands(self, ctx):  # the workflow's order, not the alphabet's
         return sorted(self.commands, key=lambda c: self.ORDER.index(c) if c in self.ORDER else len(self.ORDER))
 
 
@@ -55,6 +67,7 @@ def emit(data: dict, as_json: bool, text: str) -> None:
 
 def labels_for(paths) -> list[str]:
     from mergekit_sparse.storage.checkpoint import task_labels
+
     return task_labels(paths)
 
 
@@ -67,16 +80,25 @@ def force_option(f):
 
 
 def scope_options(f):
-    f = click.option("--exclude", multiple=True, metavar="REGEX",
-                     help="Leave out tensors whose name matches (repeatable), e.g. 'embed|lm_head'.")(f)
-    f = click.option("--include", multiple=True, metavar="REGEX",
-                     help="Only tensors whose name matches (repeatable); default: all floating tensors.")(f)
+    f = click.option(
+        "--exclude",
+        multiple=True,
+        metavar="REGEX",
+        help="Leave out tensors whose name matches (repeatable), e.g. 'embed|lm_head'.",
+    )(f)
+    f = click.option(
+        "--include",
+        multiple=True,
+        metavar="REGEX",
+        help="Only tensors whose name matches (repeatable); default: all floating tensors.",
+    )(f)
     return f
 
 
 def pickle_option(f):
-    return click.option("--allow-pickle", is_flag=True,
-                        help="Load pickled .bin/.pt weights with torch.load(weights_only=True).")(f)
+    return click.option(
+        "--allow-pickle", is_flag=True, help="Load pickled .bin/.pt weights with torch.load(weights_only=True)."
+    )(f)
 
 
 class SpecType(click.ParamType):
@@ -98,7 +120,9 @@ class SpecType(click.ParamType):
             try:
                 v = int(value) if self.spec.kind is int else float(value) if self.spec.kind is float else value
             except ValueError:
-                self.fail(f"expected {'an integer' if self.spec.kind is int else 'a number'}, got {value!r}", param, ctx)
+                self.fail(
+                    f"expected {'an integer' if self.spec.kind is int else 'a number'}, got {value!r}", param, ctx
+                )
         why = self.spec.problem(v)
         if why:
             self.fail(why, param, ctx)
@@ -111,6 +135,7 @@ def spec_option(cls, name: str, *flags: str, default=..., **kw):
     from dataclasses import fields
 
     from mergekit_sparse.settings import spec_of
+
     spec = spec_of(cls, name)
     if default is ...:
         default = next(f.default for f in fields(cls) if f.name == name)
@@ -118,8 +143,9 @@ def spec_option(cls, name: str, *flags: str, default=..., **kw):
     help_text = kw.pop("help", spec.help)
     if not spec.choices and (spec.lo is not None or spec.hi is not None):
         help_text = f"{help_text} Range {spec.range_text()}.".strip()
-    return click.option(*flags, type=SpecType(spec), default=default, show_default=default is not None,
-                        help=help_text, **kw)
+    return click.option(
+        *flags, type=SpecType(spec), default=default, show_default=default is not None, help=help_text, **kw
+    )
 
 
 def progress_enabled() -> bool:

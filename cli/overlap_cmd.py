@@ -30,18 +30,33 @@ from .main import (
 @spec_option(OverlapSettings, "tau")
 @spec_option(OverlapSettings, "order")
 @spec_option(OverlapSettings, "seed")
-@click.option("-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path), default=Path("groups.json"),
-              show_default=True, help="The groups file.")
-@click.option("--html", "html_out", type=click.Path(dir_okay=False, path_type=Path),
-              help="Also write an interactive report (one offline HTML file).")
-@click.option("--save-masks", type=click.Path(file_okay=False, path_type=Path),
-              help="With --base: keep the computed core masks in this folder.")
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("groups.json"),
+    show_default=True,
+    help="The groups file.",
+)
+@click.option(
+    "--html",
+    "html_out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write an interactive report (one offline HTML file).",
+)
+@click.option(
+    "--save-masks",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="With --base: keep the computed core masks in this folder.",
+)
 @scope_options
 @pickle_option
 @force_option
 @json_option
-def overlap(inputs, base, percent, tau, order, seed, out, html_out, save_masks, include, exclude, allow_pickle,
-            force, as_json):
+def overlap(
+    inputs, base, percent, tau, order, seed, out, html_out, save_masks, include, exclude, allow_pickle, force, as_json
+):
     """Measure how tasks' core regions overlap (Jaccard) and group the tasks (CPI-FT stage 2).
 
     INPUTS are mask files from `sparsemerge core`, or task checkpoints when --base is given.
@@ -51,27 +66,42 @@ def overlap(inputs, base, percent, tau, order, seed, out, html_out, save_masks, 
       sparsemerge overlap cores/*.mask.safetensors --tau 0.1 --html overlap.html
       sparsemerge overlap --base base/ runs/math runs/code runs/chat --p 1 --order input
     """
-    from mergekit_sparse.storage.masks import MaskSet
     from mergekit_sparse.analysis.overlap import compute_overlap, group_tasks, groups_document
+    from mergekit_sparse.storage.masks import MaskSet
     from mergekit_sparse.storage.writer import check_output
 
     labels = labels_for(inputs)
     check_output(out, list(inputs), force=force)
     if html_out:
         check_output(html_out, list(inputs), force=force)
-    settings = {"inputs": list(inputs), "base": base, "p": percent if base else None, "tau": tau,
-                "order": order, "seed": seed}
+    settings = {
+        "inputs": list(inputs),
+        "base": base,
+        "p": percent if base else None,
+        "tau": tau,
+        "order": order,
+        "seed": seed,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         if base:
-            from mergekit_sparse.storage.checkpoint import Checkpoint
             from mergekit_sparse.analysis.cores import compute_cores
+            from mergekit_sparse.storage.checkpoint import Checkpoint
             from mergekit_sparse.storage.scope import align
+
             base_ck = Checkpoint.open(base, allow_pickle=allow_pickle)
             tasks = [Checkpoint.open(t, allow_pickle=allow_pickle) for t in inputs]
             scope = align([base_ck, *tasks], include=include, exclude=exclude)
             mask_dir = save_masks or Path(tmp)
-            summaries = compute_cores(base_ck, tasks, scope, percent=percent, out_dir=mask_dir, labels=labels,
-                                      force=force, progress=progress_enabled())
+            summaries = compute_cores(
+                base_ck,
+                tasks,
+                scope,
+                percent=percent,
+                out_dir=mask_dir,
+                labels=labels,
+                force=force,
+                progress=progress_enabled(),
+            )
             paths = [s.mask_path for s in summaries]
         else:
             paths = list(inputs)
@@ -82,6 +112,7 @@ def overlap(inputs, base, percent, tau, order, seed, out, html_out, save_masks, 
     atomic.write_json(out, doc)
     if html_out:
         from mergekit_sparse.reports.overlap import write_overlap_report
+
         write_overlap_report(doc, html_out)
     m = doc["matrix"]
     width = max(len(t) for t in labels)

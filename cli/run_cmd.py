@@ -12,9 +12,16 @@ from .main import cli, emit, json_option
 
 @cli.command("run")
 @click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", "out", type=click.Path(file_okay=False, path_type=Path),
-              help="Run folder (default: the config's `output`).")
-@click.option("--dry-run", is_flag=True, help="Validate the config and print the resolved settings as JSON; run nothing.")
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Run folder (default: the config's `output`).",
+)
+@click.option(
+    "--dry-run", is_flag=True, help="Validate the config and print the resolved settings as JSON; run nothing."
+)
 @json_option
 def run_cmd(config, out, dry_run, as_json):
     """Run a whole pipeline from a YAML/JSON config; a rerun resumes and skips finished stages.
@@ -29,19 +36,28 @@ def run_cmd(config, out, dry_run, as_json):
       sparsemerge run pipeline.yaml -o runs/exp1
     """
     from mergekit_sparse.pipeline.config import load_config
+
     cfg = load_config(config)
     root = out or (config.parent / cfg["output"])
     if dry_run:
         click.echo(json.dumps({"config": str(config), "run_folder": str(root), "settings": cfg}, indent=2))
         return
     from mergekit_sparse.pipeline.run import render_summary, run_pipeline
+
     summary = run_pipeline(cfg, root, log=lambda m: click.echo(m, err=True))
     emit(summary, as_json, render_summary(summary) + f"\nrun folder: {root}")
 
 
 @cli.command()
-@click.option("-o", "--output", "out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-run"),
-              show_default=True, help="Run folder (a rerun reuses finished stages).")
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("demo-run"),
+    show_default=True,
+    help="Run folder (a rerun reuses finished stages).",
+)
 @click.option("--fast", is_flag=True, help="Tiny settings for a smoke test (seconds, not minutes).")
 @json_option
 def demo(out, fast, as_json):
@@ -55,6 +71,7 @@ def demo(out, fast, as_json):
     """
     from mergekit_sparse.pipeline.demo import run_demo
     from mergekit_sparse.reports.demo import write_demo_report
+
     summary = run_demo(out, fast=fast, log=lambda m: click.echo(m, err=True))
     summary["report"] = str(write_demo_report(out))
     emit(summary, as_json, summary["text"] + f"\nreport: {summary['report']}")

@@ -6,19 +6,34 @@ from pathlib import Path
 
 import click
 
-from .eval_cmd import parse_pairs
 from mergekit_sparse.settings import RetrainSettings
 
+from .eval_cmd import parse_pairs
 from .main import cli, emit, force_option, json_option, progress_enabled, spec_option
 
-
-TRAIN_FLAGS = ("steps", "lr", "batch_size", "grad_accum", "warmup", "schedule", "weight_decay", "optimizer",
-               "momentum", "clip", "eval_every", "eval_fraction", "max_len", "save_every", "seed")
+TRAIN_FLAGS = (
+    "steps",
+    "lr",
+    "batch_size",
+    "grad_accum",
+    "warmup",
+    "schedule",
+    "weight_decay",
+    "optimizer",
+    "momentum",
+    "clip",
+    "eval_every",
+    "eval_fraction",
+    "max_len",
+    "save_every",
+    "seed",
+)
 
 
 def train_options(f):
     """Every TrainConfig setting as an option (declared once in mergekit_sparse.settings)."""
     from mergekit_sparse.settings import TrainConfig
+
     for name in reversed(TRAIN_FLAGS):
         f = spec_option(TrainConfig, name)(f)
     return f
@@ -26,6 +41,7 @@ def train_options(f):
 
 def make_config(kw: dict):
     from mergekit_sparse.settings import TrainConfig
+
     cfg = {k: kw.pop(k) for k in TRAIN_FLAGS}
     cfg["clip"] = cfg["clip"] or None
     return TrainConfig(**cfg)
@@ -49,11 +65,15 @@ def train_cmd(model, data, mask, out, force, as_json, **kw):
       sparsemerge train --model base/ --data math.jsonl --mask gallop.mask.safetensors --steps 200 -o runs/math
     """
     from mergekit_sparse.training.staged import run_train
+
     summary = run_train(model, data, out, cfg=make_config(kw), mask=mask, force=force, progress=progress_enabled())
     f = summary["final"]
-    emit(summary | {"output": str(out)}, as_json,
-         f"trained {f.get('step')} steps, final loss {f.get('loss', float('nan')):.4f}, "
-         f"{summary['trainable']:,} trainable entries -> {out}")
+    emit(
+        summary | {"output": str(out)},
+        as_json,
+        f"trained {f.get('step')} steps, final loss {f.get('loss', float('nan')):.4f}, "
+        f"{summary['trainable']:,} trainable entries -> {out}",
+    )
 
 
 @cli.command()
@@ -62,8 +82,9 @@ def train_cmd(model, data, mask, out, force, as_json, **kw):
 @click.option("--masks", "masks_dir", required=True, help="Folder with <task>.mask.safetensors core masks.")
 @click.option("--data", "data", multiple=True, required=True, metavar="TASK=PATH", help="Training data per task.")
 @spec_option(RetrainSettings, "per_task")
-@click.option("--fraction", type=click.FloatRange(0, 1, min_open=True),
-              help="Or: this share of the smallest task, per task.")
+@click.option(
+    "--fraction", type=click.FloatRange(0, 1, min_open=True), help="Or: this share of the smallest task, per task."
+)
 @click.option("-o", "--output", "out", type=click.Path(file_okay=False, path_type=Path), required=True)
 @train_options
 @force_option
@@ -79,10 +100,27 @@ def retrain(model, groups, masks_dir, data, per_task, fraction, out, force, as_j
           --data math=math.jsonl --data code=code.jsonl --per-task 200 --steps 100 -o retrained/
     """
     from mergekit_sparse.training.staged import retrain as run
-    doc = run(model, groups, masks_dir, parse_pairs(data, "--data"), out, cfg=make_config(kw), per_task=per_task,
-              fraction=fraction, force=force, progress=progress_enabled())
-    lines = [f"stage {s['stage']}: {', '.join(s['group'])}" + (" (done earlier, skipped)" if s.get("skipped") else
-             f" — {s['examples']} examples, {s['frozen_parameters']:,} frozen, final loss {s['final'].get('loss', 0):.4f}")
-             for s in doc["stages"]]
+
+    doc = run(
+        model,
+        groups,
+        masks_dir,
+        parse_pairs(data, "--data"),
+        out,
+        cfg=make_config(kw),
+        per_task=per_task,
+        fraction=fraction,
+        force=force,
+        progress=progress_enabled(),
+    )
+    lines = [
+        f"stage {s['stage']}: {', '.join(s['group'])}"
+        + (
+            " (done earlier, skipped)"
+            if s.get("skipped")
+            else f" — {s['examples']} examples, {s['frozen_parameters']:,} frozen, final loss {s['final'].get('loss', 0):.4f}"
+        )
+        for s in doc["stages"]
+    ]
     lines.append(f"final model: {doc['final_model']}")
     emit(doc, as_json, "\n".join(lines))

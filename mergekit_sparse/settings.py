@@ -107,8 +107,11 @@ class TrainConfig:
     warmup: int = setting(0, lo=0, help="Warm-up steps.")
     schedule: str = setting("cosine", choices=("cosine", "linear", "constant"), help="Learning-rate schedule.")
     weight_decay: float = setting(0.0, lo=0, help="Decoupled weight decay (selected entries only).")
-    optimizer: str = setting("adamw", choices=("adamw", "sgd"),
-                             help="AdamW, or SGD with heavy-ball momentum (as torch.optim.SGD); both masked.")
+    optimizer: str = setting(
+        "adamw",
+        choices=("adamw", "sgd"),
+        help="AdamW, or SGD with heavy-ball momentum (as torch.optim.SGD); both masked.",
+    )
     momentum: float = setting(0.9, lo=0, hi=1, hi_open=True, help="SGD momentum (ignored by AdamW).")
     clip: float | None = setting(1.0, float, lo=0, optional=True, help="Clip the gradient norm (0: off).")
     eval_every: int = setting(0, lo=0, help="Held-out loss every N steps (needs --eval-fraction).")
@@ -128,9 +131,12 @@ class TrainConfig:
 class CoreSettings:
     """Core regions (CPI-FT stage 1)."""
 
-    p: float = setting(1.0, lo=0, lo_open=True, hi=100, help="Core size: the top p % of |θ_task − θ_base| (1 means 1 %).")
-    scope: str = setting("global", choices=("global", "per-tensor"),
-                         help="Select across the whole model, or p % inside each tensor.")
+    p: float = setting(
+        1.0, lo=0, lo_open=True, hi=100, help="Core size: the top p % of |θ_task − θ_base| (1 means 1 %)."
+    )
+    scope: str = setting(
+        "global", choices=("global", "per-tensor"), help="Select across the whole model, or p % inside each tensor."
+    )
 
 
 @dataclass(frozen=True)
@@ -138,8 +144,9 @@ class OverlapSettings:
     """Overlap and grouping (CPI-FT stage 2)."""
 
     tau: float = setting(0.1, lo=0, hi=1, help="Group tasks whose Jaccard overlap S ≥ τ.")
-    order: str = setting("random", choices=("random", "input", "least-overlap"),
-                         help="Stage order of the groups (see README).")
+    order: str = setting(
+        "random", choices=("random", "input", "least-overlap"), help="Stage order of the groups (see README)."
+    )
     seed: int = setting(0, help="Seed of --order random.")
 
 
@@ -148,7 +155,9 @@ class FuseSettings:
     """Fusion (CPI-FT stage 3)."""
 
     omega: float = setting(0.5, lo=0, hi=1, help="For two models: SLERP(θ_b, θ_a, ω).")
-    conflict: str = setting("max-delta", choices=("max-delta", "last", "mean"), help="Who wins a position in several cores.")
+    conflict: str = setting(
+        "max-delta", choices=("max-delta", "last", "mean"), help="Who wins a position in several cores."
+    )
 
 
 @dataclass(frozen=True)
@@ -156,9 +165,14 @@ class GallopSettings:
     """GaLLoP selection (its training is a TrainConfig)."""
 
     rho: float = setting(1.0, lo=0, lo_open=True, hi=100, help="Select the top ρ % (1 means 1 %).")
-    criterion: str = setting("gallop", choices=("gallop", "saft", "pafi", "random"),
-                             help="gallop |g|/(|θ|+ε), saft |g|, pafi lowest |θ|, random (seeded).")
-    fraction: float = setting(0.1, lo=0, lo_open=True, hi=1, help="Share of the data in the seeded gradient subset (d_s).")
+    criterion: str = setting(
+        "gallop",
+        choices=("gallop", "saft", "pafi", "random"),
+        help="gallop |g|/(|θ|+ε), saft |g|, pafi lowest |θ|, random (seeded).",
+    )
+    fraction: float = setting(
+        0.1, lo=0, lo_open=True, hi=1, help="Share of the data in the seeded gradient subset (d_s)."
+    )
 
 
 @dataclass(frozen=True)
@@ -181,4 +195,6 @@ class DataSettings:
 class RetrainSettings:
     """Staged retraining's own setting (its training is a TrainConfig)."""
 
-    per_task: int | None = setting(None, int, lo=1, optional=True, help="Examples per task per stage (balanced sample).")
+    per_task: int | None = setting(
+        None, int, lo=1, optional=True, help="Examples per task per stage (balanced sample)."
+    )

@@ -28,16 +28,19 @@ def write_report(path: Path, title: str, sections: list[tuple[str, str, go.Figur
 
     Headings and notes are escaped here; a section body given as a string must already be safe HTML.
     """
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{esc(title)}</title>",
-             f"<style>{CSS}</style><script type='text/javascript'>{plotly.offline.get_plotlyjs()}</script>",
-             f"</head><body><h1>{esc(title)}</h1>"]
+    parts = [
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{esc(title)}</title>",
+        f"<style>{CSS}</style><script type='text/javascript'>{plotly.offline.get_plotlyjs()}</script>",
+        f"</head><body><h1>{esc(title)}</h1>",
+    ]
     for i, (heading, note, body) in enumerate(sections):
         parts.append(f"<section id='s{i}'><h2>{esc(heading)}</h2>")
         if note:
             parts.append(f"<p class='note'>{esc(note)}</p>")
         if isinstance(body, go.Figure):
-            parts.append(body.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig{i}",
-                                      config={"displaylogo": False}))
+            parts.append(
+                body.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig{i}", config={"displaylogo": False})
+            )
         else:
             parts.append(body)
         parts.append("</section>")

@@ -14,12 +14,14 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 torch.set_num_threads(1)
 
 
-def perturb_folder(src: Path, dst: Path, *, seed: int, scale: float = 0.01, hot: str | None = None,
-                   hot_scale: float = 0.5) -> Path:
+def perturb_folder(
+    src: Path, dst: Path, *, seed: int, scale: float = 0.01, hot: str | None = None, hot_scale: float = 0.5
+) -> Path:
     """Copy an HF folder with every float tensor moved by small noise, and tensors matching `hot` moved a lot."""
     import shutil
 
     from safetensors.torch import load_file
+
     shutil.copytree(src, dst)
     g = torch.Generator().manual_seed(seed)
     sd = load_file(src / "model.safetensors")
@@ -34,6 +36,7 @@ def perturb_folder(src: Path, dst: Path, *, seed: int, scale: float = 0.01, hot:
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
     from mergekit_sparse.builtin.tiny import build_tiny_llama
+
     return build_tiny_llama(tmp_path_factory.mktemp("models") / "base", seed=0, hidden=32, layers=2)
 
 
@@ -41,9 +44,11 @@ def tiny_base(tmp_path_factory) -> Path:
 def tiny_tasks(tiny_base, tmp_path_factory) -> list[Path]:
     """Three fine-tunes of tiny_base: two share hot layer 0 attention, one has hot layer 1 MLP."""
     root = tmp_path_factory.mktemp("tasks")
-    return [perturb_folder(tiny_base, root / "math", seed=1, hot="layers.0.self_attn"),
-            perturb_folder(tiny_base, root / "code", seed=2, hot="layers.0.self_attn"),
-            perturb_folder(tiny_base, root / "chat", seed=3, hot="layers.1.mlp")]
+    return [
+        perturb_folder(tiny_base, root / "math", seed=1, hot="layers.0.self_attn"),
+        perturb_folder(tiny_base, root / "code", seed=2, hot="layers.0.self_attn"),
+        perturb_folder(tiny_base, root / "chat", seed=3, hot="layers.1.mlp"),
+    ]
 
 
 def write_planted(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
@@ -63,6 +68,8 @@ def planted(tmp_path) -> dict[str, Path]:
     a["b.w"][0, :2] += 5
     a["a.w"][1, 1] += 3
     b["a.w"][1, 1] += 4
-    return {"base": write_planted(tmp_path / "base.safetensors", base),
-            "a": write_planted(tmp_path / "a.safetensors", a),
-            "b": write_planted(tmp_path / "b.safetensors", b)}
+    return {
+        "base": write_planted(tmp_path / "base.safetensors", base),
+        "a": write_planted(tmp_path / "a.safetensors", a),
+        "b": write_planted(tmp_path / "b.safetensors", b),
+    }

@@ -13,8 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from mergekit_sparse.cli.main import cli
-from mergekit_sparse.storage.checkpoint import Checkpoint
 from mergekit_sparse.errors import CheckpointError, MismatchError, OutputError
+from mergekit_sparse.storage.checkpoint import Checkpoint
 from mergekit_sparse.storage.scope import align
 from mergekit_sparse.storage.writer import CheckpointWriter
 
@@ -40,6 +40,7 @@ def test_open_hf_folder_and_sharded_copy_agree(tiny_base, tmp_path):
     for name in ck.names:
         assert torch.equal(ck.tensor(name), sharded.tensor(name))
     from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(out)
     assert torch.equal(model.state_dict()["model.norm.weight"], ck.tensor("model.norm.weight"))
 
@@ -47,8 +48,9 @@ def test_open_hf_folder_and_sharded_copy_agree(tiny_base, tmp_path):
 def test_writer_output_reads_back_with_safetensors_and_keeps_metadata(planted, tmp_path):
     ck = Checkpoint.open(planted["a"])
     out = tmp_path / "copy.safetensors"
-    with CheckpointWriter(out, [(n, i.dtype, i.shape) for n, i in ck.infos.items()], folder=False,
-                          metadata={"note": "x"}) as w:
+    with CheckpointWriter(
+        out, [(n, i.dtype, i.shape) for n, i in ck.infos.items()], folder=False, metadata={"note": "x"}
+    ) as w:
         for n in ck.names:
             w.write(n, ck.tensor(n))
     with safe_open(str(out), "pt") as f:
@@ -59,9 +61,12 @@ def test_writer_output_reads_back_with_safetensors_and_keeps_metadata(planted, t
 def test_writer_patch_rewrites_exactly_the_given_entries(tmp_path):
     """Patches land in the right tensor of the right shard, also at offsets odd dtypes leave unaligned."""
     g = torch.Generator().manual_seed(0)
-    tensors = {"a.u8": torch.randint(0, 9, (3,), generator=g, dtype=torch.uint8),       # 3 bytes: unaligns the rest
-               "b.bf16": torch.randn(5, 7, generator=g).bfloat16(), "c.f32": torch.randn(11, generator=g),
-               "d.f16": torch.randn(4, 4, generator=g).half()}
+    tensors = {
+        "a.u8": torch.randint(0, 9, (3,), generator=g, dtype=torch.uint8),  # 3 bytes: unaligns the rest
+        "b.bf16": torch.randn(5, 7, generator=g).bfloat16(),
+        "c.f32": torch.randn(11, generator=g),
+        "d.f16": torch.randn(4, 4, generator=g).half(),
+    }
     out = tmp_path / "p"
     plan = [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
     want = {n: t.clone() for n, t in tensors.items()}
@@ -102,11 +107,14 @@ def test_truncated_file_is_a_one_line_error_naming_it(planted, tmp_path):
         Checkpoint.open(bad)
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"", "file is empty or too short"),
-    (b"\xff" * 16, "header length .* exceeds the file size"),
-    ((10).to_bytes(8, "little") + b"not json!!", "header is not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "file is empty or too short"),
+        (b"\xff" * 16, "header length .* exceeds the file size"),
+        ((10).to_bytes(8, "little") + b"not json!!", "header is not valid JSON"),
+    ],
+)
 def test_corrupt_files_are_refused(tmp_path, content, message):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(content)
@@ -153,8 +161,9 @@ def test_align_names_missing_tensor_and_shape_mismatch(planted, tmp_path):
     save_file({"a.w": torch.ones(2, 3)}, tmp_path / "short.safetensors")
     with pytest.raises(MismatchError, match=r"tensor 'b.w' is in .*base.safetensors but missing from .*short"):
         align([base, Checkpoint.open(tmp_path / "short.safetensors")])
-    save_file({"a.w": torch.ones(3, 2), "b.w": torch.ones(3, 2), "n.steps": torch.tensor([7])},
-              tmp_path / "wide.safetensors")
+    save_file(
+        {"a.w": torch.ones(3, 2), "b.w": torch.ones(3, 2), "n.steps": torch.tensor([7])}, tmp_path / "wide.safetensors"
+    )
     with pytest.raises(MismatchError, match=r"shape mismatch for 'a.w': .*\[2, 3\] vs .*\[3, 2\]"):
         align([base, Checkpoint.open(tmp_path / "wide.safetensors")])
     scope = align([base, Checkpoint.open(tmp_path / "wide.safetensors")], exclude=["^a"])
@@ -177,6 +186,7 @@ def test_hub_id_resolves_from_local_cache_offline(tiny_base, tmp_path, monkeypat
     (cache / "models--org--tiny" / "refs" / "main").write_text("a" * 40)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     import huggingface_hub.constants as c
+
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
     result = CliRunner().invoke(cli, ["inspect", "org/tiny", "--json"])
     assert result.exit_code == 0, result.output
@@ -195,7 +205,7 @@ def test_inspect_cli_on_file_and_folder_with_base(tiny_base, tiny_tasks, planted
     rel = data["base"]["relative_delta_norm"]
     hot = [v for k, v in rel.items() if "layers.0.self_attn" in k]
     cold = [v for k, v in rel.items() if "layers.1.mlp" in k]
-    assert min(hot) > 5 * max(cold)          # the planted hot module shows up
+    assert min(hot) > 5 * max(cold)  # the planted hot module shows up
 
 
 def test_cli_user_error_is_one_line_without_traceback(tmp_path):
@@ -208,8 +218,9 @@ def test_cli_user_error_is_one_line_without_traceback(tmp_path):
 def test_inspect_cli_on_a_sharded_folder(tiny_base, tmp_path):
     ck = Checkpoint.open(tiny_base)
     out = tmp_path / "sharded"
-    with CheckpointWriter(out, [(n, i.dtype, i.shape) for n, i in ck.infos.items()], folder=True,
-                          shard_bytes=30_000, reference=tiny_base) as w:
+    with CheckpointWriter(
+        out, [(n, i.dtype, i.shape) for n, i in ck.infos.items()], folder=True, shard_bytes=30_000, reference=tiny_base
+    ) as w:
         for name in ck.names:
             w.write(name, ck.tensor(name))
     r = CliRunner().invoke(cli, ["inspect", str(out), "--json"])

@@ -21,9 +21,9 @@ VANILLA = {"a": 0.8, "b": 0.6, "c": 0.4}
 
 
 def test_forget_ratio_by_hand():
-    run = {"a": 0.9, "b": 0.3, "c": 0.2}                 # OOD (b, c): vanilla 0.5, run 0.25
+    run = {"a": 0.9, "b": 0.3, "c": 0.2}  # OOD (b, c): vanilla 0.5, run 0.25
     assert forget_ratio(VANILLA, run, "a") == pytest.approx(0.5)
-    assert forget_ratio(VANILLA, {"a": 0, "b": 0.9, "c": 0.9}, "a") == 0.0        # improvement clips at 0
+    assert forget_ratio(VANILLA, {"a": 0, "b": 0.9, "c": 0.9}, "a") == 0.0  # improvement clips at 0
 
 
 def test_forget_ratio_undefined_when_vanilla_ood_is_zero():
@@ -43,12 +43,28 @@ def test_sequential_forgetting_by_hand():
 
 
 def test_lm_eval_results_layout_is_read_with_default_and_chosen_metric(tmp_path):
-    doc = {"results": {"arc_easy": {"alias": "arc_easy", "acc,none": 0.7, "acc_stderr,none": 0.01,
-                                    "acc_norm,none": 0.65, "acc_norm_stderr,none": 0.01},
-                       "gsm8k": {"alias": "gsm8k", "exact_match,strict-match": 0.12,
-                                 "exact_match_stderr,strict-match": 0.01, "exact_match,flexible-extract": 0.2}},
-           "group_subtasks": {"arc_easy": [], "gsm8k": []}, "configs": {}, "versions": {"arc_easy": 1.0, "gsm8k": 3.0},
-           "n-shot": {"arc_easy": 0, "gsm8k": 5}, "config": {"model": "hf"}}
+    doc = {
+        "results": {
+            "arc_easy": {
+                "alias": "arc_easy",
+                "acc,none": 0.7,
+                "acc_stderr,none": 0.01,
+                "acc_norm,none": 0.65,
+                "acc_norm_stderr,none": 0.01,
+            },
+            "gsm8k": {
+                "alias": "gsm8k",
+                "exact_match,strict-match": 0.12,
+                "exact_match_stderr,strict-match": 0.01,
+                "exact_match,flexible-extract": 0.2,
+            },
+        },
+        "group_subtasks": {"arc_easy": [], "gsm8k": []},
+        "configs": {},
+        "versions": {"arc_easy": 1.0, "gsm8k": 3.0},
+        "n-shot": {"arc_easy": 0, "gsm8k": 5},
+        "config": {"model": "hf"},
+    }
     p = tmp_path / "results_2026-01-01T00-00-00.json"
     p.write_text(json.dumps(doc))
     assert load_accuracy_table(p) == {"arc_easy": 0.7, "gsm8k": 0.12}
@@ -65,27 +81,46 @@ def table(tmp_path, name, accs):
 
 def test_forget_cli_json_and_report(tmp_path):
     from browser import assert_renders
+
     v = table(tmp_path, "vanilla", VANILLA)
     full = table(tmp_path, "full", {"a": 0.95, "b": 0.0, "c": 0.005})
     sparse = table(tmp_path, "sparse", {"a": 0.9, "b": 0.5, "c": 0.4})
     html = tmp_path / "f.html"
-    r = CliRunner().invoke(cli, ["forget", "--vanilla", v, "--run", f"full={full}:a", "--run", f"sparse={sparse}:a",
-                                 "--seq", f"a:b={sparse},{full}", "--json", "--html", str(html)])
+    r = CliRunner().invoke(
+        cli,
+        [
+            "forget",
+            "--vanilla",
+            v,
+            "--run",
+            f"full={full}:a",
+            "--run",
+            f"sparse={sparse}:a",
+            "--seq",
+            f"a:b={sparse},{full}",
+            "--json",
+            "--html",
+            str(html),
+        ],
+    )
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
-    assert doc["runs"]["full"]["forget_ratio"] == pytest.approx(1 - 0.0025 / 0.5)          # OOD mean (0 + 0.005) / 2
+    assert doc["runs"]["full"]["forget_ratio"] == pytest.approx(1 - 0.0025 / 0.5)  # OOD mean (0 + 0.005) / 2
     assert doc["runs"]["full"]["collapse_count"] == 2 and doc["runs"]["sparse"]["collapse_count"] == 0
     assert doc["runs"]["sparse"]["forget_ratio"] == pytest.approx((0.5 - 0.45) / 0.5)
     assert doc["sequential"]["a→b"] == {"delta_A": pytest.approx(0.05), "delta_B": pytest.approx(-0.5)}
     assert_renders(html, "forget-report", tmp_path, figures=2)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--run", "x=nofile.json:a"], "cannot read an accuracy table"),
-    (["--run", "x={v}"], "should look like NAME=TABLE.json:TRAINED_TASK"),
-    (["--run", "x={v}:zzz"], "trained task 'zzz' is not in the vanilla table"),
-    ([], "give at least one --run"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--run", "x=nofile.json:a"], "cannot read an accuracy table"),
+        (["--run", "x={v}"], "should look like NAME=TABLE.json:TRAINED_TASK"),
+        (["--run", "x={v}:zzz"], "trained task 'zzz' is not in the vanilla table"),
+        ([], "give at least one --run"),
+    ],
+)
 def test_forget_cli_user_errors(tmp_path, args, message):
     v = table(tmp_path, "vanilla", VANILLA)
     r = CliRunner().invoke(cli, ["forget", "--vanilla", v, *[a.format(v=v) for a in args]])
@@ -97,20 +132,39 @@ def test_evaluator_accuracy_equals_hand_loop(tiny_base, tmp_path):
     and every batched prediction must equal the one-at-a-time hand loop."""
     from mergekit_sparse.evaluation.accuracy import generate_answers
     from mergekit_sparse.training.models import load_model
+
     model, tok = load_model(tiny_base, dtype=torch.float32)
     prompts = [f"{a}+{b}=" for a in range(3) for b in range(4)] + ["longer prompt 7*8="]
     hand = []
     for p in prompts:
         ids = tok(p, return_tensors="pt").input_ids
         g = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=2)
-        hand.append(tok.decode(g[0, ids.shape[1]:], skip_special_tokens=True))
+        hand.append(tok.decode(g[0, ids.shape[1] :], skip_special_tokens=True))
     assert generate_answers(model, tok, prompts, max_new_tokens=4, batch_size=5) == hand
-    recs = [{"prompt": p, "response": h.split("\n")[0].strip() if i % 2 == 0 else "never"}
-            for i, (p, h) in enumerate(zip(prompts, hand))]
+    recs = [
+        {"prompt": p, "response": h.split("\n")[0].strip() if i % 2 == 0 else "never"}
+        for i, (p, h) in enumerate(zip(prompts, hand))
+    ]
     data = tmp_path / "t.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    r = CliRunner().invoke(cli, ["eval", "--model", str(tiny_base), "--task", f"t={data}", "--max-new-tokens", "4",
-                                 "--batch-size", "5", "-o", str(tmp_path / "acc.json"), "--outputs", "--json"])
+    r = CliRunner().invoke(
+        cli,
+        [
+            "eval",
+            "--model",
+            str(tiny_base),
+            "--task",
+            f"t={data}",
+            "--max-new-tokens",
+            "4",
+            "--batch-size",
+            "5",
+            "-o",
+            str(tmp_path / "acc.json"),
+            "--outputs",
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     got = json.loads((tmp_path / "acc.json").read_text())["tasks"]["t"]
     expected = sum(1 for i in range(len(recs)) if i % 2 == 0 and recs[i]["response"] != "never") / len(recs)
@@ -121,13 +175,19 @@ def test_evaluator_accuracy_equals_hand_loop(tiny_base, tmp_path):
 def test_multiple_choice_accuracy_uses_loglikelihood(tiny_base, tmp_path):
     from mergekit_sparse.evaluation.accuracy import choice_loglik
     from mergekit_sparse.training.models import load_model
+
     model, tok = load_model(tiny_base, dtype=torch.float32)
     s = choice_loglik(model, tok, "q:", ["ab", "cd", "e"])
     best = max(range(3), key=s.__getitem__)
     data = tmp_path / "mc.jsonl"
-    data.write_text(json.dumps({"prompt": "q:", "choices": ["ab", "cd", "e"], "answer": best}) + "\n" +
-                    json.dumps({"prompt": "q:", "choices": ["ab", "cd", "e"], "answer": (best + 1) % 3}) + "\n")
-    r = CliRunner().invoke(cli, ["eval", "--model", str(tiny_base), "--task", f"mc={data}",
-                                 "-o", str(tmp_path / "acc.json"), "--json"])
+    data.write_text(
+        json.dumps({"prompt": "q:", "choices": ["ab", "cd", "e"], "answer": best})
+        + "\n"
+        + json.dumps({"prompt": "q:", "choices": ["ab", "cd", "e"], "answer": (best + 1) % 3})
+        + "\n"
+    )
+    r = CliRunner().invoke(
+        cli, ["eval", "--model", str(tiny_base), "--task", f"mc={data}", "-o", str(tmp_path / "acc.json"), "--json"]
+    )
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["tasks"]["mc"]["accuracy"] == 0.5

@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from mergekit_sparse.cli.main import cli
-from mergekit_sparse.storage.checkpoint import Checkpoint
 from mergekit_sparse.fusion.maths import POLICIES, CoreScratch, fold_weights, resolve_cores, slerp
+from mergekit_sparse.storage.checkpoint import Checkpoint
 
 
 def mergekit_slerp(t, v0, v1, dot_threshold=0.9995, eps=1e-8):
@@ -58,11 +58,12 @@ def test_fold_weights_follow_methods():
     assert fold_weights([1, 1, 1]) == [0.5, 1 / 3]
 
 
-@pytest.mark.parametrize("policy, want", [("max-delta", [9.0, 20.0, 0.0]), ("last", [10.0, 20.0, 0.0]),
-                                          ("mean", [9.5, 20.0, 0.0])])
+@pytest.mark.parametrize(
+    "policy, want", [("max-delta", [9.0, 20.0, 0.0]), ("last", [10.0, 20.0, 0.0]), ("mean", [9.5, 20.0, 0.0])]
+)
 def test_conflicts_resolved_as_each_policy_says(policy, want):
     out = np.zeros(3, dtype=np.float32)
-    idx = [np.array([0]), np.array([0, 1])]                    # task 0 covers position 0, task 1 positions 0 and 1
+    idx = [np.array([0]), np.array([0, 1])]  # task 0 covers position 0, task 1 positions 0 and 1
     values = [np.array([9.0], dtype=np.float32), np.array([10.0, 20.0], dtype=np.float32)]
     deltas = [np.array([5.0], dtype=np.float32), np.array([1.0, 3.0], dtype=np.float32)]
     resolve_cores(out, idx, values, deltas, policy)
@@ -94,10 +95,10 @@ def test_fuse_two_files_streaming_equals_naive(planted, tmp_path):
     for name in ("a.w", "b.w"):
         want = slerp(b[name], a[name], 0.5)
         if name == "b.w":
-            want[0, :2] = a[name][0, :2]                     # a's core: its two +5 moves
+            want[0, :2] = a[name][0, :2]  # a's core: its two +5 moves
         else:
-            want[1, 1] = b[name][1, 1]                        # both cores; |Δ_b| = 4 > |Δ_a| = 3: b wins
-            want[0, 0], want[0, 1] = b[name][0, 0], b[name][0, 1]   # b's tie-broken zero-delta picks
+            want[1, 1] = b[name][1, 1]  # both cores; |Δ_b| = 4 > |Δ_a| = 3: b wins
+            want[0, 0], want[0, 1] = b[name][0, 0], b[name][0, 1]  # b's tie-broken zero-delta picks
         assert torch.allclose(got[name], want), name
     c = data["counts"]
     assert c["conflicts"] == {"a~b": 1} and c["core_positions"] == 5 and c["interpolated"] == 7
@@ -106,11 +107,13 @@ def test_fuse_two_files_streaming_equals_naive(planted, tmp_path):
 
 def test_fuse_tiny_llama_folder_loads_in_transformers_and_generates(tiny_base, tiny_tasks, tmp_path):
     out = tmp_path / "fused"
-    r = run("fuse", tiny_tasks[0], tiny_tasks[1], "--base", tiny_base, "--p", 1, "-o", out, "--json",
-            "--dtype", "bfloat16")
+    r = run(
+        "fuse", tiny_tasks[0], tiny_tasks[1], "--base", tiny_base, "--p", 1, "-o", out, "--json", "--dtype", "bfloat16"
+    )
     assert json.loads(r.stdout)["checked"] is True
     assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file() and (out / "fuse.json").is_file()
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     model = AutoModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
     assert model.dtype == torch.bfloat16
@@ -134,16 +137,28 @@ def test_fuse_with_mask_files_equals_on_the_fly_cores(tiny_base, tiny_tasks, tmp
     assert cp["full_passes"] == 1
     for key in ("overwritten", "conflicts", "core_positions", "interpolated"):
         assert cm[key] == cp[key], key
-    assert cp["conflicts"]["math~code"] > 0                 # the patched positions include conflicts
+    assert cp["conflicts"]["math~code"] > 0  # the patched positions include conflicts
 
 
 def test_fuse_falls_back_to_a_second_pass_when_the_window_misses(tiny_base, tiny_tasks, tmp_path, monkeypatch):
     from mergekit_sparse.selection import topk as select
+
     run("fuse", tiny_tasks[0], tiny_tasks[1], "--base", tiny_base, "--p", 2, "-o", tmp_path / "one", "--no-check")
-    monkeypatch.setattr(select, "CANDIDATE_CAP", 10)           # every window now overflows
-    r = run("fuse", tiny_tasks[0], tiny_tasks[1], "--base", tiny_base, "--p", 2, "-o", tmp_path / "two",
-            "--no-check", "--json")
-    assert json.loads(r.stdout)["counts"]["full_passes"] == 4      # count pass, two radix passes, fusion
+    monkeypatch.setattr(select, "CANDIDATE_CAP", 10)  # every window now overflows
+    r = run(
+        "fuse",
+        tiny_tasks[0],
+        tiny_tasks[1],
+        "--base",
+        tiny_base,
+        "--p",
+        2,
+        "-o",
+        tmp_path / "two",
+        "--no-check",
+        "--json",
+    )
+    assert json.loads(r.stdout)["counts"]["full_passes"] == 4  # count pass, two radix passes, fusion
     a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not list(tmp_path.glob(".two.partial-*"))
@@ -151,34 +166,54 @@ def test_fuse_falls_back_to_a_second_pass_when_the_window_misses(tiny_base, tiny
 
 def test_fuse_three_models_folds_in_order_with_weights(planted, tmp_path):
     out = tmp_path / "f.safetensors"
-    run("fuse", planted["a"], planted["b"], "--onto", planted["base"], "--masks",
-        *_empty_masks(planted, tmp_path), "--conflict", "last", "--weights", "1,2,1", "-o", out)
+    run(
+        "fuse",
+        planted["a"],
+        planted["b"],
+        "--onto",
+        planted["base"],
+        "--masks",
+        *_empty_masks(planted, tmp_path),
+        "--conflict",
+        "last",
+        "--weights",
+        "1,2,1",
+        "-o",
+        out,
+    )
     base, a, b = (load_file(planted[k]) for k in ("base", "a", "b"))
     got = load_file(out)
-    want = slerp(slerp(base["a.w"], a["a.w"], 0.5), b["a.w"], 0.5)    # t = 1/(1+1), then 2/(1+1+2)
+    want = slerp(slerp(base["a.w"], a["a.w"], 0.5), b["a.w"], 0.5)  # t = 1/(1+1), then 2/(1+1+2)
     assert torch.allclose(got["a.w"], want)
 
 
 def _empty_masks(planted, tmp_path):
     """Two all-false mask files for the planted models: fusion is then the SLERP fold alone."""
     from mergekit_sparse.storage.masks import save_masks
+
     args = []
     for k in ("a", "b"):
         p = tmp_path / f"{k}.mask.safetensors"
-        save_masks(p, {"a.w": torch.zeros(2, 3, dtype=torch.bool), "b.w": torch.zeros(3, 2, dtype=torch.bool)},
-                   {"criterion": "none"})
+        save_masks(
+            p,
+            {"a.w": torch.zeros(2, 3, dtype=torch.bool), "b.w": torch.zeros(3, 2, dtype=torch.bool)},
+            {"criterion": "none"},
+        )
         args += ["--masks", p]
     return args[1:]
 
 
-@pytest.mark.parametrize("args, message", [
-    ([], "fuse needs core regions: give --base BASE"),
-    (["--base", "{base}", "--omega", "1.5"], "Invalid value for '--omega'"),
-    (["--base", "{base}", "--weights", "1,x"], "must be comma-separated numbers"),
-    (["--base", "{base}", "--weights", "1,1,1"], "--weights needs 2 non-negative numbers"),
-    (["--masks", "{a}"], "--masks needs one mask file per task"),
-    (["--base", "{base}", "-o", "{a}"], "would overwrite or nest inside the input"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "fuse needs core regions: give --base BASE"),
+        (["--base", "{base}", "--omega", "1.5"], "Invalid value for '--omega'"),
+        (["--base", "{base}", "--weights", "1,x"], "must be comma-separated numbers"),
+        (["--base", "{base}", "--weights", "1,1,1"], "--weights needs 2 non-negative numbers"),
+        (["--masks", "{a}"], "--masks needs one mask file per task"),
+        (["--base", "{base}", "-o", "{a}"], "would overwrite or nest inside the input"),
+    ],
+)
 def test_fuse_cli_user_errors(planted, tmp_path, args, message):
     args = [a.format(**{k: str(v) for k, v in planted.items()}) for a in args]
     r = CliRunner().invoke(cli, ["fuse", str(planted["a"]), str(planted["b"]), *args])
@@ -189,6 +224,7 @@ def test_fuse_cli_user_errors(planted, tmp_path, args, message):
 def test_readme_card_command_on_single_files(tiny_base, tiny_tasks, tmp_path, monkeypatch):
     """`sparsemerge fuse a.safetensors b.safetensors --base base.safetensors --p 1`, output in the cwd."""
     import shutil
+
     for name, src in (("base", tiny_base), ("a", tiny_tasks[0]), ("b", tiny_tasks[1])):
         shutil.copy(src / "model.safetensors", tmp_path / f"{name}.safetensors")
     monkeypatch.chdir(tmp_path)
@@ -228,7 +264,7 @@ def _resolve_by_position(out, idx, values, deltas, policy):
             for i in ids:
                 won[i] += 1
         else:
-            w, v, _ = max(tasks, key=lambda t: (t[2], -t[0]))          # largest |Δ|, first task on a tie
+            w, v, _ = max(tasks, key=lambda t: (t[2], -t[0]))  # largest |Δ|, first task on a tie
             out[x] = v
             won[w] += 1
     return out, won, pairs, len(cover)
@@ -242,10 +278,10 @@ def test_resolve_cores_matches_the_policy_position_by_position(policy, tasks):
     out0 = g.standard_normal(n).astype(np.float32)
     idx = [np.sort(g.choice(n, size=g.integers(1, 200), replace=False)) for _ in range(tasks)]
     values = [g.standard_normal(len(x)).astype(np.float32) for x in idx]
-    deltas = [g.integers(0, 4, len(x)).astype(np.float32) for x in idx]       # many |Δ| ties
+    deltas = [g.integers(0, 4, len(x)).astype(np.float32) for x in idx]  # many |Δ| ties
     want, won_want, pairs_want, covered_want = _resolve_by_position(out0, idx, values, deltas, policy)
     scratch = CoreScratch()
-    for _ in range(2):                                           # the scratch is left clean for the next call
+    for _ in range(2):  # the scratch is left clean for the next call
         out = out0.copy()
         won, pairs, covered = resolve_cores(out, idx, values, deltas, policy, scratch)
         assert np.array_equal(out, want)
@@ -255,6 +291,7 @@ def test_resolve_cores_matches_the_policy_position_by_position(policy, tasks):
 def _fuse_with_workers(monkeypatch, workers, *args):
     """`sparsemerge fuse` with `workers` tensors fused at once."""
     from mergekit_sparse.fusion import driver as fusion
+
     monkeypatch.setattr(fusion, "fusion_workers", lambda: workers)
     return json.loads(run("fuse", *args, "--json").stdout)
 
@@ -282,15 +319,32 @@ def test_several_workers_write_what_one_worker_writes(tiny_base, tiny_tasks, tmp
 
 def test_a_failing_worker_stops_the_fusion_and_leaves_nothing(planted, tmp_path, monkeypatch):
     from mergekit_sparse.fusion import driver as fusion
+
     monkeypatch.setattr(fusion, "fusion_workers", lambda: 2)
     sd = load_file(planted["b"])
     sd["b.w"][2, 1] = float("nan")
     save_file(sd, tmp_path / "nan.safetensors")
-    r = CliRunner().invoke(cli, ["fuse", str(planted["a"]), str(tmp_path / "nan.safetensors"), "--base",
-                                 str(planted["base"]), "--p", "25", "-o", str(tmp_path / "f.safetensors")])
+    r = CliRunner().invoke(
+        cli,
+        [
+            "fuse",
+            str(planted["a"]),
+            str(tmp_path / "nan.safetensors"),
+            "--base",
+            str(planted["base"]),
+            "--p",
+            "25",
+            "-o",
+            str(tmp_path / "f.safetensors"),
+        ],
+    )
     assert r.exit_code != 0 and "NaN/Inf" in r.output and "Traceback" not in r.output, r.output
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors", "base.safetensors",
-                                                          "nan.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "a.safetensors",
+        "b.safetensors",
+        "base.safetensors",
+        "nan.safetensors",
+    ]
 
 
 @pytest.mark.parametrize("cores", ["p", "masks"])
@@ -300,18 +354,43 @@ def test_nan_in_the_base_is_an_error_naming_it(planted, tmp_path, cores):
     sd["a.w"][1, 2] = float("nan")
     save_file(sd, tmp_path / "nanbase.safetensors")
     how = ["--p", "25"] if cores == "p" else ["--masks", *_empty_masks(planted, tmp_path)]
-    r = CliRunner().invoke(cli, ["fuse", str(planted["a"]), str(planted["b"]), "--base",
-                                 str(tmp_path / "nanbase.safetensors"), *map(str, how), "-o", str(tmp_path / "f.safetensors")])
-    assert r.exit_code != 0 and "tensor 'a.w' in" in r.output and "nanbase.safetensors holds NaN/Inf" in r.output, r.output
+    r = CliRunner().invoke(
+        cli,
+        [
+            "fuse",
+            str(planted["a"]),
+            str(planted["b"]),
+            "--base",
+            str(tmp_path / "nanbase.safetensors"),
+            *map(str, how),
+            "-o",
+            str(tmp_path / "f.safetensors"),
+        ],
+    )
+    assert r.exit_code != 0 and "tensor 'a.w' in" in r.output and "nanbase.safetensors holds NaN/Inf" in r.output, (
+        r.output
+    )
     assert not (tmp_path / "f.safetensors").exists()
 
 
 def test_values_too_large_for_float32_are_an_error_not_a_nan_merge(planted, tmp_path):
     sd = load_file(planted["b"])
-    sd["b.w"] *= 1e20                                                          # finite, but Σθ² overflows
+    sd["b.w"] *= 1e20  # finite, but Σθ² overflows
     save_file(sd, tmp_path / "huge.safetensors")
-    r = CliRunner().invoke(cli, ["fuse", str(planted["a"]), str(tmp_path / "huge.safetensors"), "--base",
-                                 str(planted["base"]), "--p", "25", "-o", str(tmp_path / "f.safetensors")])
+    r = CliRunner().invoke(
+        cli,
+        [
+            "fuse",
+            str(planted["a"]),
+            str(tmp_path / "huge.safetensors"),
+            "--base",
+            str(planted["base"]),
+            "--p",
+            "25",
+            "-o",
+            str(tmp_path / "f.safetensors"),
+        ],
+    )
     assert r.exit_code != 0 and "tensor 'b.w': values too large to fuse in float32" in r.output, r.output
     assert "Traceback" not in r.output and not (tmp_path / "f.safetensors").exists()
 
@@ -331,6 +410,7 @@ sys.exit(code)
 
 def _bf16_copy(src, dst):
     import shutil
+
     shutil.copytree(src, dst)
     sd = load_file(src / "model.safetensors")
     save_file({k: v.bfloat16() if v.is_floating_point() else v for k, v in sd.items()}, dst / "model.safetensors")
@@ -343,6 +423,7 @@ def test_fuse_never_imports_torch_and_writes_what_a_torch_process_writes(tiny_ba
     models never loads torch, and writes bit for bit what the same fusion writes in a process that has it."""
     import subprocess
     import sys
+
     base, *tasks = (_bf16_copy(p, tmp_path / p.name) for p in (tiny_base, *tiny_tasks[:2]))
     if cores == "masks":
         run("core", "--base", base, *tasks, "--p", 2, "-o", tmp_path / "cores")
@@ -350,20 +431,27 @@ def test_fuse_never_imports_torch_and_writes_what_a_torch_process_writes(tiny_ba
     else:
         how = ["--p", 2]
     args = ["fuse", *tasks, "--base", base, *how, "--no-check", "--json"]
-    r = subprocess.run([sys.executable, "-c", NO_TORCH, *map(str, args), "-o", str(tmp_path / "alone")],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", NO_TORCH, *map(str, args), "-o", str(tmp_path / "alone")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0 and r.stdout.strip().endswith("torch not imported"), r.stdout + r.stderr
     run(*args, "-o", tmp_path / "with_torch")
     a, b = Checkpoint.open(tmp_path / "alone"), Checkpoint.open(tmp_path / "with_torch")
     assert a.infos["model.norm.weight"].code == "BF16" and a.names == b.names
     assert all(torch.equal(a.tensor(n), b.tensor(n)) for n in a.names)
-    assert json.loads((tmp_path / "alone" / "fuse.json").read_text())["counts"] == \
-        json.loads((tmp_path / "with_torch" / "fuse.json").read_text())["counts"]
+    assert (
+        json.loads((tmp_path / "alone" / "fuse.json").read_text())["counts"]
+        == json.loads((tmp_path / "with_torch" / "fuse.json").read_text())["counts"]
+    )
 
 
 @pytest.mark.parametrize("sizes", [(0,), (5,), (0, 0), (7, 0), (300, 200, 0, 50)])
 def test_union_of_position_sets_and_who_holds_what(sizes):
     from mergekit_sparse.fusion.driver import _union
+
     g = np.random.default_rng(len(sizes))
     sets = [np.sort(g.choice(1000, n, replace=False)).astype(np.int64) for n in sizes]
     P, held = _union(sets)

@@ -11,9 +11,9 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 from test_select_core import naive_topk
 
+from mergekit_sparse.analysis.gallop import EPS, select_sparse
 from mergekit_sparse.cli.main import cli
 from mergekit_sparse.storage.checkpoint import Checkpoint
-from mergekit_sparse.analysis.gallop import EPS, select_sparse
 from mergekit_sparse.storage.masks import MaskSet
 from mergekit_sparse.storage.scope import align
 
@@ -36,10 +36,16 @@ def naive_scores(theta, grad, criterion):
 @pytest.mark.parametrize("criterion", ["gallop", "saft", "pafi"])
 def test_masks_equal_naive_for_each_criterion_with_ties_and_zero_gradients(tmp_path, criterion):
     g = torch.Generator().manual_seed(0)
-    params = {"a.w": torch.randn(10, 7, generator=g), "b.w": torch.randn(40, generator=g),
-              "c.w": torch.full((5, 5), 0.5)}                                     # ties in θ
-    grads = {"a.w": torch.randn(10, 7, generator=g), "b.w": torch.zeros(40),       # zero gradients: ties in s
-             "c.w": torch.full((5, 5), 0.25)}
+    params = {
+        "a.w": torch.randn(10, 7, generator=g),
+        "b.w": torch.randn(40, generator=g),
+        "c.w": torch.full((5, 5), 0.5),
+    }  # ties in θ
+    grads = {
+        "a.w": torch.randn(10, 7, generator=g),
+        "b.w": torch.zeros(40),  # zero gradients: ties in s
+        "c.w": torch.full((5, 5), 0.25),
+    }
     save_file(params, tmp_path / "p.safetensors")
     save_file(grads, tmp_path / "g.safetensors")
     p, gr = Checkpoint.open(tmp_path / "p.safetensors"), Checkpoint.open(tmp_path / "g.safetensors")
@@ -60,8 +66,16 @@ def test_random_criterion_is_seeded_and_exact(tmp_path):
     p, g = Checkpoint.open(tmp_path / "p.safetensors"), Checkpoint.open(tmp_path / "g.safetensors")
     outs = []
     for i, seed in enumerate([1, 1, 2]):
-        select_sparse(p, g, align([p, g]), rho=10, criteria=["random"], main="random",
-                      out=tmp_path / f"r{i}.mask.safetensors", seed=seed)
+        select_sparse(
+            p,
+            g,
+            align([p, g]),
+            rho=10,
+            criteria=["random"],
+            main="random",
+            out=tmp_path / f"r{i}.mask.safetensors",
+            seed=seed,
+        )
         outs.append(MaskSet.load(tmp_path / f"r{i}.mask.safetensors").bool("w"))
     assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2]) and int(outs[0].sum()) == 10
 
@@ -69,9 +83,27 @@ def test_random_criterion_is_seeded_and_exact(tmp_path):
 def test_stored_mean_gradient_equals_hand_average_of_batch_gradients(tiny_base, add_data, tmp_path):
     from mergekit_sparse.training.data import collate, encode, lm_loss, read_jsonl, seeded_subset
     from mergekit_sparse.training.models import load_model
+
     out = tmp_path / "g.safetensors"
-    r = CliRunner().invoke(cli, ["gradients", "--model", str(tiny_base), "--data", str(add_data), "--fraction", "0.5",
-                                 "--seed", "3", "--batch-size", "4", "-o", str(out), "--json"])
+    r = CliRunner().invoke(
+        cli,
+        [
+            "gradients",
+            "--model",
+            str(tiny_base),
+            "--data",
+            str(add_data),
+            "--fraction",
+            "0.5",
+            "--seed",
+            "3",
+            "--batch-size",
+            "4",
+            "-o",
+            str(out),
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     meta = json.loads(r.stdout)
     assert meta["examples"] == "15" and meta["seed"] == "3"
@@ -81,7 +113,7 @@ def test_stored_mean_gradient_equals_hand_average_of_batch_gradients(tiny_base, 
     recs = read_jsonl(add_data)
     hand = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
     for start in range(0, 15, 4):
-        b = idx[start:start + 4]
+        b = idx[start : start + 4]
         model.zero_grad()
         lm_loss(model, collate([encode(tok, recs[i], 256) for i in b], tok.pad_token_id)).backward()
         for n, p in model.named_parameters():
@@ -95,30 +127,74 @@ def test_stored_mean_gradient_equals_hand_average_of_batch_gradients(tiny_base, 
 
 def test_gallop_cli_report_renders_and_grads_for_another_model_are_refused(tiny_base, tiny_tasks, add_data, tmp_path):
     from browser import assert_renders
+
     grads = tmp_path / "g.safetensors"
-    assert CliRunner().invoke(cli, ["gradients", "--model", str(tiny_base), "--data", str(add_data),
-                                    "-o", str(grads)]).exit_code == 0
+    assert (
+        CliRunner()
+        .invoke(cli, ["gradients", "--model", str(tiny_base), "--data", str(add_data), "-o", str(grads)])
+        .exit_code
+        == 0
+    )
     html = tmp_path / "gallop.html"
-    r = CliRunner().invoke(cli, ["gallop", "--params", str(tiny_base), "--grads", str(grads), "--rho", "5",
-                                 "-o", str(tmp_path / "m.mask.safetensors"), "--html", str(html), "--json"])
+    r = CliRunner().invoke(
+        cli,
+        [
+            "gallop",
+            "--params",
+            str(tiny_base),
+            "--grads",
+            str(grads),
+            "--rho",
+            "5",
+            "-o",
+            str(tmp_path / "m.mask.safetensors"),
+            "--html",
+            str(html),
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert set(doc["criteria"]) == {"gallop", "saft", "pafi", "random"} and doc["main"] == "gallop"
     assert 0 <= doc["jaccard"]["gallop~saft"] <= 1
     assert_renders(html, "gallop-report", tmp_path, figures=3)
     # the same gradients against other parameters: allowed, with a warning naming both hashes
-    r = CliRunner().invoke(cli, ["gallop", "--params", str(tiny_tasks[0]), "--grads", str(grads), "--rho", "5",
-                                 "-o", str(tmp_path / "m2.mask.safetensors")])
+    r = CliRunner().invoke(
+        cli,
+        [
+            "gallop",
+            "--params",
+            str(tiny_tasks[0]),
+            "--grads",
+            str(grads),
+            "--rho",
+            "5",
+            "-o",
+            str(tmp_path / "m2.mask.safetensors"),
+        ],
+    )
     assert r.exit_code == 0 and "warning:" in r.output and "scores mix two models" in r.output
     save_file({"w": torch.zeros(3)}, tmp_path / "other.safetensors")
-    r = CliRunner().invoke(cli, ["gallop", "--params", str(tiny_base), "--grads", str(tmp_path / "other.safetensors"),
-                                 "-o", str(tmp_path / "m3.mask.safetensors")])
+    r = CliRunner().invoke(
+        cli,
+        [
+            "gallop",
+            "--params",
+            str(tiny_base),
+            "--grads",
+            str(tmp_path / "other.safetensors"),
+            "-o",
+            str(tmp_path / "m3.mask.safetensors"),
+        ],
+    )
     assert r.exit_code == 1 and "missing from" in r.output
 
 
 def test_gradients_cli_bad_jsonl_names_the_line(tiny_base, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": 3}\n')
-    r = CliRunner().invoke(cli, ["gradients", "--model", str(tiny_base), "--data", str(bad), "-o", str(tmp_path / "g.st")])
+    r = CliRunner().invoke(
+        cli, ["gradients", "--model", str(tiny_base), "--data", str(bad), "-o", str(tmp_path / "g.st")]
+    )
     assert r.exit_code == 1 and "bad.jsonl:2: expected" in r.output
     assert not (tmp_path / "g.st").exists()

@@ -72,6 +72,7 @@ def world(tmp_path, planted, tiny_base, tiny_tasks):
     save_file(grads, tmp_path / "nan_grads.safetensors")
     w["nan_grads"] = str(tmp_path / "nan_grads.safetensors")
     from mergekit_sparse.storage.masks import save_masks
+
     save_masks(tmp_path / "other.mask.safetensors", {"x.w": torch.ones(4, dtype=torch.bool)}, {})
     w["other_mask"] = str(tmp_path / "other.mask.safetensors")
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": "a", "response": \n')
@@ -79,7 +80,7 @@ def world(tmp_path, planted, tiny_base, tiny_tasks):
     (tmp_path / "a_file").write_text("x")
     w["under_file"] = str(tmp_path / "a_file" / "out")
     (tmp_path / "exists").mkdir()
-    (tmp_path / "exists" / "core.json").write_text("{}")               # an earlier run's output
+    (tmp_path / "exists" / "core.json").write_text("{}")  # an earlier run's output
     w["exists"] = str(tmp_path / "exists")
     w["out"] = str(tmp_path / "out")
     w["out_st"] = str(tmp_path / "out.safetensors")
@@ -102,8 +103,11 @@ MATRIX = [
     ("mismatched dtypes", "core --base {base} {dtype} --p 50 -o {out}", "dtype mismatch for 'a.w'"),
     ("Inf weights", "fuse {inf} {b} --base {base} --p 50 -o {out_st}", "tensor 'a.w' in"),
     ("NaN gradients", "gallop --params {tiny} --grads {nan_grads} --rho 5 -o {out_st}", "NaN/Inf gradients"),
-    ("mask for another model", "fuse {a} {b} --masks {other_mask} --masks {other_mask} --conflict last -o {out_st}",
-     "does not fit"),
+    (
+        "mask for another model",
+        "fuse {a} {b} --masks {other_mask} --masks {other_mask} --conflict last -o {out_st}",
+        "does not fit",
+    ),
     ("gradients for another model", "gallop --params {tiny} --grads {a} --rho 5 -o {out_st}", "missing from"),
     ("p out of range", "core --base {base} {a} --p 101 -o {out}", "Invalid value for '--p'"),
     ("p not a number", "fuse {a} {b} --base {base} --p x -o {out_st}", "Invalid value for '--p'"),
@@ -113,8 +117,11 @@ MATRIX = [
     ("duplicate task names", "core --base {base} {a} {a} --p 50 -o {out}", "two inputs have the task name 'a'"),
     ("output equal to an input", "fuse {a} {b} --base {base} --p 50 -o {b} --force", "would overwrite or nest inside"),
     ("existing output", "core --base {base} {a} --p 50 -o {exists}", "already exists; pass --force"),
-    ("unwritable output folder", "fuse {a} {b} --base {base} --p 50 -o {under_file}/x.safetensors",
-     "cannot create the output folder"),
+    (
+        "unwritable output folder",
+        "fuse {a} {b} --base {base} --p 50 -o {under_file}/x.safetensors",
+        "cannot create the output folder",
+    ),
     ("malformed JSONL", "gradients --model {tiny} --data {bad_jsonl} -o {out_st}", "bad.jsonl:3: not valid JSON"),
     ("malformed JSONL (train)", "train --model {tiny} --data {bad_jsonl} -o {out}", "bad.jsonl:3: not valid JSON"),
     ("training data for eval", "eval --model {tiny} --task t={bad_jsonl} -o {out_st}", "bad.jsonl:3"),
@@ -134,18 +141,28 @@ def test_bad_input_matrix(world, argv, words):
         assert not Path(world[k]).exists(), f"{k} was written"
     assert [p.name for p in Path(world["exists"]).iterdir()] == ["core.json"]
     after = {k: sha(Path(v)) for k, v in world.items() if Path(v).exists()}
-    assert before == after                                           # inputs untouched
+    assert before == after  # inputs untouched
 
 
-HEADER_CASES = ("empty file", "truncated safetensors", "header lies about dtype", "index outside the folder",
-                "header is a JSON list", "index weight_map is a list")
+HEADER_CASES = (
+    "empty file",
+    "truncated safetensors",
+    "header lies about dtype",
+    "index outside the folder",
+    "header is a JSON list",
+    "index weight_map is a list",
+)
 
 
 @pytest.mark.parametrize("argv, words", [pytest.param(a, w, id=i) for i, a, w in MATRIX if i in HEADER_CASES])
 def test_bad_headers_give_the_same_one_line_error_under_python_O(world, argv, words):
     """Input checks are never `assert`s: `python -O` strips those, and the header checks must stay."""
-    r = subprocess.run([sys.executable, "-O", "-m", "mergekit_sparse", *[x.format(**world) for x in argv.split()]],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-O", "-m", "mergekit_sparse", *[x.format(**world) for x in argv.split()]],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 1, r.stdout + r.stderr
     assert words in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert len([ln for ln in r.stderr.splitlines() if ln.startswith("Error")]) == 1, r.stderr
@@ -153,15 +170,26 @@ def test_bad_headers_give_the_same_one_line_error_under_python_O(world, argv, wo
 
 def test_the_library_checks_nothing_with_assert():
     import ast
+
     root = Path(__file__).resolve().parent.parent
-    found = [f"{p.relative_to(root)}:{n.lineno}" for top in ("mergekit_sparse", "cli", "reports")
-             for p in (root / top).rglob("*.py") for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, ast.Assert)]
+    found = [
+        f"{p.relative_to(root)}:{n.lineno}"
+        for top in ("mergekit_sparse", "cli", "reports")
+        for p in (root / top).rglob("*.py")
+        for n in ast.walk(ast.parse(p.read_text()))
+        if isinstance(n, ast.Assert)
+    ]
     assert not found, found
 
 
 def run_cli(*args, env=None):
-    return subprocess.run([str(Path(sys.executable).parent / "sparsemerge"), *map(str, args)], capture_output=True,
-                          text=True, env={**os.environ, **(env or {})}, timeout=300)
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "sparsemerge"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+    )
 
 
 @pytest.mark.parametrize("command", ["fuse", "core"])
@@ -169,8 +197,11 @@ def test_sigkill_mid_write_leaves_no_complete_output_and_a_rerun_succeeds(tiny_b
     inputs = [tiny_base, *tiny_tasks[:2]]
     before = [sha(p) for p in inputs]
     out = tmp_path / "out"
-    args = (["fuse", tiny_tasks[0], tiny_tasks[1], "--base", tiny_base, "--p", "5", "-o", out] if command == "fuse"
-            else ["core", "--base", tiny_base, tiny_tasks[0], tiny_tasks[1], "--p", "5", "-o", out])
+    args = (
+        ["fuse", tiny_tasks[0], tiny_tasks[1], "--base", tiny_base, "--p", "5", "-o", out]
+        if command == "fuse"
+        else ["core", "--base", tiny_base, tiny_tasks[0], tiny_tasks[1], "--p", "5", "-o", out]
+    )
     r = run_cli(*args, env={"MERGEKIT_SPARSE_FAULT": "kill:5"})
     assert r.returncode == -9
     if command == "fuse":
@@ -186,13 +217,29 @@ def test_sigkill_mid_write_leaves_no_complete_output_and_a_rerun_succeeds(tiny_b
 
 def test_sigkill_mid_retrain_resumes(tiny_base, tiny_tasks, tmp_path):
     from test_training import write_jsonl
+
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"{i}=", "response": str(i)} for i in range(20)])
     assert run_cli("core", "--base", tiny_base, *tiny_tasks, "--p", "5", "-o", tmp_path / "cores").returncode == 0
     masks = [tmp_path / "cores" / f"{t}.mask.safetensors" for t in ("math", "code", "chat")]
     assert run_cli("overlap", *masks, "--tau", "0.2", "--order", "input", "-o", tmp_path / "g.json").returncode == 0
-    args = ["retrain", "--model", tiny_tasks[0], "--groups", tmp_path / "g.json", "--masks", tmp_path / "cores",
-            *[x for t in ("math", "code", "chat") for x in ("--data", f"{t}={data}")], "--per-task", "4", "--steps", "2",
-            "--batch-size", "4", "-o", tmp_path / "rt"]
+    args = [
+        "retrain",
+        "--model",
+        tiny_tasks[0],
+        "--groups",
+        tmp_path / "g.json",
+        "--masks",
+        tmp_path / "cores",
+        *[x for t in ("math", "code", "chat") for x in ("--data", f"{t}={data}")],
+        "--per-task",
+        "4",
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "-o",
+        tmp_path / "rt",
+    ]
     # each stage's model save writes 21 tensors; die inside stage 2's save
     r = run_cli(*args, env={"MERGEKIT_SPARSE_FAULT": "kill:30"})
     assert r.returncode == -9
@@ -206,8 +253,11 @@ def test_sigkill_mid_retrain_resumes(tiny_base, tiny_tasks, tmp_path):
 @pytest.mark.parametrize("command", ["fuse", "core"])
 def test_enospc_gives_a_clear_error_and_removes_temporary_files(tiny_base, tiny_tasks, tmp_path, command):
     out = tmp_path / "out"
-    args = (["fuse", tiny_tasks[0], tiny_tasks[1], "--base", tiny_base, "--p", "5", "-o", out] if command == "fuse"
-            else ["core", "--base", tiny_base, tiny_tasks[0], "--p", "5", "-o", out])
+    args = (
+        ["fuse", tiny_tasks[0], tiny_tasks[1], "--base", tiny_base, "--p", "5", "-o", out]
+        if command == "fuse"
+        else ["core", "--base", tiny_base, tiny_tasks[0], "--p", "5", "-o", out]
+    )
     r = run_cli(*args, env={"MERGEKIT_SPARSE_FAULT": "enospc:3"})
     assert r.returncode == 1
     assert "Error: no space left on the device while writing" in r.stderr and "Traceback" not in r.stderr
@@ -221,24 +271,80 @@ def test_determinism_two_runs_byte_identical_and_across_thread_counts(tiny_base,
     Training and gradients are compared at a tolerance across thread counts only if needed: the
     float reductions of matmuls may split differently with threads (see tests/README.md)."""
     from test_training import write_jsonl
-    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"rev {w}=", "response": w[::-1]} for w in
-                                              ["abc", "bca", "cab", "aab", "bba", "cca", "abb", "bcc"]])
+
+    data = write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {"prompt": f"rev {w}=", "response": w[::-1]}
+            for w in ["abc", "bca", "cab", "aab", "bba", "cca", "abb", "bcc"]
+        ],
+    )
     outputs = {}
-    for run in ("a", "b", "c"):                      # a, b: in this process at 1 thread; c: a process at 2
+    for run in ("a", "b", "c"):  # a, b: in this process at 1 thread; c: a process at 2
         d = tmp_path / run
         steps = [
             ["core", "--base", tiny_base, tiny_tasks[0], tiny_tasks[1], "--p", "5", "-o", d / "cores"],
-            ["overlap", d / "cores" / "math.mask.safetensors", d / "cores" / "code.mask.safetensors", "--order", "random",
-             "--seed", "3", "-o", d / "groups.json"],
+            [
+                "overlap",
+                d / "cores" / "math.mask.safetensors",
+                d / "cores" / "code.mask.safetensors",
+                "--order",
+                "random",
+                "--seed",
+                "3",
+                "-o",
+                d / "groups.json",
+            ],
             ["fuse", tiny_tasks[0], tiny_tasks[1], "--base", tiny_base, "--p", "5", "-o", d / "fused", "--no-check"],
-            ["gradients", "--model", tiny_base, "--data", data, "--fraction", "0.5", "--seed", "2", "-o", d / "g.safetensors"],
-            ["gallop", "--params", tiny_base, "--grads", d / "g.safetensors", "--rho", "5", "--criterion", "random",
-             "-o", d / "r.mask.safetensors"],
+            [
+                "gradients",
+                "--model",
+                tiny_base,
+                "--data",
+                data,
+                "--fraction",
+                "0.5",
+                "--seed",
+                "2",
+                "-o",
+                d / "g.safetensors",
+            ],
+            [
+                "gallop",
+                "--params",
+                tiny_base,
+                "--grads",
+                d / "g.safetensors",
+                "--rho",
+                "5",
+                "--criterion",
+                "random",
+                "-o",
+                d / "r.mask.safetensors",
+            ],
             ["train", "--model", tiny_base, "--data", data, "--steps", "3", "--batch-size", "4", "-o", d / "trained"],
             ["eval", "--model", tiny_base, "--task", f"t={data}", "-o", d / "acc.json"],
-            ["retrain", "--model", tiny_tasks[0], "--groups", d / "groups.json", "--masks", d / "cores",
-             "--data", f"math={data}", "--data", f"code={data}", "--per-task", "4", "--steps", "2", "--batch-size", "4",
-             "-o", d / "rt"],
+            [
+                "retrain",
+                "--model",
+                tiny_tasks[0],
+                "--groups",
+                d / "groups.json",
+                "--masks",
+                d / "cores",
+                "--data",
+                f"math={data}",
+                "--data",
+                f"code={data}",
+                "--per-task",
+                "4",
+                "--steps",
+                "2",
+                "--batch-size",
+                "4",
+                "-o",
+                d / "rt",
+            ],
         ]
         for s in steps:
             if run == "c":
@@ -248,25 +354,31 @@ def test_determinism_two_runs_byte_identical_and_across_thread_counts(tiny_base,
                 r = CliRunner().invoke(cli, [str(x) for x in s])
                 assert r.exit_code == 0, (s, r.output)
         groups = json.loads((d / "groups.json").read_text())
-        groups.pop("settings")                                            # holds this run's own paths
+        groups.pop("settings")  # holds this run's own paths
         outputs[run] = {
-            "masks": sha(d / "cores" / "math.mask.safetensors"), "groups": groups,
-            "fused": sha(d / "fused" / "model.safetensors"), "gallop": _mask_content(d / "r.mask.safetensors"),
-            "grads": load_file(d / "g.safetensors"), "trained": load_file(d / "trained" / "model.safetensors"),
-            "retrained": load_file(Path(json.loads((d / "rt" / "retrain.json").read_text())["final_model"])
-                                   / "model.safetensors"),
-            "acc": json.loads((d / "acc.json").read_text())["tasks"]}
+            "masks": sha(d / "cores" / "math.mask.safetensors"),
+            "groups": groups,
+            "fused": sha(d / "fused" / "model.safetensors"),
+            "gallop": _mask_content(d / "r.mask.safetensors"),
+            "grads": load_file(d / "g.safetensors"),
+            "trained": load_file(d / "trained" / "model.safetensors"),
+            "retrained": load_file(
+                Path(json.loads((d / "rt" / "retrain.json").read_text())["final_model"]) / "model.safetensors"
+            ),
+            "acc": json.loads((d / "acc.json").read_text())["tasks"],
+        }
     for key in ("masks", "groups", "fused", "gallop", "acc"):
         assert outputs["a"][key] == outputs["b"][key] == outputs["c"][key], key
     for key in ("grads", "trained", "retrained"):
         for n in outputs["a"][key]:
-            assert torch.equal(outputs["a"][key][n], outputs["b"][key][n]), (key, n)        # same threads: exact
+            assert torch.equal(outputs["a"][key][n], outputs["b"][key][n]), (key, n)  # same threads: exact
             assert torch.allclose(outputs["a"][key][n], outputs["c"][key][n], atol=1e-6), (key, n)
 
 
 def _mask_content(path: Path):
     """Bits and metadata of a mask file, without `sources` (which name this run's own input paths)."""
     from mergekit_sparse.storage.masks import MaskSet
+
     m = MaskSet.load(path)
     meta = {k: v for k, v in m.meta.items() if k != "sources"}
     return meta, {n: m.packed(n).tobytes() for n in m.names}
@@ -278,12 +390,17 @@ def test_remote_code_is_never_run(tiny_base, tmp_path):
     marker = tmp_path / "pwned"
     (evil / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
     cfg = json.loads((evil / "config.json").read_text())
-    cfg.update({"model_type": "evil", "auto_map": {"AutoModelForCausalLM": "modeling_evil.EvilModel",
-                                                   "AutoConfig": "modeling_evil.EvilConfig"}})
+    cfg.update(
+        {
+            "model_type": "evil",
+            "auto_map": {"AutoModelForCausalLM": "modeling_evil.EvilModel", "AutoConfig": "modeling_evil.EvilConfig"},
+        }
+    )
     (evil / "config.json").write_text(json.dumps(cfg))
     (tmp_path / "x.jsonl").write_text('{"prompt": "a", "response": "b"}\n')
-    r = CliRunner().invoke(cli, ["eval", "--model", str(evil), "--task", f"t={tmp_path / 'x.jsonl'}",
-                                 "-o", str(tmp_path / "acc.json")])
+    r = CliRunner().invoke(
+        cli, ["eval", "--model", str(evil), "--task", f"t={tmp_path / 'x.jsonl'}", "-o", str(tmp_path / "acc.json")]
+    )
     assert r.exit_code == 1 and "remote code is never run" in r.output, r.output
     assert not marker.exists()
 
@@ -294,10 +411,19 @@ def test_no_file_is_written_outside_the_chosen_output(planted, tmp_path, monkeyp
     monkeypatch.chdir(work)
     before = {p for p in tmp_path.rglob("*")}
     out = tmp_path / "only-here"
-    for args in (["core", "--base", planted["base"], planted["a"], planted["b"], "--p", "25", "-o", out / "cores"],
-                 ["overlap", out / "cores" / "a.mask.safetensors", out / "cores" / "b.mask.safetensors",
-                  "-o", out / "g.json", "--html", out / "r.html"],
-                 ["fuse", planted["a"], planted["b"], "--base", planted["base"], "--p", "25", "-o", out / "f.safetensors"]):
+    for args in (
+        ["core", "--base", planted["base"], planted["a"], planted["b"], "--p", "25", "-o", out / "cores"],
+        [
+            "overlap",
+            out / "cores" / "a.mask.safetensors",
+            out / "cores" / "b.mask.safetensors",
+            "-o",
+            out / "g.json",
+            "--html",
+            out / "r.html",
+        ],
+        ["fuse", planted["a"], planted["b"], "--base", planted["base"], "--p", "25", "-o", out / "f.safetensors"],
+    ):
         r = CliRunner().invoke(cli, [str(a) for a in args])
         assert r.exit_code == 0, r.output
     new = {p for p in tmp_path.rglob("*")} - before

@@ -9,14 +9,18 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from mergekit_sparse.cli.main import cli
-from mergekit_sparse.storage.masks import MaskSet, save_masks
 from mergekit_sparse.analysis.names import layer_key, module_of
 from mergekit_sparse.analysis.overlap import compute_overlap, group_tasks
+from mergekit_sparse.cli.main import cli
+from mergekit_sparse.storage.masks import MaskSet, save_masks
 
-SHAPES = {"model.layers.0.self_attn.q_proj.weight": (8, 8), "model.layers.0.mlp.up_proj.weight": (8, 5),
-          "model.layers.1.self_attn.q_proj.weight": (8, 8), "model.layers.1.mlp.up_proj.weight": (8, 5),
-          "lm_head.weight": (3, 7)}
+SHAPES = {
+    "model.layers.0.self_attn.q_proj.weight": (8, 8),
+    "model.layers.0.mlp.up_proj.weight": (8, 5),
+    "model.layers.1.self_attn.q_proj.weight": (8, 8),
+    "model.layers.1.mlp.up_proj.weight": (8, 5),
+    "lm_head.weight": (3, 7),
+}
 
 
 def random_masks(tmp_path, n, density, seed=0, hot=None):
@@ -52,6 +56,7 @@ def test_jaccard_and_breakdowns_equal_naive_on_unpacked_masks(tmp_path):
     for layer, counts in res.per_layer.items():
         keys = [k for k in SHAPES if layer_key(k) == layer]
         from mergekit_sparse.analysis.overlap import jaccard_matrix
+
         jm = jaccard_matrix(counts.inter, np.diag(counts.inter))
         assert jm[0, 1] == pytest.approx(naive_jaccard(raw[0], raw[1], keys))
     assert set(res.per_module) == {module_of(k) for k in SHAPES} == {"q_proj", "up_proj", "lm_head"}
@@ -61,8 +66,9 @@ def test_jaccard_and_breakdowns_equal_naive_on_unpacked_masks(tmp_path):
 
 def test_empty_masks_have_jaccard_zero(tmp_path):
     for i in range(2):
-        save_masks(tmp_path / f"e{i}.mask.safetensors", {k: torch.zeros(s, dtype=torch.bool) for k, s in SHAPES.items()},
-                   {})
+        save_masks(
+            tmp_path / f"e{i}.mask.safetensors", {k: torch.zeros(s, dtype=torch.bool) for k, s in SHAPES.items()}, {}
+        )
     res = compute_overlap([MaskSet.load(tmp_path / f"e{i}.mask.safetensors") for i in range(2)], ["x", "y"])
     assert res.matrix[0, 1] == 0.0
 
@@ -86,8 +92,9 @@ def test_random_order_is_seeded_and_least_overlap_puts_isolated_first():
 
 def test_planted_structure_tasks_sharing_hot_layers_form_one_group(tmp_path):
     paths, _ = random_masks(tmp_path, 4, 0.02, seed=1, hot={0: 0, 1: 0, 2: 1, 3: 1})
-    r = CliRunner().invoke(cli, ["overlap", *map(str, paths), "--tau", "0.3", "--order", "input",
-                                 "-o", str(tmp_path / "g.json"), "--json"])
+    r = CliRunner().invoke(
+        cli, ["overlap", *map(str, paths), "--tau", "0.3", "--order", "input", "-o", str(tmp_path / "g.json"), "--json"]
+    )
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["groups"] == [["t0", "t1"], ["t2", "t3"]]
     doc = json.loads((tmp_path / "g.json").read_text())
@@ -96,12 +103,29 @@ def test_planted_structure_tasks_sharing_hot_layers_form_one_group(tmp_path):
 
 
 def test_overlap_from_checkpoints_with_base(tiny_base, tiny_tasks, tmp_path):
-    r = CliRunner().invoke(cli, ["overlap", "--base", str(tiny_base), *map(str, tiny_tasks), "--p", "5",
-                                 "--tau", "0.2", "--order", "input", "-o", str(tmp_path / "g.json"), "--json",
-                                 "--save-masks", str(tmp_path / "m")])
+    r = CliRunner().invoke(
+        cli,
+        [
+            "overlap",
+            "--base",
+            str(tiny_base),
+            *map(str, tiny_tasks),
+            "--p",
+            "5",
+            "--tau",
+            "0.2",
+            "--order",
+            "input",
+            "-o",
+            str(tmp_path / "g.json"),
+            "--json",
+            "--save-masks",
+            str(tmp_path / "m"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
-    assert data["groups"] == [["math", "code"], ["chat"]]                 # the planted hot modules
+    assert data["groups"] == [["math", "code"], ["chat"]]  # the planted hot modules
     assert (tmp_path / "m" / "chat.mask.safetensors").is_file()
 
 
@@ -110,14 +134,16 @@ def test_report_is_offline_and_escapes_task_names(tmp_path):
     evil = tmp_path / "<script>alert(1)<%2Fscript>.mask.safetensors"
     paths[1].rename(evil)
     html = tmp_path / "r.html"
-    r = CliRunner().invoke(cli, ["overlap", str(paths[0]), str(evil), "-o", str(tmp_path / "g.json"),
-                                 "--html", str(html)])
+    r = CliRunner().invoke(
+        cli, ["overlap", str(paths[0]), str(evil), "-o", str(tmp_path / "g.json"), "--html", str(html)]
+    )
     assert r.exit_code == 0, r.output
     text = html.read_text()
     assert "<script>alert(1)" not in text and "&lt;script&gt;alert(1)" in text
     import plotly.offline
-    assert "<script src" not in text and "<link" not in text                 # nothing fetched from outside
-    assert text.count(plotly.offline.get_plotlyjs()[:200]) == 1                # plotly.js inlined once
+
+    assert "<script src" not in text and "<link" not in text  # nothing fetched from outside
+    assert text.count(plotly.offline.get_plotlyjs()[:200]) == 1  # plotly.js inlined once
     assert text.count("Plotly.newPlot") == 5
 
 
@@ -131,10 +157,12 @@ def test_overlap_user_errors(tmp_path):
 
 def test_report_for_four_planted_tasks_renders_offline_in_chromium(tmp_path):
     from browser import assert_renders
+
     paths, _ = random_masks(tmp_path, 4, 0.02, seed=1, hot={0: 0, 1: 0, 2: 1, 3: 1})
     html = tmp_path / "overlap.html"
-    r = CliRunner().invoke(cli, ["overlap", *map(str, paths), "--tau", "0.3", "-o", str(tmp_path / "g.json"),
-                                 "--html", str(html)])
+    r = CliRunner().invoke(
+        cli, ["overlap", *map(str, paths), "--tau", "0.3", "-o", str(tmp_path / "g.json"), "--html", str(html)]
+    )
     assert r.exit_code == 0, r.output
     dom = assert_renders(html, "overlap-report", tmp_path, figures=5)
-    assert "stage 1" in dom and "stage 2" in dom                        # the groups are visible
+    assert "stage 1" in dom and "stage 2" in dom  # the groups are visible

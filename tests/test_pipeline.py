@@ -15,11 +15,17 @@ from click.testing import CliRunner
 
 from mergekit_sparse.cli.main import cli
 
-SHORT = {"kind": "cpi-ft", "tasks": {"caesar": "builtin", "sub": "builtin"}, "ood_tasks": ["add", "rev"],
-         "data": {"train": 32, "test": 4}, "probe": {"steps": 4, "batch_size": 8},
-         "core": {"p": 5}, "overlap": {"tau": 0.05, "order": "input"}, "retrain": {"steps": 3, "batch_size": 8,
-                                                                                    "per_task": 8},
-         "eval": {"limit": 4}}
+SHORT = {
+    "kind": "cpi-ft",
+    "tasks": {"caesar": "builtin", "sub": "builtin"},
+    "ood_tasks": ["add", "rev"],
+    "data": {"train": 32, "test": 4},
+    "probe": {"steps": 4, "batch_size": 8},
+    "core": {"p": 5},
+    "overlap": {"tau": 0.05, "order": "input"},
+    "retrain": {"steps": 3, "batch_size": 8, "per_task": 8},
+    "eval": {"limit": 4},
+}
 
 
 def sparsemerge() -> str:
@@ -31,10 +37,15 @@ def test_cpi_ft_pipeline_writes_every_artefact_and_resumes_after_a_kill(tmp_path
     cfg.write_text(yaml.safe_dump(SHORT))
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sparsemerge(), "run", str(cfg), "-o", str(run)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sparsemerge(), "run", str(cfg), "-o", str(run)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     deadline = time.time() + 240
-    while not (run / ".stages" / "overlap.json").exists():          # stage 2 done: kill it
+    while not (run / ".stages" / "overlap.json").exists():  # stage 2 done: kill it
         assert proc.poll() is None, proc.stderr.read()
         assert time.time() < deadline
         time.sleep(0.05)
@@ -43,16 +54,27 @@ def test_cpi_ft_pipeline_writes_every_artefact_and_resumes_after_a_kill(tmp_path
     finished = {p.stem for p in (run / ".stages").glob("*.json")}
     assert {"data", "probe-caesar", "probe-sub", "cores", "overlap"} <= finished
     assert not (run / "summary.json").exists()
-    r = subprocess.run([sparsemerge(), "run", str(cfg), "-o", str(run), "--json"], capture_output=True, text=True,
-                       env=env, timeout=300)
+    r = subprocess.run(
+        [sparsemerge(), "run", str(cfg), "-o", str(run), "--json"], capture_output=True, text=True, env=env, timeout=300
+    )
     assert r.returncode == 0, r.stderr
     skipped = {line.split()[1] for line in r.stderr.splitlines() if line.startswith("[skip]")}
-    assert finished <= skipped                                        # stages 1-2 (and all done before) skipped
+    assert finished <= skipped  # stages 1-2 (and all done before) skipped
     summary = json.loads(r.stdout)
-    for artefact in ["data/caesar.train.jsonl", "data/add.test.jsonl", "probe/caesar/model.safetensors",
-                     "cores/caesar.mask.safetensors", "cores/core.json", "groups.json", "fused/model.safetensors",
-                     "fused/fuse.json", "retrained/retrain.json", "eval/vanilla.json", "eval/cpi-ft.json",
-                     "summary.json"]:
+    for artefact in [
+        "data/caesar.train.jsonl",
+        "data/add.test.jsonl",
+        "probe/caesar/model.safetensors",
+        "cores/caesar.mask.safetensors",
+        "cores/core.json",
+        "groups.json",
+        "fused/model.safetensors",
+        "fused/fuse.json",
+        "retrained/retrain.json",
+        "eval/vanilla.json",
+        "eval/cpi-ft.json",
+        "summary.json",
+    ]:
         assert (run / artefact).exists(), artefact
     assert set(summary["metrics"]) == {"full-ft:caesar", "full-ft:sub", "fused", "cpi-ft"}
     m = summary["metrics"]["cpi-ft"]
@@ -70,21 +92,39 @@ def test_cpi_ft_pipeline_writes_every_artefact_and_resumes_after_a_kill(tmp_path
 
 def test_config_problems_are_listed_all_at_once_before_any_work(tmp_path):
     cfg = tmp_path / "bad.yaml"
-    cfg.write_text(yaml.safe_dump({"kind": "cpi", "tasks": {"caesar": "builtin", "nope": "builtin", "x": {"train": "a"}},
-                                   "core": {"p": "five", "extra": 1}, "probe": {"steps": 0}, "surprise": True,
-                                   "retrain": {"optimizer": "adam"}, "gallop": {"optimizer": "sgd", "momentum": 1.0}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "kind": "cpi",
+                "tasks": {"caesar": "builtin", "nope": "builtin", "x": {"train": "a"}},
+                "core": {"p": "five", "extra": 1},
+                "probe": {"steps": 0},
+                "surprise": True,
+                "retrain": {"optimizer": "adam"},
+                "gallop": {"optimizer": "sgd", "momentum": 1.0},
+            }
+        )
+    )
     r = CliRunner().invoke(cli, ["run", str(cfg), "-o", str(tmp_path / "run")])
     assert r.exit_code == 1
-    for msg in ["config.kind: 'cpi' is not one of", "config.surprise: unknown key", "config.core.extra: unknown key",
-                "config.core.p: expected a number, got 'five'", "config.probe.steps: 0 is out of range",
-                "config.tasks.nope: no builtin task", "config.tasks.x: expected 'builtin'",
-                "config.retrain.optimizer: 'adam' is not one of adamw, sgd", "config.gallop.momentum: 1.0 is out of range"]:
+    for msg in [
+        "config.kind: 'cpi' is not one of",
+        "config.surprise: unknown key",
+        "config.core.extra: unknown key",
+        "config.core.p: expected a number, got 'five'",
+        "config.probe.steps: 0 is out of range",
+        "config.tasks.nope: no builtin task",
+        "config.tasks.x: expected 'builtin'",
+        "config.retrain.optimizer: 'adam' is not one of adamw, sgd",
+        "config.gallop.momentum: 1.0 is out of range",
+    ]:
         assert msg in r.output, (msg, r.output)
     assert not (tmp_path / "run").exists()
 
 
 def test_demo_fast_runs_both_pipelines_and_writes_the_report(tmp_path):
     from browser import assert_renders
+
     r = CliRunner().invoke(cli, ["demo", "--fast", "-o", str(tmp_path / "demo")])
     assert r.exit_code == 0, r.output
     assert "cpi-ft" in r.stdout and "gallop:caesar" in r.stdout and "groups (stage order)" in r.stdout
@@ -93,10 +133,12 @@ def test_demo_fast_runs_both_pipelines_and_writes_the_report(tmp_path):
 
 def test_dry_run_accepts_zero_edges_yaml_exponents_and_every_training_key(tmp_path):
     cfg = tmp_path / "p.yaml"
-    cfg.write_text("kind: cpi-ft\ntasks: {caesar: builtin, sub: builtin}\noverlap: {tau: 0}\nfuse: {omega: 0}\n"
-                   "probe: {lr: 2e-3, weight_decay: 0.0, max_len: 64, clip: 0.5, grad_accum: 2, batch_size: 8,\n"
-                   "        schedule: linear, eval_every: 5, eval_fraction: 0.1, save_every: 10}\n"
-                   "retrain: {lr: 1e4, per_task: 3}\n")
+    cfg.write_text(
+        "kind: cpi-ft\ntasks: {caesar: builtin, sub: builtin}\noverlap: {tau: 0}\nfuse: {omega: 0}\n"
+        "probe: {lr: 2e-3, weight_decay: 0.0, max_len: 64, clip: 0.5, grad_accum: 2, batch_size: 8,\n"
+        "        schedule: linear, eval_every: 5, eval_fraction: 0.1, save_every: 10}\n"
+        "retrain: {lr: 1e4, per_task: 3}\n"
+    )
     r = CliRunner().invoke(cli, ["run", str(cfg), "--dry-run", "-o", str(tmp_path / "run")])
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
@@ -104,26 +146,34 @@ def test_dry_run_accepts_zero_edges_yaml_exponents_and_every_training_key(tmp_pa
     assert s["overlap"]["tau"] == 0 and s["fuse"]["omega"] == 0 and s["probe"]["weight_decay"] == 0.0
     assert s["probe"]["lr"] == 2e-3 and isinstance(s["retrain"]["lr"], float) and s["retrain"]["lr"] == 1e4
     assert s["probe"]["max_len"] == 64 and s["probe"]["schedule"] == "linear" and s["probe"]["grad_accum"] == 2
-    assert s["retrain"]["max_len"] == 48                     # the pipeline's default, now a key
+    assert s["retrain"]["max_len"] == 48  # the pipeline's default, now a key
     assert doc["run_folder"] == str(tmp_path / "run") and not (tmp_path / "run").exists()
 
 
 def test_pipeline_training_keys_reach_the_trainer():
     from mergekit_sparse.pipeline.config import validate
     from mergekit_sparse.pipeline.run import _train_cfg
-    cfg = validate({"tasks": {"caesar": "builtin", "sub": "builtin"},
-                    "probe": {"max_len": 64, "clip": 0, "grad_accum": 2, "schedule": "constant"}}, base_dir=Path("."))
+
+    cfg = validate(
+        {
+            "tasks": {"caesar": "builtin", "sub": "builtin"},
+            "probe": {"max_len": 64, "clip": 0, "grad_accum": 2, "schedule": "constant"},
+        },
+        base_dir=Path("."),
+    )
     tc = _train_cfg(cfg["probe"], 7)
     assert (tc.max_len, tc.clip, tc.grad_accum, tc.schedule, tc.seed) == (64, None, 2, "constant", 7)
 
 
 def test_config_and_cli_reject_out_of_range_values_with_the_same_message(tmp_path):
-    cases = [("overlap", "tau", 1.5, ["overlap", "x.mask.safetensors", "--tau", "1.5"]),
-             ("fuse", "omega", -0.1, ["fuse", "a", "b", "--omega", "-0.1"]),
-             ("core", "p", 101, ["core", "a", "--base", "b", "--p", "101"]),
-             ("probe", "momentum", 1.0, ["train", "--model", "m", "--data", "d", "-o", "o", "--momentum", "1.0"]),
-             ("probe", "weight_decay", -1.0, ["train", "--model", "m", "--data", "d", "-o", "o", "--weight-decay", "-1.0"]),
-             ("gallop", "rho", 0.0, ["gallop", "--params", "p", "--grads", "g", "--rho", "0.0"])]
+    cases = [
+        ("overlap", "tau", 1.5, ["overlap", "x.mask.safetensors", "--tau", "1.5"]),
+        ("fuse", "omega", -0.1, ["fuse", "a", "b", "--omega", "-0.1"]),
+        ("core", "p", 101, ["core", "a", "--base", "b", "--p", "101"]),
+        ("probe", "momentum", 1.0, ["train", "--model", "m", "--data", "d", "-o", "o", "--momentum", "1.0"]),
+        ("probe", "weight_decay", -1.0, ["train", "--model", "m", "--data", "d", "-o", "o", "--weight-decay", "-1.0"]),
+        ("gallop", "rho", 0.0, ["gallop", "--params", "p", "--grads", "g", "--rho", "0.0"]),
+    ]
     for section, key, value, argv in cases:
         cfg = tmp_path / f"{section}-{key}.yaml"
         cfg.write_text(yaml.safe_dump({"tasks": {"caesar": "builtin", "sub": "builtin"}, section: {key: value}}))

@@ -10,14 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_select_core import naive_topk, run_global
 
-from mergekit_sparse.fusion.maths import slerp
-from mergekit_sparse.storage.masks import pack, unpack
-from mergekit_sparse.evaluation.metrics import collapse, forget_ratio
 from mergekit_sparse.analysis.overlap import jaccard_matrix
+from mergekit_sparse.evaluation.metrics import collapse, forget_ratio
+from mergekit_sparse.fusion.maths import slerp
 from mergekit_sparse.selection.topk import topk_mask
+from mergekit_sparse.storage.masks import pack, unpack
 
 SETTINGS = settings(max_examples=60, deadline=None)
-values = st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.5, 1e-30, 3e38, -3e38, 0.5])      # few values: many ties
+values = st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.5, 1e-30, 3e38, -3e38, 0.5])  # few values: many ties
 score_lists = st.lists(st.one_of(values, st.floats(-1e6, 1e6, allow_nan=False, width=32)), min_size=1, max_size=60)
 
 

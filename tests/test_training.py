@@ -20,8 +20,10 @@ from mergekit_sparse.training.optim import MaskedAdamW, MaskedSGD
 
 def toy_params(dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [("w", torch.nn.Parameter(torch.randn(64, 32, generator=g).to(dtype))),
-            ("v", torch.nn.Parameter(torch.randn(500, generator=g).to(dtype)))]
+    return [
+        ("w", torch.nn.Parameter(torch.randn(64, 32, generator=g).to(dtype))),
+        ("v", torch.nn.Parameter(torch.randn(500, generator=g).to(dtype))),
+    ]
 
 
 def run_steps(params, masks, steps, *, wd=0.1, clip=0.5, opt=None, seed=1):
@@ -35,7 +37,7 @@ def run_steps(params, masks, steps, *, wd=0.1, clip=0.5, opt=None, seed=1):
     return opt
 
 
-@pytest.mark.parametrize("density", [0.01, 0.5])                    # sparse layout, dense layout
+@pytest.mark.parametrize("density", [0.01, 0.5])  # sparse layout, dense layout
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_unselected_entries_stay_bit_identical_under_weight_decay_momentum_and_clipping(density, dtype):
     params = toy_params(dtype)
@@ -44,8 +46,8 @@ def test_unselected_entries_stay_bit_identical_under_weight_decay_momentum_and_c
     start = {n: p.detach().clone() for n, p in params}
     run_steps(params, masks, 25)
     for n, p in params:
-        assert torch.equal(p[~masks[n]], start[n][~masks[n]]), n         # frozen: exact
-        assert not torch.equal(p[masks[n]], start[n][masks[n]]), n       # selected: moved
+        assert torch.equal(p[~masks[n]], start[n][~masks[n]]), n  # frozen: exact
+        assert not torch.equal(p[masks[n]], start[n][masks[n]]), n  # selected: moved
 
 
 def test_bit_exactness_holds_across_a_resume():
@@ -62,14 +64,14 @@ def test_bit_exactness_holds_across_a_resume():
     run_steps(b, masks, 10, opt=opt_b, seed=2)
     start = toy_params()
     for (n, pa), (_, pb), (_, p0) in zip(a, b, start):
-        assert torch.equal(pa, pb)                                          # resumed == uninterrupted
+        assert torch.equal(pa, pb)  # resumed == uninterrupted
         assert torch.equal(pa[~masks[n]], p0[~masks[n]])
 
 
 def test_sparse_state_is_at_most_two_percent_of_dense_adamw_at_rho_one_percent():
     params = [("w", torch.nn.Parameter(torch.randn(200, 500)))]
     mask = {"w": torch.zeros(200, 500, dtype=torch.bool)}
-    mask["w"].view(-1)[torch.randperm(100_000)[:1000]] = True             # ρ = 1 %
+    mask["w"].view(-1)[torch.randperm(100_000)[:1000]] = True  # ρ = 1 %
     sparse = MaskedAdamW(params, mask, lr=1e-3)
     ref = torch.optim.AdamW([params[0][1]], lr=1e-3)
     params[0][1].grad = torch.randn(200, 500)
@@ -101,7 +103,7 @@ def test_unmasked_optimizers_match_torch(kind):
         assert not torch.equal(a, start[n]), n
 
 
-@pytest.mark.parametrize("density", [0.01, 0.5])                    # sparse layout, dense layout
+@pytest.mark.parametrize("density", [0.01, 0.5])  # sparse layout, dense layout
 def test_masked_sgd_is_sgd_on_the_selected_entries(density):
     """Masked SGD equals torch SGD run on the selected entries alone; the rest never moves."""
     params = toy_params()
@@ -120,19 +122,19 @@ def test_masked_sgd_is_sgd_on_the_selected_entries(density):
     for (n, p), sub in zip(params, subs):
         assert torch.allclose(p.detach()[masks[n]], sub.detach(), atol=1e-6), n
         assert torch.equal(p[~masks[n]], start[n][~masks[n]]), n
-    assert opt.state_bytes() < MaskedAdamW(toy_params(), masks).state_bytes()        # one moment, not two
+    assert opt.state_bytes() < MaskedAdamW(toy_params(), masks).state_bytes()  # one moment, not two
 
 
 def test_bf16_updates_below_resolution_accumulate_through_the_master_copy():
     p = torch.nn.Parameter(torch.ones(1000, dtype=torch.bfloat16))
     mask = {"p": torch.zeros(1000, dtype=torch.bool)}
     mask["p"][:5] = True
-    opt = MaskedAdamW([("p", p)], mask, lr=1e-4)       # each step moves 1e-4 < bf16 spacing at 1.0 (7.8e-3)
+    opt = MaskedAdamW([("p", p)], mask, lr=1e-4)  # each step moves 1e-4 < bf16 spacing at 1.0 (7.8e-3)
     naive = torch.ones(5, dtype=torch.bfloat16)
     for _ in range(200):
         p.grad = torch.ones(1000, dtype=torch.bfloat16)
         opt.step()
-        naive = naive - torch.tensor(1e-4, dtype=torch.bfloat16)          # rounded away each time
+        naive = naive - torch.tensor(1e-4, dtype=torch.bfloat16)  # rounded away each time
     assert torch.equal(naive, torch.ones(5, dtype=torch.bfloat16))
     assert float(p[0].detach()) < 0.985 and torch.equal(p[5:], torch.ones(995, dtype=torch.bfloat16))
 
@@ -145,6 +147,7 @@ def write_jsonl(path: Path, recs) -> Path:
 @pytest.fixture(scope="module")
 def rev_data(tmp_path_factory) -> Path:
     import random
+
     rng = random.Random(0)
     recs = []
     for _ in range(64):
@@ -153,17 +156,41 @@ def rev_data(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("data") / "rev.jsonl", recs)
 
 
-@pytest.mark.parametrize("optimizer", [["--optimizer", "adamw"], ["--optimizer", "sgd", "--momentum", "0.9", "--lr", "0.3"]])
+@pytest.mark.parametrize(
+    "optimizer", [["--optimizer", "adamw"], ["--optimizer", "sgd", "--momentum", "0.9", "--lr", "0.3"]]
+)
 def test_train_cli_really_trains_and_masked_entries_stay_bit_identical(tiny_base, rev_data, tmp_path, optimizer):
     params = load_file(tiny_base / "model.safetensors")
     g = torch.Generator().manual_seed(0)
     masks = {n: torch.rand(t.shape, generator=g) < 0.05 for n, t in params.items()}
     save_masks(tmp_path / "m.mask.safetensors", masks, {"criterion": "random"})
     out = tmp_path / "trained"
-    r = CliRunner().invoke(cli, ["train", "--model", str(tiny_base), "--data", str(rev_data), "--mask",
-                                 str(tmp_path / "m.mask.safetensors"), "--steps", "30", "--lr", "3e-3",
-                                 "--weight-decay", "0.1", "--eval-every", "10", "--eval-fraction", "0.2",
-                                 "-o", str(out), "--json", *optimizer])
+    r = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            "--model",
+            str(tiny_base),
+            "--data",
+            str(rev_data),
+            "--mask",
+            str(tmp_path / "m.mask.safetensors"),
+            "--steps",
+            "30",
+            "--lr",
+            "3e-3",
+            "--weight-decay",
+            "0.1",
+            "--eval-every",
+            "10",
+            "--eval-fraction",
+            "0.2",
+            "-o",
+            str(out),
+            "--json",
+            *optimizer,
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["settings"]["config"]["optimizer"] == optimizer[1]
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
@@ -174,16 +201,19 @@ def test_train_cli_really_trains_and_masked_entries_stay_bit_identical(tiny_base
     assert any(not torch.equal(after[n], params[n]) for n in params)
     assert not Path(f"{out}.work").exists()
     from transformers import AutoModelForCausalLM
+
     AutoModelForCausalLM.from_pretrained(out)
 
 
 def test_train_resumes_from_a_snapshot_to_the_same_weights(tiny_base, rev_data, tmp_path):
     from mergekit_sparse.training.staged import run_train
     from mergekit_sparse.training.trainer import TrainConfig
+
     cfg = TrainConfig(steps=12, lr=3e-3, batch_size=4, save_every=5, seed=3)
     run_train(str(tiny_base), str(rev_data), tmp_path / "straight", cfg=cfg)
     # interrupted run: a work folder with a step-5 snapshot, as the loop leaves it when killed at step 7
     import mergekit_sparse.training.trainer as T
+
     calls = {"n": 0}
     real = T.MaskedAdamW.step
 
@@ -192,6 +222,7 @@ def test_train_resumes_from_a_snapshot_to_the_same_weights(tiny_base, rev_data, 
         if calls["n"] == 8:
             raise KeyboardInterrupt
         return real(self, **kw)
+
     T.MaskedAdamW.step = dying_step
     try:
         with pytest.raises(KeyboardInterrupt):
@@ -210,15 +241,53 @@ def test_train_resumes_from_a_snapshot_to_the_same_weights(tiny_base, rev_data, 
 def test_retrain_freezes_earlier_cores_and_resumes_after_finished_stages(tiny_base, tiny_tasks, rev_data, tmp_path):
     cores = tmp_path / "cores"
     runner = CliRunner()
-    assert runner.invoke(cli, ["core", "--base", str(tiny_base), *map(str, tiny_tasks), "--p", "5",
-                               "-o", str(cores)]).exit_code == 0
+    assert (
+        runner.invoke(
+            cli, ["core", "--base", str(tiny_base), *map(str, tiny_tasks), "--p", "5", "-o", str(cores)]
+        ).exit_code
+        == 0
+    )
     groups = tmp_path / "groups.json"
-    r = runner.invoke(cli, ["overlap", *[str(cores / f"{t}.mask.safetensors") for t in ("math", "code", "chat")],
-                            "--tau", "0.2", "--order", "input", "-o", str(groups)])
+    r = runner.invoke(
+        cli,
+        [
+            "overlap",
+            *[str(cores / f"{t}.mask.safetensors") for t in ("math", "code", "chat")],
+            "--tau",
+            "0.2",
+            "--order",
+            "input",
+            "-o",
+            str(groups),
+        ],
+    )
     assert r.exit_code == 0, r.output
-    args = ["retrain", "--model", str(tiny_tasks[0]), "--groups", str(groups), "--masks", str(cores),
-            "--data", f"math={rev_data}", "--data", f"code={rev_data}", "--data", f"chat={rev_data}",
-            "--per-task", "8", "--steps", "4", "--batch-size", "4", "--lr", "1e-2", "-o", str(tmp_path / "rt"), "--json"]
+    args = [
+        "retrain",
+        "--model",
+        str(tiny_tasks[0]),
+        "--groups",
+        str(groups),
+        "--masks",
+        str(cores),
+        "--data",
+        f"math={rev_data}",
+        "--data",
+        f"code={rev_data}",
+        "--data",
+        f"chat={rev_data}",
+        "--per-task",
+        "8",
+        "--steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-2",
+        "-o",
+        str(tmp_path / "rt"),
+        "--json",
+    ]
     r = runner.invoke(cli, args)
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
@@ -226,17 +295,19 @@ def test_retrain_freezes_earlier_cores_and_resumes_after_finished_stages(tiny_ba
     s1 = load_file(tmp_path / "rt" / "stage-1" / "model.safetensors")
     s2 = load_file(tmp_path / "rt" / "stage-2" / "model.safetensors")
     from mergekit_sparse.storage.masks import MaskSet
+
     frozen = [MaskSet.load(cores / f"{t}.mask.safetensors") for t in ("math", "code")]
     moved = 0
     for n in s1:
         f = frozen[0].bool(n) | frozen[1].bool(n)
-        assert torch.equal(s2[n][f], s1[n][f]), n                      # earlier cores: bit-identical
+        assert torch.equal(s2[n][f], s1[n][f]), n  # earlier cores: bit-identical
         moved += int((s2[n][~f] != s1[n][~f]).sum())
     assert moved > 0 and doc["stages"][1]["frozen_bit_identical"] is True
     # rerun: both stages are skipped; removing stage-2 redoes only stage 2
     r = runner.invoke(cli, args)
     assert r.exit_code == 0 and all(s.get("skipped") for s in json.loads(r.stdout)["stages"])
     import shutil
+
     shutil.rmtree(tmp_path / "rt" / "stage-2")
     stages = json.loads(runner.invoke(cli, args).stdout)["stages"]
     assert stages[0].get("skipped") and not stages[1].get("skipped")
@@ -247,13 +318,43 @@ def test_torchrun_two_processes_match_one_process(tiny_base, rev_data, tmp_path)
     """2 CPU ranks (gloo) with the same global batch give the same weights as 1 process (float32 atol 1e-5)."""
     exe = Path(sys.executable).parent / "torchrun"
     cli_exe = Path(sys.executable).parent / "sparsemerge"
-    common = ["train", "--model", str(tiny_base), "--data", str(rev_data), "--steps", "6", "--batch-size", "8",
-              "--grad-accum", "2", "--lr", "3e-3", "--seed", "1"]
+    common = [
+        "train",
+        "--model",
+        str(tiny_base),
+        "--data",
+        str(rev_data),
+        "--steps",
+        "6",
+        "--batch-size",
+        "8",
+        "--grad-accum",
+        "2",
+        "--lr",
+        "3e-3",
+        "--seed",
+        "1",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([str(cli_exe), *common, "-o", str(tmp_path / "one")], capture_output=True, text=True, env=env)
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([str(exe), "--nproc-per-node", "2", "--master-port", "29533", str(cli_exe), *common,
-                          "-o", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=300)
+    two = subprocess.run(
+        [
+            str(exe),
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            "29533",
+            str(cli_exe),
+            *common,
+            "-o",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     a = load_file(tmp_path / "one" / "model.safetensors")
     b = load_file(tmp_path / "two" / "model.safetensors")

@@ -25,9 +25,11 @@ from mergekit_sparse.storage.checkpoint import Checkpoint  # noqa: E402
 def shares(base: Checkpoint, model: Checkpoint, percents=(1, 5, 10)) -> dict[int, tuple[float, float]]:
     d = torch.cat([(model.tensor(n).float() - base.tensor(n).float()).reshape(-1).abs() for n in base.names])
     s = torch.sort(d, descending=True).values
-    l1, l2 = float(s.sum()), float((s ** 2).sum())
-    return {q: (float(s[:int(s.numel() * q / 100)].sum()) / l1, float((s[:int(s.numel() * q / 100)] ** 2).sum()) / l2)
-            for q in percents}
+    l1, l2 = float(s.sum()), float((s**2).sum())
+    return {
+        q: (float(s[: int(s.numel() * q / 100)].sum()) / l1, float((s[: int(s.numel() * q / 100)] ** 2).sum()) / l2)
+        for q in percents
+    }
 
 
 def main() -> None:

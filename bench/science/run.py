@@ -34,14 +34,14 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from mergekit_sparse.builtin import builtin_model  # noqa: E402
+from mergekit_sparse.builtin.tasks import PRETRAIN_TASKS, jsonl, split  # noqa: E402
 from mergekit_sparse.evaluation.accuracy import evaluate  # noqa: E402
 from mergekit_sparse.evaluation.metrics import run_metrics, sequential  # noqa: E402
-from mergekit_sparse.builtin.tasks import PRETRAIN_TASKS, jsonl, split  # noqa: E402
 from mergekit_sparse.storage import atomic  # noqa: E402
 
 SINGLE = ("full", "gallop-1", "gallop-5", "saft-5", "random-5")
 STEPS, BATCH = 150, 16
-OPTIMIZER = {"optimizer": "adamw", "momentum": 0.9}     # every training of a run; set by --optimizer/--momentum
+OPTIMIZER = {"optimizer": "adamw", "momentum": 0.9}  # every training of a run; set by --optimizer/--momentum
 
 
 def data(out: Path, tasks, seed: int) -> tuple[dict, dict]:
@@ -62,12 +62,15 @@ def acc(model: Path, tests: dict, cache: Path) -> dict[str, float]:
     return res
 
 
-def train_run(model: Path, data_path: Path | list, out: Path, *, lr: float, seed: int, mask: Path | None = None) -> Path:
-    from mergekit_sparse.training.data import read_jsonl
+def train_run(
+    model: Path, data_path: Path | list, out: Path, *, lr: float, seed: int, mask: Path | None = None
+) -> Path:
     from mergekit_sparse.storage.masks import MaskSet
+    from mergekit_sparse.training.data import read_jsonl
     from mergekit_sparse.training.models import load_model
     from mergekit_sparse.training.staged import model_masks
     from mergekit_sparse.training.trainer import TrainConfig, train
+
     if (out / "model.safetensors").is_file():
         return out
     paths = data_path if isinstance(data_path, list) else [data_path]
@@ -80,10 +83,11 @@ def train_run(model: Path, data_path: Path | list, out: Path, *, lr: float, seed
 
 
 def mask_for(method: str, base: Path, train_path: Path, out: Path, seed: int) -> Path:
-    from mergekit_sparse.storage.checkpoint import Checkpoint
     from mergekit_sparse.analysis.gallop import select_sparse
-    from mergekit_sparse.training.gradients import compute_gradients
+    from mergekit_sparse.storage.checkpoint import Checkpoint
     from mergekit_sparse.storage.scope import align
+    from mergekit_sparse.training.gradients import compute_gradients
+
     crit, rho = method.split("-")
     grads = out / "grads.safetensors"
     if not grads.is_file():
@@ -95,16 +99,18 @@ def mask_for(method: str, base: Path, train_path: Path, out: Path, seed: int) ->
     return mask
 
 
-def cpi_ft(base: Path, probe_a: Path, probe_b: Path, trains: dict, a: str, b: str, out: Path, *, lr: float,
-           seed: int) -> Path:
-    from mergekit_sparse.storage.checkpoint import Checkpoint
+def cpi_ft(
+    base: Path, probe_a: Path, probe_b: Path, trains: dict, a: str, b: str, out: Path, *, lr: float, seed: int
+) -> Path:
     from mergekit_sparse.analysis.cores import compute_cores
-    from mergekit_sparse.fusion.driver import fuse
-    from mergekit_sparse.storage.masks import MaskSet
     from mergekit_sparse.analysis.overlap import compute_overlap, group_tasks, groups_document
+    from mergekit_sparse.fusion.driver import fuse
+    from mergekit_sparse.storage.checkpoint import Checkpoint
+    from mergekit_sparse.storage.masks import MaskSet
     from mergekit_sparse.storage.scope import align
     from mergekit_sparse.training.staged import retrain
     from mergekit_sparse.training.trainer import TrainConfig
+
     final = out / "retrained"
     if (final / "retrain.json").is_file():
         return Path(json.loads((final / "retrain.json").read_text())["final_model"])
@@ -115,13 +121,19 @@ def cpi_ft(base: Path, probe_a: Path, probe_b: Path, trains: dict, a: str, b: st
     masks = [MaskSet.load(out / "cores" / f"{t}.mask.safetensors") for t in (a, b)]
     res = compute_overlap(masks, [a, b])
     groups = group_tasks(res.matrix, [a, b], tau=0.1, order="input")
-    (out / "groups.json").write_text(json.dumps(groups_document(res, groups, tau=0.1, order="input", seed=0,
-                                                                settings={})))
+    (out / "groups.json").write_text(
+        json.dumps(groups_document(res, groups, tau=0.1, order="input", seed=0, settings={}))
+    )
     fuse(ck, [a, b], onto=ck[-1], onto_is_task=1, scope=scope, out=out / "fused", base=bk, masks=masks, force=True)
-    doc = retrain(str(out / "fused"), str(out / "groups.json"), str(out / "cores"), {t: str(trains[t]) for t in (a, b)},
-                  final, cfg=TrainConfig(steps=60, lr=lr / 3, batch_size=BATCH, warmup=5, seed=seed, max_len=48,
-                                         **OPTIMIZER),
-                  per_task=100)
+    doc = retrain(
+        str(out / "fused"),
+        str(out / "groups.json"),
+        str(out / "cores"),
+        {t: str(trains[t]) for t in (a, b)},
+        final,
+        cfg=TrainConfig(steps=60, lr=lr / 3, batch_size=BATCH, warmup=5, seed=seed, max_len=48, **OPTIMIZER),
+        per_task=100,
+    )
     return Path(doc["final_model"])
 
 
@@ -162,9 +174,13 @@ def main() -> None:
                 table = acc(model, tests, d / f"{method}.acc.json")
                 m = run_metrics(vanilla, table, trained)
                 rows.append({"method": method, "seed": seed, "lr": lr, **m, "accuracy": table, **(extra or {})})
-                print(f"[{time.time() - t0:6.0f}s] seed {seed} lr {lr:g} {method:<10} ID {m['id_accuracy']:.3f} "
-                      f"OOD {m['ood_accuracy']:.3f} forget {m['forget_ratio']}", flush=True)
+                print(
+                    f"[{time.time() - t0:6.0f}s] seed {seed} lr {lr:g} {method:<10} ID {m['id_accuracy']:.3f} "
+                    f"OOD {m['ood_accuracy']:.3f} forget {m['forget_ratio']}",
+                    flush=True,
+                )
                 return table
+
             full_a = train_run(base, trains[a], d / "full-A", lr=lr, seed=seed)
             acc_a = record("full", full_a, a)
             for method in SINGLE[1:]:
@@ -178,8 +194,9 @@ def main() -> None:
             final = cpi_ft(base, full_a, full_b, trains, a, b, d / "cpi", lr=lr, seed=seed)
             cpi_acc = acc(final, tests, d / "cpi-ft.acc.json")
             record("cpi-ft", final, [a, b], {"sequential": sequential(acc_a, cpi_acc, a, b)})
-    (args.out / "results.json").write_text(json.dumps({"a": a, "b": b, "suite": suite, **OPTIMIZER, "rows": rows},
-                                                      indent=2))
+    (args.out / "results.json").write_text(
+        json.dumps({"a": a, "b": b, "suite": suite, **OPTIMIZER, "rows": rows}, indent=2)
+    )
     print(summarise(rows, a, b))
     write_report(rows, args.out / "report.html")
 
@@ -194,20 +211,31 @@ def _ms(xs) -> str:
 def summarise(rows: list[dict], a: str, b: str) -> str:
     methods = list(dict.fromkeys(r["method"] for r in rows))
     lrs = sorted({r["lr"] for r in rows})
-    lines = [f"tasks: A = {a}, B = {b}; mean ± std over seeds {sorted({r['seed'] for r in rows})}", "",
-             "| method | lr | ID acc | OOD acc | forget ratio | collapse rate | ΔA | ΔB |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"tasks: A = {a}, B = {b}; mean ± std over seeds {sorted({r['seed'] for r in rows})}",
+        "",
+        "| method | lr | ID acc | OOD acc | forget ratio | collapse rate | ΔA | ΔB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for m in methods:
         for lr in lrs:
             rs = [r for r in rows if r["method"] == m and r["lr"] == lr]
             seq = [r.get("sequential") for r in rs if r.get("sequential")]
-            lines.append(f"| {m} | {lr:g} | {_ms(r['id_accuracy'] for r in rs)} | {_ms(r['ood_accuracy'] for r in rs)} | "
-                         f"{_ms(r['forget_ratio'] for r in rs)} | {_ms(r['collapse_rate'] for r in rs)} | "
-                         f"{_ms(s['delta_A'] for s in seq) if seq else ''} | {_ms(s['delta_B'] for s in seq) if seq else ''} |")
+            lines.append(
+                f"| {m} | {lr:g} | {_ms(r['id_accuracy'] for r in rs)} | {_ms(r['ood_accuracy'] for r in rs)} | "
+                f"{_ms(r['forget_ratio'] for r in rs)} | {_ms(r['collapse_rate'] for r in rs)} | "
+                f"{_ms(s['delta_A'] for s in seq) if seq else ''} | {_ms(s['delta_B'] for s in seq) if seq else ''} |"
+            )
     single = [r for r in rows if r["method"] in SINGLE]
     target = statistics.median(r["id_accuracy"] for r in single) if single else 0
-    lines += ["", f"Single-task methods at matched ID accuracy (the run of each method closest to the median "
-                  f"ID accuracy {target:.3f}, per seed, then averaged):", "",
-              "| method | ID acc | OOD acc | forget ratio | collapse rate |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"Single-task methods at matched ID accuracy (the run of each method closest to the median "
+        f"ID accuracy {target:.3f}, per seed, then averaged):",
+        "",
+        "| method | ID acc | OOD acc | forget ratio | collapse rate |",
+        "|---|---|---|---|---|",
+    ]
     for m in SINGLE:
         picks = []
         for seed in sorted({r["seed"] for r in rows}):
@@ -215,8 +243,10 @@ def summarise(rows: list[dict], a: str, b: str) -> str:
             if rs:
                 picks.append(min(rs, key=lambda r: abs(r["id_accuracy"] - target)))
         if picks:
-            lines.append(f"| {m} | {_ms(r['id_accuracy'] for r in picks)} | {_ms(r['ood_accuracy'] for r in picks)} | "
-                         f"{_ms(r['forget_ratio'] for r in picks)} | {_ms(r['collapse_rate'] for r in picks)} |")
+            lines.append(
+                f"| {m} | {_ms(r['id_accuracy'] for r in picks)} | {_ms(r['ood_accuracy'] for r in picks)} | "
+                f"{_ms(r['forget_ratio'] for r in picks)} | {_ms(r['collapse_rate'] for r in picks)} |"
+            )
     return "\n".join(lines)
 
 
@@ -224,19 +254,35 @@ def write_report(rows: list[dict], path: Path) -> None:
     import plotly.graph_objects as go
 
     from mergekit_sparse.reports.page import write_report as write
+
     fig = go.Figure()
     for i, m in enumerate(dict.fromkeys(r["method"] for r in rows)):
         rs = [r for r in rows if r["method"] == m]
         pts = [(r["id_accuracy"], r["ood_accuracy"]) for r in rs]
         color = ["#1f77b4", "#d62728", "#ff7f0e", "#2ca02c", "#7f7f7f", "#9467bd", "#8c564b", "#e377c2"][i % 8]
-        fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="markers", name=m,
-                                 marker={"color": color, "size": 8, "opacity": 0.6},
-                                 text=[f"{m} lr {r['lr']:g} seed {r['seed']}" for r in rs], hoverinfo="text+x+y"))
+        fig.add_trace(
+            go.Scatter(
+                x=[p[0] for p in pts],
+                y=[p[1] for p in pts],
+                mode="markers",
+                name=m,
+                marker={"color": color, "size": 8, "opacity": 0.6},
+                text=[f"{m} lr {r['lr']:g} seed {r['seed']}" for r in rs],
+                hoverinfo="text+x+y",
+            )
+        )
         front = pareto(pts)
-        fig.add_trace(go.Scatter(x=[p[0] for p in front], y=[p[1] for p in front], mode="lines", showlegend=False,
-                                 line={"color": color}))
-    fig.update_layout(title="ID accuracy vs OOD accuracy (up and right is better); lines: Pareto fronts",
-                      xaxis_title="ID accuracy", yaxis_title="OOD accuracy", height=600)
+        fig.add_trace(
+            go.Scatter(
+                x=[p[0] for p in front], y=[p[1] for p in front], mode="lines", showlegend=False, line={"color": color}
+            )
+        )
+    fig.update_layout(
+        title="ID accuracy vs OOD accuracy (up and right is better); lines: Pareto fronts",
+        xaxis_title="ID accuracy",
+        yaxis_title="OOD accuracy",
+        height=600,
+    )
     write(path, "bench/science: accuracy vs forgetting", [("Accuracy vs forgetting", "", fig)])
 
 

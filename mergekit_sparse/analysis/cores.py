@@ -18,15 +18,14 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..storage import dtypes
-from ..storage import atomic
-from ..storage.checkpoint import Checkpoint
-from ..storage.masks import MaskWriter, pack
-from .names import layer_key
-from ..storage.scope import Scope
+from ..selection.keys import hist_quantiles, key_histogram
 from ..selection.passes import Buffers, chunk_ranges, nonfinite_error, run_passes
 from ..selection.topk import make_selector
-from ..selection.keys import hist_quantiles, key_histogram
+from ..storage import atomic, dtypes
+from ..storage.checkpoint import Checkpoint
+from ..storage.masks import MaskWriter, pack
+from ..storage.scope import Scope
+from .names import layer_key
 
 
 def delta_chunks(base: Checkpoint, tasks: list[Checkpoint]):
@@ -36,7 +35,7 @@ def delta_chunks(base: Checkpoint, tasks: list[Checkpoint]):
     bufs = Buffers()
 
     def chunks(name: str, ranges, gather: bool = False):
-        if gather:                      # every range at once, concatenated (few ops for many sample blocks)
+        if gather:  # every range at once, concatenated (few ops for many sample blocks)
             w0 = _gather(base, name, ranges)
             out = []
             for t in tasks:
@@ -49,8 +48,9 @@ def delta_chunks(base: Checkpoint, tasks: list[Checkpoint]):
             out = []
             for i, t in enumerate(tasks):
                 d = t.float32(name, s, e, out=bufs.get(i + 1, e - s))
-                out.append(np.abs(np.subtract(d, w0, out=d), out=d))                  # (e - s,)
+                out.append(np.abs(np.subtract(d, w0, out=d), out=d))  # (e - s,)
             yield s, out
+
     return chunks
 
 
@@ -63,23 +63,40 @@ def _gather(ckpt: Checkpoint, name: str, ranges) -> np.ndarray:
         return dtypes.to_float32(raw[s:e], code)
     size = ranges[0][1] - ranges[0][0]
     starts = np.array([s for s, _ in ranges], dtype=np.int64)
-    if all(e - s == size for s, e in ranges) and not (starts % size).any():           # aligned blocks
-        picked = raw[:raw.size // size * size].reshape(-1, size)[starts // size]
+    if all(e - s == size for s, e in ranges) and not (starts % size).any():  # aligned blocks
+        picked = raw[: raw.size // size * size].reshape(-1, size)[starts // size]
     else:
         picked = np.concatenate([raw[s:e] for s, e in ranges])
     return dtypes.to_float32(picked.reshape(-1), code)
 
 
-def prepare_selectors(base: Checkpoint, tasks: list[Checkpoint], scope: Scope, *, percent: float,
-                      per_tensor: bool = False, progress: bool = False, desc: str = "core",
-                      sample_only: bool = False, selectors: list | None = None) -> list:
+def prepare_selectors(
+    base: Checkpoint,
+    tasks: list[Checkpoint],
+    scope: Scope,
+    *,
+    percent: float,
+    per_tensor: bool = False,
+    progress: bool = False,
+    desc: str = "core",
+    sample_only: bool = False,
+    selectors: list | None = None,
+) -> list:
     """Selectors that have seen every pass they need; `select(name, start, delta_chunk)` emits masks.
     With `sample_only` they stop before their first full pass (the caller then makes the count pass
     itself, as fusion does); passing those `selectors` back in finishes their remaining passes."""
     if selectors is None:
         selectors = [make_selector(percent, scope, per_tensor=per_tensor) for _ in tasks]
-    run_passes(selectors, scope, delta_chunks(base, tasks), sources=[[base, t] for t in tasks], progress=progress,
-               desc=desc, sample_only=sample_only, gathers=True)
+    run_passes(
+        selectors,
+        scope,
+        delta_chunks(base, tasks),
+        sources=[[base, t] for t in tasks],
+        progress=progress,
+        desc=desc,
+        sample_only=sample_only,
+        gathers=True,
+    )
     return selectors
 
 
@@ -99,35 +116,63 @@ class CoreSummary:
     full_passes: int = 1
 
     def to_json(self) -> dict:
-        return {"task": self.task, "source": self.source, "mask": self.mask_path, "selected": self.selected,
-                "total": self.total, "share": self.selected / self.total, "threshold": self.threshold,
-                "full_passes": self.full_passes,
-                "delta_quantiles": self.delta_quantiles, "per_layer_share": self.per_layer,
-                "per_tensor": self.per_tensor}
+        return {
+            "task": self.task,
+            "source": self.source,
+            "mask": self.mask_path,
+            "selected": self.selected,
+            "total": self.total,
+            "share": self.selected / self.total,
+            "threshold": self.threshold,
+            "full_passes": self.full_passes,
+            "delta_quantiles": self.delta_quantiles,
+            "per_layer_share": self.per_layer,
+            "per_tensor": self.per_tensor,
+        }
 
 
-def compute_cores(base: Checkpoint, tasks: list[Checkpoint], scope: Scope, *, percent: float,
-                  out_dir: Path, labels: list[str], per_tensor: bool = False, force: bool = False,
-                  progress: bool = False) -> list[CoreSummary]:
+def compute_cores(
+    base: Checkpoint,
+    tasks: list[Checkpoint],
+    scope: Scope,
+    *,
+    percent: float,
+    out_dir: Path,
+    labels: list[str],
+    per_tensor: bool = False,
+    force: bool = False,
+    progress: bool = False,
+) -> list[CoreSummary]:
     """Write `<label>.mask.safetensors` per task into `out_dir` and return their summaries."""
     selectors = [make_selector(percent, scope, per_tensor=per_tensor) for _ in tasks]
-    meta_common = {"criterion": "delta", "percent": percent, "scope": "per-tensor" if per_tensor else "global",
-                   "base": base.sources(), "total": scope.numel()}
+    meta_common = {
+        "criterion": "delta",
+        "percent": percent,
+        "scope": "per-tensor" if per_tensor else "global",
+        "base": base.sources(),
+        "total": scope.numel(),
+    }
 
     def open_writers():
-        return [MaskWriter(out_dir / f"{label}.mask.safetensors", scope.shapes,
-                           {**meta_common, "task": label, "selected": sel.k, "sources": [base.sources(), t.sources()]},
-                           force=force, inputs=[base.path, t.path])
-                for sel, t, label in zip(selectors, tasks, labels)]
+        return [
+            MaskWriter(
+                out_dir / f"{label}.mask.safetensors",
+                scope.shapes,
+                {**meta_common, "task": label, "selected": sel.k, "sources": [base.sources(), t.sources()]},
+                force=force,
+                inputs=[base.path, t.path],
+            )
+            for sel, t, label in zip(selectors, tasks, labels)
+        ]
 
-    counts = [dict() for _ in tasks]                       # name -> selected
+    counts = [dict() for _ in tasks]  # name -> selected
     hists = [np.zeros(1 << 16, dtype=np.int64) for _ in tasks]
     writers: list[MaskWriter] = []
     try:
         if per_tensor:
             writers = open_writers()
             for name in tqdm(scope.names, desc="core", disable=not progress, leave=False):
-                (_, deltas), = delta_chunks(base, tasks)(name, [(0, scope.numel(name))])
+                ((_, deltas),) = delta_chunks(base, tasks)(name, [(0, scope.numel(name))])
                 for i, (sel, d) in enumerate(zip(selectors, deltas)):
                     if not np.isfinite(d).all():
                         raise nonfinite_error(name, [base, tasks[i]])
@@ -139,22 +184,32 @@ def compute_cores(base: Checkpoint, tasks: list[Checkpoint], scope: Scope, *, pe
             writers = open_writers()
             pending: list[list[np.ndarray]] = [[] for _ in tasks]
 
-            def emit(i, name, start, sel, m, n):           # the count pass writes the sure bits
+            def emit(i, name, start, sel, m, n):  # the count pass writes the sure bits
                 pending[i].append(pack(sel.preliminary(m)))  # packs a copy: the mask is a scratch buffer
                 counts[i][name] = counts[i].get(name, 0) + len(sel.sure_positions())
                 if start + m == n:
                     writers[i].write_packed(name, np.concatenate(pending[i]))
                     pending[i] = []
-            run_passes(selectors, scope, delta_chunks(base, tasks), sources=[[base, t] for t in tasks],
-                       progress=progress, desc="core", emit=emit, gathers=True)
+
+            run_passes(
+                selectors,
+                scope,
+                delta_chunks(base, tasks),
+                sources=[[base, t] for t in tasks],
+                progress=progress,
+                desc="core",
+                emit=emit,
+                gathers=True,
+            )
             if all(sel.chosen() is not None for sel in selectors):
                 for i, sel in enumerate(selectors):
                     for name, pos in sel.chosen().items():
                         writers[i].set_bits(name, pos)
                         counts[i][name] += len(pos)
                     sel.selected = sel.k
-            else:                                          # a window missed (or p = 100): one selection pass
+            else:  # a window missed (or p = 100): one selection pass
                 import torch
+
                 for w in writers:
                     w.discard()
                 writers, counts = open_writers(), [dict() for _ in tasks]
@@ -188,13 +243,20 @@ def compute_cores(base: Checkpoint, tasks: list[Checkpoint], scope: Scope, *, pe
         per_layer = defaultdict(int)
         for name, c in counts[i].items():
             per_layer[layer_key(name)] += c
-        out.append(CoreSummary(
-            task=label, source=str(task.path), selected=total_sel, total=scope.numel(),
-            threshold=sel.threshold,
-            per_tensor={n: {"selected": counts[i].get(n, 0), "numel": scope.numel(n)} for n in scope.names},
-            per_layer={k: per_layer[k] / layer_sizes[k] for k in layer_sizes},
-            delta_quantiles=hist_quantiles(hists[i]), mask_path=str(out_dir / f"{label}.mask.safetensors"),
-            full_passes=sel.full_passes + (0 if sel.chosen() is not None else 1)))
+        out.append(
+            CoreSummary(
+                task=label,
+                source=str(task.path),
+                selected=total_sel,
+                total=scope.numel(),
+                threshold=sel.threshold,
+                per_tensor={n: {"selected": counts[i].get(n, 0), "numel": scope.numel(n)} for n in scope.names},
+                per_layer={k: per_layer[k] / layer_sizes[k] for k in layer_sizes},
+                delta_quantiles=hist_quantiles(hists[i]),
+                mask_path=str(out_dir / f"{label}.mask.safetensors"),
+                full_passes=sel.full_passes + (0 if sel.chosen() is not None else 1),
+            )
+        )
     return out
 
 

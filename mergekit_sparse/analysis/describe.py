@@ -10,11 +10,25 @@ def inspect_checkpoint(spec: str, *, base: str | None = None, allow_pickle: bool
     """A JSON-able description: tensors (shape, dtype, numel), totals, shards; with `base`, per-tensor
     relative delta norms ‖θ − θ_base‖ / ‖θ_base‖ over the aligned scope."""
     ck = Checkpoint.open(spec, allow_pickle=allow_pickle)
-    tensors = [{"name": i.name, "shape": list(i.shape), "dtype": str(i.dtype).removeprefix("torch."),
-                "numel": i.numel, "file": i.file.name} for i in ck.infos.values()]
-    report = {"path": str(ck.path), "tensors": tensors, "parameters": ck.numel, "bytes": ck.nbytes,
-              "shards": [f.name for f in ck.files], "header_sha256": ck.fingerprint(),
-              "has_config": bool(ck.folder and (ck.folder / "config.json").is_file())}
+    tensors = [
+        {
+            "name": i.name,
+            "shape": list(i.shape),
+            "dtype": str(i.dtype).removeprefix("torch."),
+            "numel": i.numel,
+            "file": i.file.name,
+        }
+        for i in ck.infos.values()
+    ]
+    report = {
+        "path": str(ck.path),
+        "tensors": tensors,
+        "parameters": ck.numel,
+        "bytes": ck.nbytes,
+        "shards": [f.name for f in ck.files],
+        "header_sha256": ck.fingerprint(),
+        "has_config": bool(ck.folder and (ck.folder / "config.json").is_file()),
+    }
     if base is not None:
         b = Checkpoint.open(base, allow_pickle=allow_pickle)
         scope = align([b, ck])
@@ -24,8 +38,7 @@ def inspect_checkpoint(spec: str, *, base: str | None = None, allow_pickle: bool
             w = ck.tensor(name).float()
             denom = float(w0.norm())
             rel[name] = float((w - w0).norm()) / denom if denom > 0 else float((w - w0).norm())
-        report["base"] = {"path": str(b.path), "aligned": True, "scope": scope.to_json(),
-                          "relative_delta_norm": rel}
+        report["base"] = {"path": str(b.path), "aligned": True, "scope": scope.to_json(), "relative_delta_norm": rel}
     return report
 
 
@@ -46,10 +59,14 @@ def render_inspect(report: dict) -> str:
         if t["name"] in rel:
             line += f"  {rel[t['name']]:.3g}"
         lines.append(line)
-    lines.append(f"{len(report['tensors'])} tensors, {report['parameters']:,} parameters, "
-                 f"{_fmt_bytes(report['bytes'])} in {len(report['shards'])} shard(s): {', '.join(report['shards'])}")
+    lines.append(
+        f"{len(report['tensors'])} tensors, {report['parameters']:,} parameters, "
+        f"{_fmt_bytes(report['bytes'])} in {len(report['shards'])} shard(s): {', '.join(report['shards'])}"
+    )
     if "base" in report:
         diffs = report["base"]["scope"]["dtype_differences"]
-        lines.append(f"aligned with {report['base']['path']}: {report['base']['scope']['tensors']} tensors in scope"
-                     + (f", {len(diffs)} with different dtypes" if diffs else ""))
+        lines.append(
+            f"aligned with {report['base']['path']}: {report['base']['scope']['tensors']} tensors in scope"
+            + (f", {len(diffs)} with different dtypes" if diffs else "")
+        )
     return "\n".join(lines)

@@ -24,14 +24,14 @@ from tqdm.auto import tqdm
 if TYPE_CHECKING:
     import torch
 
-from ..storage.checkpoint import Checkpoint
 from ..errors import NonFiniteError, OptionError
-from ..storage.masks import MaskWriter
-from .names import layer_key, module_of
-from ..storage.scope import Scope
+from ..selection.keys import hist_quantiles, key_histogram
 from ..selection.passes import chunk_ranges, run_passes
 from ..selection.topk import TopK, k_for
-from ..selection.keys import hist_quantiles, key_histogram
+from ..storage.checkpoint import Checkpoint
+from ..storage.masks import MaskWriter
+from ..storage.scope import Scope
+from .names import layer_key, module_of
 
 EPS = 1e-8
 CRITERIA = ("gallop", "saft", "pafi", "random")
@@ -41,14 +41,16 @@ def hash_uniform(name: str, seed: int, start: int, n: int) -> torch.Tensor:
     """Seeded U[0, 1) scores for flat positions start..start+n of tensor `name`: a hash of the
     position, so any slice of a tensor gets the same values whatever pass reads it."""
     import torch
+
     x = torch.arange(start, start + n, dtype=torch.int64) + (zlib.crc32(name.encode()) << 20) + seed * 0x9E3779B9
-    for mult in (0xBF58476D1CE4E5B9 - (1 << 64), 0x94D049BB133111EB - (1 << 64)):      # splitmix64 finaliser
+    for mult in (0xBF58476D1CE4E5B9 - (1 << 64), 0x94D049BB133111EB - (1 << 64)):  # splitmix64 finaliser
         x = (x ^ (x >> 31 & ((1 << 33) - 1))) * mult
     return ((x >> 40) & ((1 << 24) - 1)).float() / (1 << 24)
 
 
-def score(criterion: str, theta: torch.Tensor, grad: torch.Tensor, *, name: str = "", seed: int = 0,
-          start: int = 0) -> torch.Tensor:
+def score(
+    criterion: str, theta: torch.Tensor, grad: torch.Tensor, *, name: str = "", seed: int = 0, start: int = 0
+) -> torch.Tensor:
     """The selection score of every entry (float32, same shape as θ); `start` is the flat offset of a chunk."""
     if criterion == "gallop":
         return grad.abs() / (theta.abs() + EPS)
@@ -68,11 +70,11 @@ class SelectionSummary:
     selected: int
     total: int
     threshold: float
-    per_tensor: dict[str, float] = field(default_factory=dict)        # selected share
+    per_tensor: dict[str, float] = field(default_factory=dict)  # selected share
     per_layer: dict[str, float] = field(default_factory=dict)
     per_module: dict[str, float] = field(default_factory=dict)
     score_quantiles: dict[str, float] = field(default_factory=dict)
-    grad_quantiles: dict[str, dict] = field(default_factory=dict)     # selected / rest
+    grad_quantiles: dict[str, dict] = field(default_factory=dict)  # selected / rest
     theta_quantiles: dict[str, dict] = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -82,28 +84,44 @@ class SelectionSummary:
 @dataclass
 class GallopResult:
     summaries: dict[str, SelectionSummary]
-    jaccard: dict[str, float]                                         # "a~b" -> S between criteria masks
-    sample: dict[str, list] = field(default_factory=dict)             # log10|θ|, log10|g|, selected flags
+    jaccard: dict[str, float]  # "a~b" -> S between criteria masks
+    sample: dict[str, list] = field(default_factory=dict)  # log10|θ|, log10|g|, selected flags
 
     def to_json(self) -> dict:
-        return {"criteria": {k: v.to_json() for k, v in self.summaries.items()}, "jaccard": self.jaccard,
-                "sample_size": len(self.sample.get("log_theta", []))}
+        return {
+            "criteria": {k: v.to_json() for k, v in self.summaries.items()},
+            "jaccard": self.jaccard,
+            "sample_size": len(self.sample.get("log_theta", [])),
+        }
 
 
-STATS_STRIDE = 16          # the selected-vs-rest quantiles look at every 16th entry
+STATS_STRIDE = 16  # the selected-vs-rest quantiles look at every 16th entry
 
 
-def select_sparse(params: Checkpoint, grads: Checkpoint, scope: Scope, *, rho: float, criteria: list[str],
-                  main: str, out: Path | None, seed: int = 0, sample_size: int = 0, force: bool = False,
-                  progress: bool = False, sources: dict | None = None) -> GallopResult:
+def select_sparse(
+    params: Checkpoint,
+    grads: Checkpoint,
+    scope: Scope,
+    *,
+    rho: float,
+    criteria: list[str],
+    main: str,
+    out: Path | None,
+    seed: int = 0,
+    sample_size: int = 0,
+    force: bool = False,
+    progress: bool = False,
+    sources: dict | None = None,
+) -> GallopResult:
     """Select the top ρ % under each criterion; write the `main` criterion's mask to `out`.
 
     Passes over (θ, g): sampling + counting (see `selection`), then one selection pass.
     Scores are computed with torch (imported here: the analysis package itself never loads it).
     """
     import torch
+
     for c in criteria:
-        score(c, torch.zeros(1), torch.zeros(1))                      # validates the name
+        score(c, torch.zeros(1), torch.zeros(1))  # validates the name
     total = scope.numel()
     k = k_for(rho, total, what="rho")
     sels = [TopK(k, total) for _ in criteria]
@@ -115,18 +133,29 @@ def select_sparse(params: Checkpoint, grads: Checkpoint, scope: Scope, *, rho: f
             if not torch.isfinite(g).all():
                 raise NonFiniteError(f"tensor '{name}' in {grads.path} holds NaN/Inf gradients")
             yield s, [score(c, th, g, name=name, seed=seed, start=s) for c in criteria]
+
     run_passes(sels, scope, chunks, sources=[[params, grads]] * len(criteria), progress=progress, desc="gallop")
     writer = None
     if out is not None:
-        meta = {"criterion": main, "rho": rho, "percent": rho, "selected": k, "total": total,
-                "threshold": sels[criteria.index(main)].threshold, "seed": seed, "sources": sources or {}}
+        meta = {
+            "criterion": main,
+            "rho": rho,
+            "percent": rho,
+            "selected": k,
+            "total": total,
+            "threshold": sels[criteria.index(main)].threshold,
+            "seed": seed,
+            "sources": sources or {},
+        }
         writer = MaskWriter(out, scope.shapes, meta, force=force, inputs=[params.path, grads.path])
     counts = {c: defaultdict(int) for c in criteria}
     sizes_layer, sizes_module = defaultdict(int), defaultdict(int)
     per_tensor = {c: {} for c in criteria}
     inter = defaultdict(int)
-    hists = {c: {key: np.zeros(1 << 16, dtype=np.int64) for key in ("score", "g_sel", "g_rest", "t_sel", "t_rest")}
-             for c in criteria}
+    hists = {
+        c: {key: np.zeros(1 << 16, dtype=np.int64) for key in ("score", "g_sel", "g_rest", "t_sel", "t_rest")}
+        for c in criteria
+    }
     g_gen = torch.Generator().manual_seed(seed)
     sample = {"log_theta": [], "log_grad": [], **{c: [] for c in criteria}}
     try:
@@ -150,7 +179,7 @@ def select_sparse(params: Checkpoint, grads: Checkpoint, scope: Scope, *, rho: f
                     h["t_sel"] += key_histogram(ts[ms])
                     h["t_rest"] += key_histogram(ts[~ms])
                 for i, a in enumerate(criteria):
-                    for b in criteria[i + 1:]:
+                    for b in criteria[i + 1 :]:
                         inter[(a, b)] += int((masks[a] & masks[b]).sum())
                 if sample_size:
                     m_n = max(1, round(sample_size * (e - s) / total))
@@ -179,13 +208,18 @@ def select_sparse(params: Checkpoint, grads: Checkpoint, scope: Scope, *, rho: f
     for c, sel in zip(criteria, sels):
         h = hists[c]
         summaries[c] = SelectionSummary(
-            criterion=c, rho=rho, selected=sel.selected, total=total, threshold=sel.threshold,
+            criterion=c,
+            rho=rho,
+            selected=sel.selected,
+            total=total,
+            threshold=sel.threshold,
             per_tensor=per_tensor[c],
             per_layer={key: counts[c][("layer", key)] / n for key, n in sizes_layer.items()},
             per_module={key: counts[c][("module", key)] / n for key, n in sizes_module.items()},
             score_quantiles=hist_quantiles(h["score"]),
             grad_quantiles={"selected": hist_quantiles(h["g_sel"]), "rest": hist_quantiles(h["g_rest"])},
-            theta_quantiles={"selected": hist_quantiles(h["t_sel"]), "rest": hist_quantiles(h["t_rest"])})
+            theta_quantiles={"selected": hist_quantiles(h["t_sel"]), "rest": hist_quantiles(h["t_rest"])},
+        )
     jac = {f"{a}~{b}": v / (2 * k - v) if 2 * k - v else 0.0 for (a, b), v in inter.items()}
     return GallopResult(summaries, jac, sample if sample_size else {})
 
@@ -193,9 +227,12 @@ def select_sparse(params: Checkpoint, grads: Checkpoint, scope: Scope, *, rho: f
 def check_gradients_fit(params: Checkpoint, grads: Checkpoint) -> str | None:
     """A warning when the gradient file says it was computed at other parameters (None when it fits)."""
     from ..storage.checkpoint import read_header
+
     meta = read_header(grads.files[0])[1] if grads.files else {}
     recorded = meta.get("model_sha256")
     if recorded and recorded != (actual := params.content_sha256()):
-        return (f"warning: {grads.path} was computed at a model with sha256 {recorded[:12]}…, but "
-                f"{params.path} has sha256 {actual[:12]}…; the scores mix two models")
+        return (
+            f"warning: {grads.path} was computed at a model with sha256 {recorded[:12]}…, but "
+            f"{params.path} has sha256 {actual[:12]}…; the scores mix two models"
+        )
     return None

@@ -30,6 +30,7 @@ from .names import layer_key, module_of
 
 ORDERS = ("random", "input", "least-overlap")
 
+
 def popcount_and(a: np.ndarray, b: np.ndarray) -> int:
     return popcount(np.bitwise_and(a, b))
 
@@ -58,8 +59,11 @@ class Counts:
         self.total += numel
 
     def to_json(self, tasks: list[str]) -> dict:
-        return {"jaccard": jaccard_matrix(self.inter, np.diag(self.inter)).round(6).tolist(),
-                "sizes": np.diag(self.inter).tolist(), "numel": self.total}
+        return {
+            "jaccard": jaccard_matrix(self.inter, np.diag(self.inter)).round(6).tolist(),
+            "sizes": np.diag(self.inter).tolist(),
+            "numel": self.total,
+        }
 
 
 @dataclass
@@ -81,6 +85,7 @@ class OverlapResult:
     def chance(self) -> tuple[np.ndarray, np.ndarray]:
         """(chance Jaccard, p-value of the observed intersection) per pair."""
         from scipy.stats import hypergeom
+
         n, D, s = len(self.tasks), self.whole.total, self.sizes
         chance, pval = np.zeros((n, n)), np.ones((n, n))
         for i in range(n):
@@ -93,8 +98,10 @@ class OverlapResult:
 
     def layer_share(self) -> dict[str, dict[str, float]]:
         """task -> layer -> share of that layer's parameters in the task's core."""
-        return {t: {k: float(c.inter[i, i]) / c.total for k, c in self.per_layer.items() if c.total}
-                for i, t in enumerate(self.tasks)}
+        return {
+            t: {k: float(c.inter[i, i]) / c.total for k, c in self.per_layer.items() if c.total}
+            for i, t in enumerate(self.tasks)
+        }
 
 
 def compute_overlap(masks: list[MaskSet], labels: list[str]) -> OverlapResult:
@@ -120,13 +127,16 @@ def compute_overlap(masks: list[MaskSet], labels: list[str]) -> OverlapResult:
         result.per_tensor[name] = Counts(inter, numel)
         layers[layer_key(name)].add(inter, numel)
         modules[module_of(name)].add(inter, numel)
-    result.per_layer = dict(sorted(layers.items(), key=lambda kv: (kv[0] == "other", int(kv[0]) if kv[0].isdigit() else 0)))
+    result.per_layer = dict(
+        sorted(layers.items(), key=lambda kv: (kv[0] == "other", int(kv[0]) if kv[0].isdigit() else 0))
+    )
     result.per_module = dict(sorted(modules.items()))
     return result
 
 
-def group_tasks(matrix: np.ndarray, tasks: list[str], *, tau: float, order: str = "random",
-                seed: int = 0) -> list[list[str]]:
+def group_tasks(
+    matrix: np.ndarray, tasks: list[str], *, tau: float, order: str = "random", seed: int = 0
+) -> list[list[str]]:
     """Connected components of the graph with an edge where S ≥ τ (i ≠ j), in stage order."""
     if not 0 <= tau <= 1:
         raise OptionError(f"--tau {tau} is out of range; give a Jaccard threshold in [0, 1]")
@@ -135,14 +145,16 @@ def group_tasks(matrix: np.ndarray, tasks: list[str], *, tau: float, order: str 
     g = task_graph(matrix, tasks, tau)
     position = {t: i for i, t in enumerate(tasks)}
     groups = [sorted(c, key=position.get) for c in nx.connected_components(g)]
-    groups.sort(key=lambda grp: position[grp[0]])                      # input order
+    groups.sort(key=lambda grp: position[grp[0]])  # input order
     if order == "random":
         random.Random(seed).shuffle(groups)
     elif order == "least-overlap":
+
         def outside(grp):
             idx = [position[t] for t in grp]
             rest = [i for i in range(len(tasks)) if i not in idx]
             return float(matrix[np.ix_(idx, rest)].mean()) if rest else 0.0
+
         groups.sort(key=lambda grp: (outside(grp), position[grp[0]]))
     return groups
 
@@ -164,16 +176,23 @@ def tau_sweep(matrix: np.ndarray, tasks: list[str]) -> list[tuple[float, int]]:
     return [(t, nx.number_connected_components(task_graph(matrix, tasks, t))) for t in sorted(set(taus))]
 
 
-def groups_document(result: OverlapResult, groups: list[list[str]], *, tau: float, order: str, seed: int,
-                    settings: dict) -> dict:
+def groups_document(
+    result: OverlapResult, groups: list[list[str]], *, tau: float, order: str, seed: int, settings: dict
+) -> dict:
     """The groups.json document: tasks, τ, matrix, chance level, breakdowns, groups in stage order."""
     chance, pval = result.chance()
     tasks = result.tasks
     return {
-        "tasks": tasks, "tau": tau, "order": order, "seed": seed,
-        "matrix": result.matrix.round(6).tolist(), "sizes": result.sizes.tolist(), "numel": result.whole.total,
+        "tasks": tasks,
+        "tau": tau,
+        "order": order,
+        "seed": seed,
+        "matrix": result.matrix.round(6).tolist(),
+        "sizes": result.sizes.tolist(),
+        "numel": result.whole.total,
         "intersections": result.whole.inter.tolist(),
-        "chance": chance.round(6).tolist(), "p_values": pval.tolist(),
+        "chance": chance.round(6).tolist(),
+        "p_values": pval.tolist(),
         "groups": groups,
         "per_layer": {k: c.to_json(tasks) for k, c in result.per_layer.items()},
         "per_module": {k: c.to_json(tasks) for k, c in result.per_module.items()},
@@ -190,6 +209,7 @@ def load_groups(path) -> dict:
     from pathlib import Path
 
     from ..errors import DataError
+
     try:
         doc = json.loads(Path(path).read_text())
         tasks, groups = doc["tasks"], doc["groups"]

@@ -19,6 +19,8 @@ ARCH = {"hidden": 128, "layers": 6, "heads": 4, "kv_heads": 2, "intermediate": 2
 def builtin_model() -> Path:
     """The shipped checkpoint folder."""
     if not (ASSET / "model.safetensors").is_file():
-        raise CheckpointError(f"the built-in model is missing from {ASSET}; reinstall mergekit-sparse or "
-                              "regenerate it with `python -m mergekit_sparse.builtin`")
+        raise CheckpointError(
+            f"the built-in model is missing from {ASSET}; reinstall mergekit-sparse or "
+            "regenerate it with `python -m mergekit_sparse.builtin`"
+        )
     return ASSET

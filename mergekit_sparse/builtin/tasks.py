@@ -11,7 +11,7 @@ import json
 import random
 
 LETTERS = "abcdefgh"
-MAPPING = dict(zip(LETTERS, "hgfedcba"))          # the fixed letter map of the `map` task
+MAPPING = dict(zip(LETTERS, "hgfedcba"))  # the fixed letter map of the `map` task
 
 
 def _word(rng: random.Random, lo: int = 3, hi: int = 5, alphabet: str = LETTERS) -> str:

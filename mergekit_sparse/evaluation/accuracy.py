@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..training.data import read_jsonl
 from ..errors import OptionError
+from ..training.data import read_jsonl
 
 
 def normalise(text: str, *, strip: bool = True, case: bool = True) -> str:
@@ -21,28 +21,49 @@ def normalise(text: str, *, strip: bool = True, case: bool = True) -> str:
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int = 16,
-                     progress: bool = False) -> list[str]:
+def generate_answers(
+    model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int = 16, progress: bool = False
+) -> list[str]:
     """Greedy continuations of `prompts` (special tokens dropped), batched with left padding."""
     model.eval()
     tokenizer.padding_side = "left"
     out = []
     for i in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress, leave=False):
-        enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=True)
-        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        new = gen[:, enc["input_ids"].shape[1]:]                                # (B, new)
+        enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=True)
+        gen = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        new = gen[:, enc["input_ids"].shape[1] :]  # (B, new)
         out += tokenizer.batch_decode(new, skip_special_tokens=True)
     return out
 
 
-def exact_match(model, tokenizer, records: list[dict], *, batch_size: int = 16, max_new_tokens: int | None = None,
-                strip: bool = True, case: bool = True, progress: bool = False) -> dict:
+def exact_match(
+    model,
+    tokenizer,
+    records: list[dict],
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int | None = None,
+    strip: bool = True,
+    case: bool = True,
+    progress: bool = False,
+) -> dict:
     """{accuracy, n, correct, empty, outputs}; `empty` counts answers that are empty (EOS only)."""
     if max_new_tokens is None:
         max_new_tokens = max(len(tokenizer(r["response"], add_special_tokens=False)["input_ids"]) for r in records) + 2
-    preds = generate_answers(model, tokenizer, [r["prompt"] for r in records], max_new_tokens=max_new_tokens,
-                             batch_size=batch_size, progress=progress)
+    preds = generate_answers(
+        model,
+        tokenizer,
+        [r["prompt"] for r in records],
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        progress=progress,
+    )
     outputs, correct, empty = [], 0, 0
     for r, p in zip(records, preds):
         # the answer ends at the first newline: a model may keep talking after it
@@ -51,8 +72,13 @@ def exact_match(model, tokenizer, records: list[dict], *, batch_size: int = 16, 
         correct += ok
         empty += not answer.strip()
         outputs.append({"prompt": r["prompt"], "target": r["response"], "output": p, "correct": bool(ok)})
-    return {"accuracy": correct / len(records), "n": len(records), "correct": correct, "empty": empty,
-            "outputs": outputs}
+    return {
+        "accuracy": correct / len(records),
+        "n": len(records),
+        "correct": correct,
+        "empty": empty,
+        "outputs": outputs,
+    }
 
 
 @torch.no_grad()
@@ -65,12 +91,12 @@ def choice_loglik(model, tokenizer, prompt: str, choices: list[str]) -> list[flo
     ids = torch.full((len(seqs), T), tokenizer.pad_token_id, dtype=torch.long)
     attn = torch.zeros_like(ids)
     for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        attn[i, :len(s)] = 1
-    logp = torch.log_softmax(model(input_ids=ids, attention_mask=attn).logits.float(), -1)   # (C, T, V)
+        ids[i, : len(s)] = torch.tensor(s)
+        attn[i, : len(s)] = 1
+    logp = torch.log_softmax(model(input_ids=ids, attention_mask=attn).logits.float(), -1)  # (C, T, V)
     for i, s in enumerate(seqs):
-        tgt = torch.tensor(s[len(p):])
-        scores.append(float(logp[i, len(p) - 1:len(s) - 1].gather(-1, tgt[:, None]).sum()))
+        tgt = torch.tensor(s[len(p) :])
+        scores.append(float(logp[i, len(p) - 1 : len(s) - 1].gather(-1, tgt[:, None]).sum()))
     return scores
 
 
@@ -92,28 +118,45 @@ def task_kind(path: Path) -> str:
                 try:
                     return "choice" if "choices" in json.loads(line) else "generate"
                 except ValueError:
-                    return "generate"                       # read_jsonl reports the bad line
+                    return "generate"  # read_jsonl reports the bad line
     return "generate"
 
 
-def evaluate(model_dir: str, tasks: dict[str, str], *, batch_size: int = 16, limit: int | None = None,
-             strip: bool = True, case: bool = True, max_new_tokens: int | None = None,
-             progress: bool = False) -> dict:
+def evaluate(
+    model_dir: str,
+    tasks: dict[str, str],
+    *,
+    batch_size: int = 16,
+    limit: int | None = None,
+    strip: bool = True,
+    case: bool = True,
+    max_new_tokens: int | None = None,
+    progress: bool = False,
+) -> dict:
     """The accuracy table of one model on several tasks: {model, tasks: {name: {...}}}."""
     from ..training.models import load_model
+
     if limit is not None and limit < 1:
         raise OptionError(f"--limit {limit} must be at least 1")
     data = {}
     for name, path in tasks.items():
         kind = task_kind(Path(path))
-        data[name] = (kind, read_jsonl(path, kind=kind)[:limit])          # validate every file before the model
+        data[name] = (kind, read_jsonl(path, kind=kind)[:limit])  # validate every file before the model
     model, tok = load_model(model_dir, dtype=torch.float32)
     out = {"model": str(model_dir), "tasks": {}}
     for name, (kind, recs) in data.items():
         if kind == "choice":
             res = choice_accuracy(model, tok, recs, progress=progress)
         else:
-            res = exact_match(model, tok, recs, batch_size=batch_size, strip=strip, case=case,
-                              max_new_tokens=max_new_tokens, progress=progress)
+            res = exact_match(
+                model,
+                tok,
+                recs,
+                batch_size=batch_size,
+                strip=strip,
+                case=case,
+                max_new_tokens=max_new_tokens,
+                progress=progress,
+            )
         out["tasks"][name] = res | {"kind": kind, "data": str(tasks[name])}
     return out

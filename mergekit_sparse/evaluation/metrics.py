@@ -12,8 +12,15 @@ from pathlib import Path
 
 from ..errors import DataError, OptionError
 
-LM_EVAL_DEFAULT_METRICS = ("acc,none", "exact_match,none", "exact_match,strict-match", "acc_norm,none",
-                           "exact_match,flexible-extract", "acc", "exact_match")
+LM_EVAL_DEFAULT_METRICS = (
+    "acc,none",
+    "exact_match,none",
+    "exact_match,strict-match",
+    "acc_norm,none",
+    "exact_match,flexible-extract",
+    "acc",
+    "exact_match",
+)
 
 
 def ood_tasks(table: dict[str, float], trained: str | list[str]) -> list[str]:
@@ -64,10 +71,16 @@ def run_metrics(vanilla: dict[str, float], run: dict[str, float], trained: str |
     fr = forget_ratio(vanilla, run, trained)
     rate, count = collapse({t: run[t] for t in vanilla}, trained)
     ood = ood_tasks(vanilla, trained)
-    out = {"trained": trained, "id_accuracy": mean(run[t] for t in trained_list),
-           "ood_accuracy": mean(run[t] for t in ood),
-           "vanilla_ood_accuracy": mean(vanilla[t] for t in ood), "forget_ratio": fr,
-           "collapse_rate": rate, "collapse_count": count, "ood_tasks": len(ood)}
+    out = {
+        "trained": trained,
+        "id_accuracy": mean(run[t] for t in trained_list),
+        "ood_accuracy": mean(run[t] for t in ood),
+        "vanilla_ood_accuracy": mean(vanilla[t] for t in ood),
+        "forget_ratio": fr,
+        "collapse_rate": rate,
+        "collapse_count": count,
+        "ood_tasks": len(ood),
+    }
     if fr is None:
         out["warning"] = "forget ratio undefined: the vanilla model's OOD accuracy is 0"
     return out
@@ -84,21 +97,25 @@ def load_accuracy_table(path: str | Path, *, metric: dict[str, str] | str | None
         doc = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: cannot read an accuracy table ({type(e).__name__})") from None
-    if isinstance(doc, dict) and isinstance(doc.get("tasks"), dict):                  # ours
+    if isinstance(doc, dict) and isinstance(doc.get("tasks"), dict):  # ours
         table = {t: v["accuracy"] if isinstance(v, dict) else v for t, v in doc["tasks"].items()}
-    elif isinstance(doc, dict) and isinstance(doc.get("results"), dict):              # lm-eval
+    elif isinstance(doc, dict) and isinstance(doc.get("results"), dict):  # lm-eval
         table = {}
         for task, res in doc["results"].items():
             want = metric.get(task) if isinstance(metric, dict) else metric
             keys = [want] if want else [k for k in LM_EVAL_DEFAULT_METRICS if k in res]
             if not keys or keys[0] not in res:
                 have = ", ".join(k for k in res if not k.endswith("_stderr") and "stderr" not in k and k != "alias")
-                raise DataError(f"{path}: task '{task}' has no metric {want or 'of ' + '/'.join(LM_EVAL_DEFAULT_METRICS)}"
-                                f"; it has: {have}. Choose one with --metric {task}=NAME")
+                raise DataError(
+                    f"{path}: task '{task}' has no metric {want or 'of ' + '/'.join(LM_EVAL_DEFAULT_METRICS)}"
+                    f"; it has: {have}. Choose one with --metric {task}=NAME"
+                )
             table[task] = res[keys[0]]
     else:
-        raise DataError(f"{path}: not an accuracy table (expected `sparsemerge eval` output with 'tasks', "
-                        "or an lm-evaluation-harness results file with 'results')")
+        raise DataError(
+            f"{path}: not an accuracy table (expected `sparsemerge eval` output with 'tasks', "
+            "or an lm-evaluation-harness results file with 'results')"
+        )
     for t, v in table.items():
         if not isinstance(v, (int, float)) or not 0 <= v <= 1:
             raise DataError(f"{path}: accuracy of '{t}' is {v!r}; expected a number in [0, 1]")

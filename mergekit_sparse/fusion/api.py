@@ -43,12 +43,28 @@ def _weights(omega: float | None, weights, n_models: int, onto_idx: int | None) 
     return w
 
 
-def fuse_checkpoints(tasks: list[str], *, out: str | Path | None = None, base: str | None = None,
-                     percent: float = 1.0, per_tensor: bool = False, masks: list[str] = (),
-                     omega: float | None = None, weights=None, conflict: str = "max-delta",
-                     onto: str | None = None, dtype: str | None = None, shard_size: str | None = None,
-                     check: bool = True, include=(), exclude=(), labels: list[str] | None = None,
-                     allow_pickle: bool = False, force: bool = False, progress: bool = False) -> dict:
+def fuse_checkpoints(
+    tasks: list[str],
+    *,
+    out: str | Path | None = None,
+    base: str | None = None,
+    percent: float = 1.0,
+    per_tensor: bool = False,
+    masks: list[str] = (),
+    omega: float | None = None,
+    weights=None,
+    conflict: str = "max-delta",
+    onto: str | None = None,
+    dtype: str | None = None,
+    shard_size: str | None = None,
+    check: bool = True,
+    include=(),
+    exclude=(),
+    labels: list[str] | None = None,
+    allow_pickle: bool = False,
+    force: bool = False,
+    progress: bool = False,
+) -> dict:
     """Fuse the task checkpoints (SLERP of whole tensors, then every task's core written back).
 
     Cores come from `masks` (one mask file per task) or from `base` and `percent` (computed on the
@@ -57,8 +73,10 @@ def fuse_checkpoints(tasks: list[str], *, out: str | Path | None = None, base: s
     shorthand SLERP(θ_b, θ_a, ω). Returns {"output", "settings", "counts", "checked"}.
     """
     if not base and not masks:
-        raise OptionError("fuse needs core regions: give --base BASE (cores = top --p % of |Δ|) or --masks "
-                          "M1 M2 ... from `sparsemerge core`")
+        raise OptionError(
+            "fuse needs core regions: give --base BASE (cores = top --p % of |Δ|) or --masks "
+            "M1 M2 ... from `sparsemerge core`"
+        )
     if conflict not in POLICIES:
         raise OptionError(f"--conflict {conflict!r} is not one of {', '.join(POLICIES)}")
     if not masks and not (isinstance(percent, (int, float)) and math.isfinite(percent) and 0 < percent <= 100):
@@ -87,15 +105,39 @@ def fuse_checkpoints(tasks: list[str], *, out: str | Path | None = None, base: s
     out = Path(out) if out else Path("fused" if folder else "fused.safetensors")
     if not folder and out.suffix != ".safetensors":
         raise OptionError(f"output {out} should end in .safetensors (the fusion base is a single file)")
-    settings = {"tasks": [c.sources() for c in task_cks], "base": base_ck.sources() if base_ck else None,
-                "onto": onto_ck.sources(), "p": None if masks else percent,
-                "core_scope": "per-tensor" if per_tensor else "global", "masks": [str(m) for m in masks],
-                "weights": w, "omega": omega, "conflict": conflict, "dtype": dtype, "include": list(include),
-                "exclude": list(exclude), "scope": scope.to_json()}
-    report = fuse(task_cks, labels, onto=onto_ck, onto_is_task=onto_idx, scope=scope, out=out, base=base_ck,
-                  masks=mask_sets, percent=percent, per_tensor=per_tensor, weights=w, conflict=conflict,
-                  dtype=dtypes.code_of(dtype) if dtype else None,
-                  shard_bytes=parse_size(shard_size) if shard_size else None, force=force, progress=progress,
-                  check=check, settings=settings)
-    return {"output": str(out), "settings": settings, "counts": report.to_json(),
-            "checked": bool(check and folder)}
+    settings = {
+        "tasks": [c.sources() for c in task_cks],
+        "base": base_ck.sources() if base_ck else None,
+        "onto": onto_ck.sources(),
+        "p": None if masks else percent,
+        "core_scope": "per-tensor" if per_tensor else "global",
+        "masks": [str(m) for m in masks],
+        "weights": w,
+        "omega": omega,
+        "conflict": conflict,
+        "dtype": dtype,
+        "include": list(include),
+        "exclude": list(exclude),
+        "scope": scope.to_json(),
+    }
+    report = fuse(
+        task_cks,
+        labels,
+        onto=onto_ck,
+        onto_is_task=onto_idx,
+        scope=scope,
+        out=out,
+        base=base_ck,
+        masks=mask_sets,
+        percent=percent,
+        per_tensor=per_tensor,
+        weights=w,
+        conflict=conflict,
+        dtype=dtypes.code_of(dtype) if dtype else None,
+        shard_bytes=parse_size(shard_size) if shard_size else None,
+        force=force,
+        progress=progress,
+        check=check,
+        settings=settings,
+    )
+    return {"output": str(out), "settings": settings, "counts": report.to_json(), "checked": bool(check and folder)}

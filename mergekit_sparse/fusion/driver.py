@@ -37,16 +37,17 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..storage import atomic, dtypes
-from ..storage.checkpoint import Checkpoint
 from ..analysis.cores import prepare_selectors
 from ..errors import NonFiniteError, OptionError
-from ..storage.masks import MaskSet
-from ..storage.scope import Scope
-from .maths import POLICIES, CoreScratch, fold_coefficients, fold_weights, resolve_cores
 from ..selection.passes import Buffers, Pass, chunk_ranges, nonfinite_error
 from ..selection.topk import PerTensorTopK
+from ..storage import atomic, dtypes
+from ..storage.checkpoint import Checkpoint
+from ..storage.masks import MaskSet
+from ..storage.scope import Scope
 from ..storage.writer import CheckpointWriter, check_output
+from .maths import POLICIES, CoreScratch, fold_coefficients, fold_weights, resolve_cores
+
 
 @dataclass
 class FuseReport:
@@ -61,18 +62,34 @@ class FuseReport:
     core_positions: int = 0
     linear_tensors: list[str] = field(default_factory=list)
     copied_tensors: list[str] = field(default_factory=list)
-    full_passes: int = 1                    # over the inputs; the sampling pass (~2 %) aside
+    full_passes: int = 1  # over the inputs; the sampling pass (~2 %) aside
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
 
 
-def fuse(tasks: list[Checkpoint], labels: list[str], *, onto: Checkpoint, onto_is_task: int | None,
-         scope: Scope, out: Path, base: Checkpoint | None = None, masks: list[MaskSet] | None = None,
-         percent: float | None = None, per_tensor: bool = False, weights: list[float] | None = None,
-         conflict: str = "max-delta", dtype=None, shard_bytes: int | None = None,
-         force: bool = False, metadata: dict[str, str] | None = None, progress: bool = False,
-         check: bool = False, settings: dict | None = None) -> FuseReport:
+def fuse(
+    tasks: list[Checkpoint],
+    labels: list[str],
+    *,
+    onto: Checkpoint,
+    onto_is_task: int | None,
+    scope: Scope,
+    out: Path,
+    base: Checkpoint | None = None,
+    masks: list[MaskSet] | None = None,
+    percent: float | None = None,
+    per_tensor: bool = False,
+    weights: list[float] | None = None,
+    conflict: str = "max-delta",
+    dtype=None,
+    shard_bytes: int | None = None,
+    force: bool = False,
+    metadata: dict[str, str] | None = None,
+    progress: bool = False,
+    check: bool = False,
+    settings: dict | None = None,
+) -> FuseReport:
     """Fuse `tasks` onto `onto` and stream the result to `out` (file or HF folder, like `onto`).
 
     `onto_is_task` is the index of `onto` in `tasks` when the fusion base is a task model.
@@ -85,16 +102,21 @@ def fuse(tasks: list[Checkpoint], labels: list[str], *, onto: Checkpoint, onto_i
     if conflict not in POLICIES:
         raise OptionError(f"--conflict {conflict!r} is not one of {', '.join(POLICIES)}")
     if conflict == "max-delta" and base is None:
-        raise OptionError("--conflict max-delta needs the pretrained model to measure |Δ|: give --base BASE, "
-                          "or choose --conflict last or --conflict mean")
+        raise OptionError(
+            "--conflict max-delta needs the pretrained model to measure |Δ|: give --base BASE, "
+            "or choose --conflict last or --conflict mean"
+        )
     inputs = [c.path for c in tasks] + [onto.path] + ([base.path] if base else [])
-    check_output(out, inputs, force=force)                # fail before any pass, not after
+    check_output(out, inputs, force=force)  # fail before any pass, not after
     others = [i for i in range(len(tasks)) if i != onto_is_task]
     n_w = len(tasks) + (0 if onto_is_task is not None else 1)
     weights = list(weights) if weights else [1.0] * n_w
     if len(weights) != n_w or any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise OptionError(f"--weights needs {n_w} non-negative numbers (one per task"
-                          + ("" if onto_is_task is not None else ", then one for --onto") + f"), got {weights}")
+        raise OptionError(
+            f"--weights needs {n_w} non-negative numbers (one per task"
+            + ("" if onto_is_task is not None else ", then one for --onto")
+            + f"), got {weights}"
+        )
     w_onto = weights[onto_is_task] if onto_is_task is not None else weights[-1]
     t_values = fold_weights([w_onto] + [weights[i] for i in others])
     selectors = None
@@ -102,16 +124,20 @@ def fuse(tasks: list[Checkpoint], labels: list[str], *, onto: Checkpoint, onto_i
         for m, label in zip(masks, labels):
             m.check_fits(scope.shapes, f"the models being fused (task {label})")
     else:
-        selectors = prepare_selectors(base, tasks, scope, percent=percent, per_tensor=per_tensor,
-                                      progress=progress, desc="fuse", sample_only=True)
+        selectors = prepare_selectors(
+            base, tasks, scope, percent=percent, per_tensor=per_tensor, progress=progress, desc="fuse", sample_only=True
+        )
     job = _Fusion(tasks, labels, others, onto, base, t_values, conflict, masks, selectors)
     # tensors in sorted name order, the scope's order: selections break ties by (name, position) as they scan
     dtype = dtypes.code_of(dtype) if dtype is not None else None
-    plan = [(n, dtype if (dtype is not None and i.is_float) else i.code, i.shape) for n, i in sorted(onto.infos.items())]
+    plan = [
+        (n, dtype if (dtype is not None and i.is_float) else i.code, i.shape) for n, i in sorted(onto.infos.items())
+    ]
     folder = onto.folder is not None
     validate = None
     if check and folder:
         from ..evaluation.sanity import check_model_folder
+
         validate = check_model_folder
 
     def write(counting: bool) -> FuseReport:
@@ -119,9 +145,19 @@ def fuse(tasks: list[Checkpoint], labels: list[str], *, onto: Checkpoint, onto_i
         # tensors are independent when cores come from mask files or the counting pass (a selection's
         # later passes are not: they take ties in scan order), so several workers may fuse at once
         workers = fusion_workers() if counting or masks is not None else 1
-        with CheckpointWriter(out, plan, folder=folder, shard_bytes=shard_bytes, metadata=metadata,
-                              reference=onto.folder, inputs=inputs, force=force, config_dtype=dtype,
-                              validate=validate, any_order=workers > 1) as writer:
+        with CheckpointWriter(
+            out,
+            plan,
+            folder=folder,
+            shard_bytes=shard_bytes,
+            metadata=metadata,
+            reference=onto.folder,
+            inputs=inputs,
+            force=force,
+            config_dtype=dtype,
+            validate=validate,
+            any_order=workers > 1,
+        ) as writer:
             job.run(writer, plan, scope, workers=workers, progress=progress)
             if counting:
                 job.finish_counting(writer, {n: d for n, d, _ in plan})
@@ -137,9 +173,8 @@ def fuse(tasks: list[Checkpoint], labels: list[str], *, onto: Checkpoint, onto_i
     if selectors is not None and all(s.wants() is Pass.COUNT for s in selectors):
         try:
             return write(counting=True)
-        except _WindowMissed:                   # rare: finish the selection, then fuse in a second pass
-            prepare_selectors(base, tasks, scope, percent=percent, progress=progress, desc="fuse",
-                              selectors=selectors)
+        except _WindowMissed:  # rare: finish the selection, then fuse in a second pass
+            prepare_selectors(base, tasks, scope, percent=percent, progress=progress, desc="fuse", selectors=selectors)
     elif selectors is not None:
         prepare_selectors(base, tasks, scope, percent=percent, progress=progress, desc="fuse", selectors=selectors)
     return write(counting=False)
@@ -156,7 +191,7 @@ def _union(sets: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
     first = np.empty(len(srt), dtype=bool)
     first[:1] = True
     np.not_equal(srt[1:], srt[:-1], out=first[1:])
-    slot = np.cumsum(first) - 1                              # each sorted entry's index in P
+    slot = np.cumsum(first) - 1  # each sorted entry's index in P
     owner = np.searchsorted(np.cumsum([len(x) for x in sets]), order, side="right")
     held = [np.zeros(int(slot[-1]) + 1 if len(slot) else 0, dtype=bool) for _ in sets]
     for i, h in enumerate(held):
@@ -185,8 +220,8 @@ class _WindowMissed(Exception):
     """A selector's sampled window missed the threshold during the fusion pass (see `select`)."""
 
 
-GRAM_BLOCK = 1 << 18     # entries per Gram-matrix step: measured fastest of 2^15..2^19 and whole tensors
-CACHE_BYTES = 256 << 20   # a tensor whose fold models fit in this much float32 is converted once, not twice
+GRAM_BLOCK = 1 << 18  # entries per Gram-matrix step: measured fastest of 2^15..2^19 and whole tensors
+CACHE_BYTES = 256 << 20  # a tensor whose fold models fit in this much float32 is converted once, not twice
 
 
 class _Fusion:
@@ -201,8 +236,8 @@ class _Fusion:
         self.tasks, self.labels, self.others, self.onto, self.base = tasks, labels, others, onto, base
         self.t_values, self.conflict, self.masks, self.selectors = t_values, conflict, masks, selectors
         self.onto_task = next((i for i in range(len(tasks)) if i not in others), None)
-        self.lock = threading.Lock()              # guards the counts when several workers fuse at once
-        self.local = threading.local()            # per-worker scratch
+        self.lock = threading.Lock()  # guards the counts when several workers fuse at once
+        self.local = threading.local()  # per-worker scratch
         self.cache_bytes, self.workers = CACHE_BYTES, 1
 
     @property
@@ -277,8 +312,9 @@ class _Fusion:
     def start(self, counting: bool) -> None:
         self.counting = counting
         earlier = 0 if counting or self.selectors is None else max(s.full_passes for s in self.selectors)
-        self.report = FuseReport(tasks=self.labels, onto=str(self.onto.path), t_values=self.t_values,
-                                 full_passes=earlier + 1)
+        self.report = FuseReport(
+            tasks=self.labels, onto=str(self.onto.path), t_values=self.t_values, full_passes=earlier + 1
+        )
         self.report.overwritten = {label: 0 for label in self.labels}
         self.pairs = {(i, j): 0 for i in range(len(self.tasks)) for j in range(i + 1, len(self.tasks))}
         self._publish_pairs()
@@ -304,10 +340,12 @@ class _Fusion:
         n, M = fold_raw[0].size, len(fold_raw)
         kept = M * n * 4 <= self.cache_bytes
         gram = [[0.0] * M for _ in range(M)]
-        for s, e in chunk_ranges(n, GRAM_BLOCK):           # converted and multiplied while still in cache
-            v = [dtypes.to_float32(r[s:e], c, bufs.get(("fold", i), n)[s:e] if kept else bufs.get(("fold", i), e - s))
-                 for i, (r, c) in enumerate(zip(fold_raw, fold_codes))]
-            with np.errstate(over="ignore", invalid="ignore"):          # overflow is caught below
+        for s, e in chunk_ranges(n, GRAM_BLOCK):  # converted and multiplied while still in cache
+            v = [
+                dtypes.to_float32(r[s:e], c, bufs.get(("fold", i), n)[s:e] if kept else bufs.get(("fold", i), e - s))
+                for i, (r, c) in enumerate(zip(fold_raw, fold_codes))
+            ]
+            with np.errstate(over="ignore", invalid="ignore"):  # overflow is caught below
                 for i in range(M):
                     for j in range(i, M):
                         gram[i][j] += float(np.dot(v[i], v[j]))
@@ -315,8 +353,9 @@ class _Fusion:
             for j in range(i):
                 gram[i][j] = gram[j][i]
         if not all(math.isfinite(x) for row in gram for x in row):
-            raise nonfinite_error(name, fold_ck,
-                                  overflow="values too large to fuse in float32 (their squares sum past 3.4e38)")
+            raise nonfinite_error(
+                name, fold_ck, overflow="values too large to fuse in float32 (their squares sum past 3.4e38)"
+            )
         # a finite Gram matrix bounds every fold model (and so every task model: all are folded), their SLERP
         # coefficients and the fused values: no NaN/Inf can appear below but through the base's |Δ|
         coeffs, linear = fold_coefficients(gram, self.t_values)
@@ -341,10 +380,12 @@ class _Fusion:
             if kept:
                 fold = [bufs.get(("fold", i), n)[s:e] for i in range(M)]
             else:
-                fold = [dtypes.to_float32(r[s:e], c, bufs.get(("fold", i), m))
-                        for i, (r, c) in enumerate(zip(fold_raw, fold_codes))]
+                fold = [
+                    dtypes.to_float32(r[s:e], c, bufs.get(("fold", i), m))
+                    for i, (r, c) in enumerate(zip(fold_raw, fold_codes))
+                ]
             values = [fold[fold_of_task[i]] for i in range(len(tasks))]
-            fused = np.multiply(fold[0], coeffs[0], out=bufs.get(0, m))                  # (m,)
+            fused = np.multiply(fold[0], coeffs[0], out=bufs.get(0, m))  # (m,)
             for a, v in zip(coeffs[1:], fold[1:]):
                 np.add(fused, np.multiply(v, a, out=bufs.get(2, m)), out=fused)
             deltas = None
@@ -359,14 +400,24 @@ class _Fusion:
                     np.abs(np.subtract(v, w0, out=d), out=d)
             idx = cores(s, e, deltas)
             won, pairs, covered = resolve_cores(
-                fused, idx, [v[i] for v, i in zip(values, idx)],
-                [d[i] for d, i in zip(deltas, idx)] if deltas is not None else None, self.conflict, self.scratch)
+                fused,
+                idx,
+                [v[i] for v, i in zip(values, idx)],
+                [d[i] for d, i in zip(deltas, idx)] if deltas is not None else None,
+                self.conflict,
+                self.scratch,
+            )
             self._count(won, pairs, covered)
             if out_code == "F32":
                 yield fused
             else:
-                yield dtypes.from_float32(fused, out_code, bufs.get(("out", out_code), m, out_storage),
-                                          scratch=bufs.get("bits", m, np.uint32), finite=True)
+                yield dtypes.from_float32(
+                    fused,
+                    out_code,
+                    bufs.get(("out", out_code), m, out_storage),
+                    scratch=bufs.get("bits", m, np.uint32),
+                    finite=True,
+                )
 
     def _cores(self, name):
         """cores(s, e, deltas) -> each task's core positions inside the chunk [s, e)."""
@@ -375,10 +426,12 @@ class _Fusion:
             full = [m.bits(name).reshape(-1) for m in self.masks]
             return lambda s, e, deltas: [np.flatnonzero(f[s:e]) for f in full]
         sels = self.selectors
-        if isinstance(sels[0], PerTensorTopK):                               # needs whole tensors
+        if isinstance(sels[0], PerTensorTopK):  # needs whole tensors
             w0 = self.base.float32(name)
-            full = [sel.select(name, 0, np.abs(t.float32(name) - w0)).numpy().reshape(-1)
-                    for sel, t in zip(sels, self.tasks)]
+            full = [
+                sel.select(name, 0, np.abs(t.float32(name) - w0)).numpy().reshape(-1)
+                for sel, t in zip(sels, self.tasks)
+            ]
             return lambda s, e, deltas: [np.flatnonzero(f[s:e]) for f in full]
         if not self.counting:
             return lambda s, e, deltas: [np.flatnonzero(sel.select(name, s, d).numpy()) for sel, d in zip(sels, deltas)]
@@ -387,10 +440,11 @@ class _Fusion:
             out = []
             for i, (sel, d) in enumerate(zip(sels, deltas)):
                 try:
-                    out.append(sel.count(name, s, d, finite=True))      # inputs checked in `tensor`
+                    out.append(sel.count(name, s, d, finite=True))  # inputs checked in `tensor`
                 except NonFiniteError:
                     raise nonfinite_error(name, [self.base, self.tasks[i]]) from None
             return out
+
         return count
 
     def finish_counting(self, writer: CheckpointWriter, codes: dict[str, str]) -> None:
@@ -403,8 +457,10 @@ class _Fusion:
         if any(c is None for c in chosen_by):
             raise _WindowMissed()
         empty = np.zeros(0, dtype=np.int64)
-        names = sorted({name for c in chosen_by for name in c},               # the largest first
-                       key=lambda n: -sum(len(c.get(n, empty)) for c in chosen_by))
+        names = sorted(
+            {name for c in chosen_by for name in c},  # the largest first
+            key=lambda n: -sum(len(c.get(n, empty)) for c in chosen_by),
+        )
 
         def at(ckpt: Checkpoint, name: str, positions: np.ndarray) -> np.ndarray:
             return dtypes.to_float32(ckpt.array(name).reshape(-1)[positions], ckpt.infos[name].code)
@@ -416,14 +472,20 @@ class _Fusion:
             deltas = [np.abs(v - w0) for v in values]
             sure = [d > sel.hi for d, sel in zip(deltas, sels)]
             final = [s | c for s, c in zip(sure, chosen)]
-            value = np.empty(len(P), dtype=np.float32)       # every position of P is in a final core
+            value = np.empty(len(P), dtype=np.float32)  # every position of P is in a final core
             for sign, masks in ((-1, sure), (1, final)):
                 idx = [np.flatnonzero(m) for m in masks]
-                won, pairs, covered = resolve_cores(value, idx, [v[i] for v, i in zip(values, idx)],
-                                                    [d[i] for d, i in zip(deltas, idx)], self.conflict,
-                                                    self.scratch)
+                won, pairs, covered = resolve_cores(
+                    value,
+                    idx,
+                    [v[i] for v, i in zip(values, idx)],
+                    [d[i] for d, i in zip(deltas, idx)],
+                    self.conflict,
+                    self.scratch,
+                )
                 self._count(won, pairs, covered, sign)
             writer.patch(name, P, dtypes.from_float32(value, codes[name], finite=True))
+
         self._each(names, patch)
         for sel in sels:
             sel.selected = sel.k

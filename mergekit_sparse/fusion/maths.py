@@ -20,14 +20,15 @@ DOT_THRESHOLD = 0.9995
 POLICIES = ("max-delta", "last", "mean")
 
 
-def slerp_coefficients(norm0: float, norm1: float, dot: float, t: float,
-                       dot_threshold: float = DOT_THRESHOLD) -> tuple[float, float, bool]:
+def slerp_coefficients(
+    norm0: float, norm1: float, dot: float, t: float, dot_threshold: float = DOT_THRESHOLD
+) -> tuple[float, float, bool]:
     """(c0, c1, linear) such that SLERP(v0, v1, t) = c0·v0 + c1·v1, from ‖v0‖, ‖v1‖ and ⟨v0, v1⟩.
 
     Norms below EPS leave the vector unnormalised, as mergekit's `normalize` does.
     """
     d = dot / ((norm0 if norm0 > EPS else 1.0) * (norm1 if norm1 > EPS else 1.0))
-    if abs(d) > dot_threshold:                                    # nearly colinear: lerp
+    if abs(d) > dot_threshold:  # nearly colinear: lerp
         return 1.0 - t, t, True
     omega = math.acos(max(-1.0, min(1.0, d)))
     s = math.sin(omega)
@@ -37,7 +38,8 @@ def slerp_coefficients(norm0: float, norm1: float, dot: float, t: float,
 def slerp(v0, v1, t: float, *, dot_threshold: float = DOT_THRESHOLD):
     """Spherical interpolation of two same-shape torch tensors, computed in float32, cast to v0's dtype."""
     import torch
-    a, b = v0.reshape(-1).float(), v1.reshape(-1).float()                 # (n,)
+
+    a, b = v0.reshape(-1).float(), v1.reshape(-1).float()  # (n,)
     c0, c1, _ = slerp_coefficients(float(a.norm()), float(b.norm()), float(torch.dot(a, b)), t, dot_threshold)
     return (c0 * a + c1 * b).view(v0.shape).to(v0.dtype)
 
@@ -68,11 +70,12 @@ class CoreScratch:
         return self.member
 
 
-MAX_TASKS = 63           # task membership is a bit set in one int64 per position
+MAX_TASKS = 63  # task membership is a bit set in one int64 per position
 
 
-def resolve_cores(out: np.ndarray, idx: list, values: list, deltas: list | None, policy: str,
-                  scratch: CoreScratch | None = None) -> tuple[list[int], dict[tuple[int, int], int], int]:
+def resolve_cores(
+    out: np.ndarray, idx: list, values: list, deltas: list | None, policy: str, scratch: CoreScratch | None = None
+) -> tuple[list[int], dict[tuple[int, int], int], int]:
     """Write the tasks' cores into `out` (float32, in place), resolving positions in several cores.
 
     `idx[i]` are the distinct positions of task i's core in `out`, `values[i]` / `deltas[i]` the
@@ -92,15 +95,15 @@ def resolve_cores(out: np.ndarray, idx: list, values: list, deltas: list | None,
     bit = [member.dtype.type(1 << i) for i in range(T)]
     for i, x in enumerate(ix):
         member[x] |= bit[i]
-    seen = [member[x] for x in ix]                               # each task's view of who else covers
+    seen = [member[x] for x in ix]  # each task's view of who else covers
     for x in ix:
         member[x] = 0
     for x, v in zip(ix, vals):
         out[x] = v
     pairs = {(i, j): int(np.count_nonzero(seen[i] & bit[j])) for i in range(T) for j in range(i + 1, T)}
     lower = [member.dtype.type((1 << i) - 1) for i in range(T)]
-    covered = sum(int(np.count_nonzero(m & lower[i] == 0)) for i, m in enumerate(seen))    # first coverer
-    shared = [np.flatnonzero(m != bit[i]) for i, m in enumerate(seen)]      # where another core lies too
+    covered = sum(int(np.count_nonzero(m & lower[i] == 0)) for i, m in enumerate(seen))  # first coverer
+    shared = [np.flatnonzero(m != bit[i]) for i, m in enumerate(seen)]  # where another core lies too
     if policy == "last":
         later = [member.dtype.type(((1 << T) - 1) & ~((1 << (i + 1)) - 1)) for i in range(T)]
         won = [len(x) - int(np.count_nonzero(m[s] & later[i])) for i, (x, m, s) in enumerate(zip(ix, seen, shared))]

@@ -43,7 +43,7 @@ from ..settings import (
     specs,
 )
 
-TRAIN_KEYS = tuple(n for n in specs(TrainConfig) if n not in ("seed", "sparse_below"))   # seed: the run's
+TRAIN_KEYS = tuple(n for n in specs(TrainConfig) if n not in ("seed", "sparse_below"))  # seed: the run's
 SECTIONS: dict[str, dict[str, Spec]] = {
     "data": specs(DataSettings),
     "probe": {k: specs(TrainConfig)[k] for k in TRAIN_KEYS},
@@ -54,20 +54,40 @@ SECTIONS: dict[str, dict[str, Spec]] = {
     "gallop": {**{k: specs(TrainConfig)[k] for k in TRAIN_KEYS}, **specs(GallopSettings)},
     "eval": specs(EvalSettings),
 }
-TOP = {"kind": Spec(str, choices=("cpi-ft", "gallop")), "base": Spec(str), "output": Spec(str), "seed": Spec(int),
-       "tasks": dict, "ood_tasks": list}
+TOP = {
+    "kind": Spec(str, choices=("cpi-ft", "gallop")),
+    "base": Spec(str),
+    "output": Spec(str),
+    "seed": Spec(int),
+    "tasks": dict,
+    "ood_tasks": list,
+}
 _TRAIN = {k: defaults(TrainConfig)[k] for k in TRAIN_KEYS}
 # the pipeline's own defaults where they differ from the commands' (declared ranges are never overridden)
 DEFAULTS = {
-    "kind": "cpi-ft", "base": "builtin", "output": "run", "seed": 0, "tasks": {}, "ood_tasks": None,
+    "kind": "cpi-ft",
+    "base": "builtin",
+    "output": "run",
+    "seed": 0,
+    "tasks": {},
+    "ood_tasks": None,
     "data": defaults(DataSettings),
     "probe": {**_TRAIN, "steps": 150, "lr": 3e-3, "batch_size": 16, "warmup": 10, "max_len": 48},
     "core": {**defaults(CoreSettings), "p": 5.0},
     "overlap": defaults(OverlapSettings),
     "fuse": defaults(FuseSettings),
     "retrain": {**_TRAIN, "steps": 60, "lr": 1e-3, "batch_size": 16, "warmup": 5, "max_len": 48, "per_task": 100},
-    "gallop": {**_TRAIN, "steps": 150, "lr": 3e-3, "batch_size": 16, "warmup": 10, "max_len": 48,
-               **defaults(GallopSettings), "rho": 5.0, "fraction": 0.25},
+    "gallop": {
+        **_TRAIN,
+        "steps": 150,
+        "lr": 3e-3,
+        "batch_size": 16,
+        "warmup": 10,
+        "max_len": 48,
+        **defaults(GallopSettings),
+        "rho": 5.0,
+        "fraction": 0.25,
+    },
     "eval": {**defaults(EvalSettings), "limit": 40, "batch_size": 40},
 }
 
@@ -91,7 +111,9 @@ def _check(raw: dict, problems: list[str]) -> None:
                 if why := spec.problem(value):
                     problems.append(f"{where}: {why}")
             elif value is not None and not isinstance(value, spec):
-                problems.append(f"{where}: expected a {'mapping' if spec is dict else 'list'}, got {type(value).__name__}")
+                problems.append(
+                    f"{where}: expected a {'mapping' if spec is dict else 'list'}, got {type(value).__name__}"
+                )
         else:
             problems.append(f"{where}: unknown key (known: {', '.join([*TOP, *SECTIONS])})")
 
@@ -99,6 +121,7 @@ def _check(raw: dict, problems: list[str]) -> None:
 def validate(raw: dict, *, base_dir: Path) -> dict:
     """Merge `raw` over the defaults and check everything; raise one DataError listing every problem."""
     from ..builtin.tasks import ALL_TASKS, PRETRAIN_TASKS
+
     problems: list[str] = []
     if not isinstance(raw, dict):
         raise DataError("config: expected a mapping at the top level")
@@ -120,7 +143,9 @@ def validate(raw: dict, *, base_dir: Path) -> dict:
         for name, spec in tasks.items():
             if spec == "builtin":
                 if name not in ALL_TASKS:
-                    problems.append(f"config.tasks.{name}: no builtin task of that name (builtin: {', '.join(ALL_TASKS)})")
+                    problems.append(
+                        f"config.tasks.{name}: no builtin task of that name (builtin: {', '.join(ALL_TASKS)})"
+                    )
             elif isinstance(spec, dict) and set(spec) == {"train", "test"}:
                 for part in ("train", "test"):
                     if not isinstance(spec[part], str) or not (base_dir / spec[part]).is_file():
@@ -134,7 +159,11 @@ def validate(raw: dict, *, base_dir: Path) -> dict:
         for t in ood:
             if t not in ALL_TASKS:
                 problems.append(f"config.ood_tasks: {t!r} is not a builtin task")
-    if isinstance(cfg.get("base"), str) and cfg["base"] != "builtin" and not (base_dir / cfg["base"] / "config.json").is_file():
+    if (
+        isinstance(cfg.get("base"), str)
+        and cfg["base"] != "builtin"
+        and not (base_dir / cfg["base"] / "config.json").is_file()
+    ):
         problems.append(f"config.base: {cfg['base']!r} is not a model folder (no config.json)")
     if problems:
         raise DataError("invalid pipeline config:\n  " + "\n  ".join(problems))
@@ -154,17 +183,22 @@ def _yaml_loader():
     Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
     Loader.add_implicit_resolver(
         "tag:yaml.org,2002:float",
-        re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        re.compile(
+            r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
                     |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
                     |\.[0-9_]+(?:[eE][-+][0-9]+)?
                     |[-+]?\.(?:inf|Inf|INF)
-                    |\.(?:nan|NaN|NAN))$""", re.X),
-        list("-+0123456789."))
+                    |\.(?:nan|NaN|NAN))$""",
+            re.X,
+        ),
+        list("-+0123456789."),
+    )
     return Loader
 
 
 def load_yaml(text: str):
     import yaml
+
     return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
 
 

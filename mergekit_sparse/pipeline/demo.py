@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..storage import atomic
-
 from .config import validate
 from .run import render_summary, run_pipeline
 
@@ -19,14 +18,24 @@ DEMO_TASKS = {t: "builtin" for t in ("caesar", "dsort", "sub", "map")}
 def demo_configs(fast: bool = False) -> list[dict]:
     """The CPI-FT and GaLLoP configs of the demo (`fast`: a smoke-test size for CI)."""
     small = {"steps": 6, "batch_size": 8} if fast else {}
-    common = {"base": "builtin", "tasks": DEMO_TASKS, "seed": 0,
-              "data": {"train": 64, "test": 8} if fast else {"train": 400, "test": 40},
-              "eval": {"limit": 8 if fast else 40, "batch_size": 40},
-              "probe": {"steps": 150, "lr": 3e-3, "batch_size": 16} | small}
-    cpi = common | {"kind": "cpi-ft", "core": {"p": 5.0}, "overlap": {"tau": 0.1, "order": "random"},
-                    "retrain": {"steps": 60, "lr": 1e-3, "per_task": 100} | small}
-    gal = common | {"kind": "gallop", "gallop": {"rho": 5.0, "criterion": "gallop", "fraction": 0.25, "steps": 150,
-                                                   "lr": 3e-3} | small}
+    common = {
+        "base": "builtin",
+        "tasks": DEMO_TASKS,
+        "seed": 0,
+        "data": {"train": 64, "test": 8} if fast else {"train": 400, "test": 40},
+        "eval": {"limit": 8 if fast else 40, "batch_size": 40},
+        "probe": {"steps": 150, "lr": 3e-3, "batch_size": 16} | small,
+    }
+    cpi = common | {
+        "kind": "cpi-ft",
+        "core": {"p": 5.0},
+        "overlap": {"tau": 0.1, "order": "random"},
+        "retrain": {"steps": 60, "lr": 1e-3, "per_task": 100} | small,
+    }
+    gal = common | {
+        "kind": "gallop",
+        "gallop": {"rho": 5.0, "criterion": "gallop", "fraction": 0.25, "steps": 150, "lr": 3e-3} | small,
+    }
     return [validate(cpi, base_dir=Path.cwd()), validate(gal, base_dir=Path.cwd())]
 
 
@@ -52,14 +61,17 @@ def write_criteria(out: Path, cpi: dict) -> Path:
     from ..analysis.gallop import CRITERIA, select_sparse
     from ..storage.checkpoint import Checkpoint
     from ..storage.scope import align
+
     first = next(iter(DEMO_TASKS))
     base = Checkpoint.open(_builtin())
     grads = Checkpoint.open(out / "gallop" / first / "grads.safetensors")
-    res = select_sparse(base, grads, align([base, grads]), rho=5.0, criteria=list(CRITERIA), main="gallop", out=None,
-                        sample_size=20000)
+    res = select_sparse(
+        base, grads, align([base, grads]), rho=5.0, criteria=list(CRITERIA), main="gallop", out=None, sample_size=20000
+    )
     return atomic.write_json(out / "criteria.json", {"task": first, "rho": 5.0, **res.to_json(), "sample": res.sample})
 
 
 def _builtin() -> Path:
     from ..builtin import builtin_model
+
     return builtin_model()

@@ -27,6 +27,7 @@ from .config import TRAIN_KEYS
 
 def _sha_path(p: Path) -> str:
     from ..storage.checkpoint import sha256_file
+
     if p.is_file():
         return sha256_file(p)
     h = hashlib.sha256()
@@ -41,22 +42,27 @@ class Run:
     def __init__(self, root: Path, cfg: dict, *, log: Callable[[str], None] = print):
         self.root, self.cfg, self.log = Path(root), cfg, log
         self.keys: dict[str, str] = {}
-        self.done: list[tuple[str, str]] = []            # (stage, "ran" | "skipped")
+        self.done: list[tuple[str, str]] = []  # (stage, "ran" | "skipped")
         (self.root / ".stages").mkdir(parents=True, exist_ok=True)
 
     def stage(self, name: str, settings: dict, needs: list[str], outputs: list[Path], fn: Callable[[], None]) -> None:
-        key = hashlib.sha256(json.dumps({"settings": settings, "needs": [self.keys[n] for n in needs]},
-                                        sort_keys=True, default=str).encode()).hexdigest()
+        key = hashlib.sha256(
+            json.dumps(
+                {"settings": settings, "needs": [self.keys[n] for n in needs]}, sort_keys=True, default=str
+            ).encode()
+        ).hexdigest()
         self.keys[name] = key
         marker = self.root / ".stages" / f"{name}.json"
         if marker.is_file():
             rec = json.loads(marker.read_text())
-            if rec.get("key") == key and all(Path(p).exists() and _sha_path(Path(p)) == h for p, h in rec["outputs"].items()):
+            if rec.get("key") == key and all(
+                Path(p).exists() and _sha_path(Path(p)) == h for p, h in rec["outputs"].items()
+            ):
                 self.done.append((name, "skipped"))
                 self.log(f"[skip] {name} (done earlier, inputs and settings unchanged)")
                 return
             marker.unlink()
-        for p in outputs:                                  # stale or partial outputs of this stage
+        for p in outputs:  # stale or partial outputs of this stage
             if p.is_dir():
                 shutil.rmtree(p)
             elif p.exists():
@@ -71,6 +77,7 @@ class Run:
 def _train_cfg(section: dict, seed: int):
     """The TrainConfig of a training section (every TrainConfig key is a config key; `clip: 0` is off)."""
     from ..settings import TrainConfig
+
     cfg = {k: section[k] for k in TRAIN_KEYS}
     cfg["clip"] = cfg["clip"] or None
     return TrainConfig(**cfg, seed=seed)
@@ -96,30 +103,49 @@ def _data_stage(run: Run, base: Path) -> tuple[dict, dict]:
                 tr, te = split(t, n_train=cfg["data"]["train"], n_test=cfg["data"]["test"], seed=cfg["seed"])
                 atomic.write_text(train_paths[t], jsonl(tr))
                 atomic.write_text(test_paths[t], jsonl(te))
+
     user_hashes = {t: _sha_path(p) for t, p in test_paths.items() if p not in outputs}
     user_hashes |= {f"{t}.train": _sha_path(p) for t, p in train_paths.items() if p not in outputs}
-    run.stage("data", {"data": cfg["data"], "seed": cfg["seed"], "tasks": eval_names, "user_files": user_hashes,
-                       "base": _sha_path(base)}, [], outputs, make)
+    run.stage(
+        "data",
+        {
+            "data": cfg["data"],
+            "seed": cfg["seed"],
+            "tasks": eval_names,
+            "user_files": user_hashes,
+            "base": _sha_path(base),
+        },
+        [],
+        outputs,
+        make,
+    )
     return train_paths, test_paths
 
 
 def _eval_stage(run: Run, name: str, model: Path, needs: list[str], tests: dict) -> Path:
     from ..evaluation.accuracy import evaluate
+
     out = run.root / "eval" / f"{name}.json"
 
     def make():
-        table = evaluate(str(model), {t: str(p) for t, p in tests.items()}, limit=run.cfg["eval"]["limit"],
-                         batch_size=run.cfg["eval"]["batch_size"])
+        table = evaluate(
+            str(model),
+            {t: str(p) for t, p in tests.items()},
+            limit=run.cfg["eval"]["limit"],
+            batch_size=run.cfg["eval"]["batch_size"],
+        )
         for res in table["tasks"].values():
             res.pop("outputs")
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic.write_json(out, table)
+
     run.stage(f"eval-{name}", {"eval": run.cfg["eval"]}, needs, [out], make)
     return out
 
 
 def _accuracy(path: Path) -> dict[str, float]:
     from ..evaluation.metrics import load_accuracy_table
+
     return load_accuracy_table(path)
 
 
@@ -146,23 +172,30 @@ def run_pipeline(cfg: dict, root: Path, *, log: Callable[[str], None] = print) -
 def _probes(run: Run, base: Path, trains: dict, tests: dict) -> dict:
     """Per-task full fine-tunes from the base (CPI-FT stage 1; also the full-FT baseline)."""
     from ..training.staged import run_train
+
     out = {}
     for i, t in enumerate(run.cfg["tasks"]):
         folder = run.root / "probe" / t
         cfg = _train_cfg(run.cfg["probe"], run.cfg["seed"] + i)
-        run.stage(f"probe-{t}", {"probe": run.cfg["probe"], "seed": cfg.seed}, ["data"], [folder],
-                  lambda folder=folder, cfg=cfg, t=t: run_train(str(base), str(trains[t]), folder, cfg=cfg))
+        run.stage(
+            f"probe-{t}",
+            {"probe": run.cfg["probe"], "seed": cfg.seed},
+            ["data"],
+            [folder],
+            lambda folder=folder, cfg=cfg, t=t: run_train(str(base), str(trains[t]), folder, cfg=cfg),
+        )
         out[t] = (folder, _eval_stage(run, f"probe-{t}", folder, [f"probe-{t}"], tests))
     return out
 
 
 def _cpi_ft(run: Run, base: Path, trains: dict, tests: dict, probes: dict) -> dict:
-    from ..storage.checkpoint import Checkpoint
     from ..analysis.cores import compute_cores, write_core_json
-    from ..storage.masks import MaskSet
     from ..analysis.overlap import compute_overlap, group_tasks, groups_document
+    from ..storage.checkpoint import Checkpoint
+    from ..storage.masks import MaskSet
     from ..storage.scope import align
     from ..training.staged import retrain
+
     cfg, root, tasks = run.cfg, run.root, list(run.cfg["tasks"])
     cores = root / "cores"
     probe_stages = [f"probe-{t}" for t in tasks]
@@ -170,9 +203,17 @@ def _cpi_ft(run: Run, base: Path, trains: dict, tests: dict, probes: dict) -> di
     def make_cores():
         b, cks = Checkpoint.open(base), [Checkpoint.open(probes[t][0]) for t in tasks]
         scope = align([b, *cks])
-        summ = compute_cores(b, cks, scope, percent=cfg["core"]["p"], out_dir=cores, labels=tasks,
-                             per_tensor=cfg["core"]["scope"] == "per-tensor")
+        summ = compute_cores(
+            b,
+            cks,
+            scope,
+            percent=cfg["core"]["p"],
+            out_dir=cores,
+            labels=tasks,
+            per_tensor=cfg["core"]["scope"] == "per-tensor",
+        )
         write_core_json(cores / "core.json", summ, cfg["core"], scope)
+
     run.stage("cores", cfg["core"], probe_stages, [cores], make_cores)
 
     groups_path = root / "groups.json"
@@ -183,16 +224,25 @@ def _cpi_ft(run: Run, base: Path, trains: dict, tests: dict, probes: dict) -> di
         groups = group_tasks(res.matrix, tasks, tau=o["tau"], order=o["order"], seed=o["seed"])
         doc = groups_document(res, groups, tau=o["tau"], order=o["order"], seed=o["seed"], settings=o)
         atomic.write_json(groups_path, doc)
+
     run.stage("overlap", cfg["overlap"], ["cores"], [groups_path], make_groups)
 
     fused = root / "fused"
 
     def make_fused():
         from ..fusion.api import fuse_checkpoints
-        fuse_checkpoints([str(probes[t][0]) for t in tasks], labels=tasks, out=fused, base=str(base),
-                         masks=[str(cores / f"{t}.mask.safetensors") for t in tasks],
-                         conflict=cfg["fuse"]["conflict"], check=True,
-                         omega=cfg["fuse"]["omega"] if len(tasks) == 2 else None)
+
+        fuse_checkpoints(
+            [str(probes[t][0]) for t in tasks],
+            labels=tasks,
+            out=fused,
+            base=str(base),
+            masks=[str(cores / f"{t}.mask.safetensors") for t in tasks],
+            conflict=cfg["fuse"]["conflict"],
+            check=True,
+            omega=cfg["fuse"]["omega"] if len(tasks) == 2 else None,
+        )
+
     run.stage("fuse", cfg["fuse"], ["cores"] + probe_stages, [fused], make_fused)
     fused_acc = _eval_stage(run, "fused", fused, ["fuse"], tests)
 
@@ -200,51 +250,86 @@ def _cpi_ft(run: Run, base: Path, trains: dict, tests: dict, probes: dict) -> di
 
     def make_retrain():
         r = cfg["retrain"]
-        retrain(str(fused), str(groups_path), str(cores), {t: str(trains[t]) for t in tasks}, retrained,
-                cfg=_train_cfg(r, cfg["seed"]), per_task=r["per_task"])
+        retrain(
+            str(fused),
+            str(groups_path),
+            str(cores),
+            {t: str(trains[t]) for t in tasks},
+            retrained,
+            cfg=_train_cfg(r, cfg["seed"]),
+            per_task=r["per_task"],
+        )
+
     run.stage("retrain", cfg["retrain"], ["fuse", "overlap"], [retrained], make_retrain)
     final = json.loads((retrained / "retrain.json").read_text())["final_model"]
     final_acc = _eval_stage(run, "cpi-ft", Path(final), ["retrain"], tests)
     groups = json.loads(groups_path.read_text())["groups"]
-    return {"groups": groups, "groups_file": str(groups_path), "fused": str(fused), "final_model": final,
-            "multi": {"fused": {"trained": tasks, "accuracy": str(fused_acc)},
-                      "cpi-ft": {"trained": tasks, "accuracy": str(final_acc)}}}
+    return {
+        "groups": groups,
+        "groups_file": str(groups_path),
+        "fused": str(fused),
+        "final_model": final,
+        "multi": {
+            "fused": {"trained": tasks, "accuracy": str(fused_acc)},
+            "cpi-ft": {"trained": tasks, "accuracy": str(final_acc)},
+        },
+    }
 
 
 def _gallop(run: Run, base: Path, trains: dict, tests: dict) -> dict:
-    from ..storage.checkpoint import Checkpoint
     from ..analysis.gallop import select_sparse
-    from ..training.gradients import compute_gradients
+    from ..storage.checkpoint import Checkpoint
     from ..storage.scope import align
+    from ..training.gradients import compute_gradients
     from ..training.staged import run_train
+
     cfg, root = run.cfg, run.root
     g = cfg["gallop"]
     runs = {}
     for i, t in enumerate(cfg["tasks"]):
         d = root / "gallop" / t
         grads, mask, model = d / "grads.safetensors", d / "mask.safetensors", d / "model"
+
         def make_grads(grads=grads, t=t):
             grads.parent.mkdir(parents=True, exist_ok=True)
             compute_gradients(str(base), str(trains[t]), grads, fraction=g["fraction"], seed=cfg["seed"])
+
         run.stage(f"gradients-{t}", {"fraction": g["fraction"], "seed": cfg["seed"]}, ["data"], [grads], make_grads)
 
         def make_mask(grads=grads, mask=mask):
             p, gr = Checkpoint.open(base), Checkpoint.open(grads)
-            select_sparse(p, gr, align([p, gr]), rho=g["rho"], criteria=[g["criterion"]], main=g["criterion"],
-                          out=mask, seed=cfg["seed"])
+            select_sparse(
+                p,
+                gr,
+                align([p, gr]),
+                rho=g["rho"],
+                criteria=[g["criterion"]],
+                main=g["criterion"],
+                out=mask,
+                seed=cfg["seed"],
+            )
+
         run.stage(f"mask-{t}", {"rho": g["rho"], "criterion": g["criterion"]}, [f"gradients-{t}"], [mask], make_mask)
         tc = _train_cfg(g, cfg["seed"] + i)
-        run.stage(f"sparse-{t}", {k: g[k] for k in TRAIN_KEYS},
-                  [f"mask-{t}"], [model],
-                  lambda model=model, mask=mask, t=t, tc=tc: run_train(str(base), str(trains[t]), model, cfg=tc,
-                                                                       mask=str(mask)))
-        runs[f"{g['criterion']}:{t}"] = {"trained": t,
-                                         "accuracy": str(_eval_stage(run, f"gallop-{t}", model, [f"sparse-{t}"], tests))}
+        run.stage(
+            f"sparse-{t}",
+            {k: g[k] for k in TRAIN_KEYS},
+            [f"mask-{t}"],
+            [model],
+            lambda model=model, mask=mask, t=t, tc=tc: run_train(
+                str(base), str(trains[t]), model, cfg=tc, mask=str(mask)
+            ),
+        )
+        runs[f"{g['criterion']}:{t}"] = {
+            "trained": t,
+            "accuracy": str(_eval_stage(run, f"gallop-{t}", model, [f"sparse-{t}"], tests)),
+        }
     return {"multi": {}, "sparse_runs": runs}
 
 
 def _metrics(run: Run, vanilla: Path, summary: dict) -> dict:
     from ..evaluation.metrics import run_metrics
+
     van = _accuracy(vanilla)
     rows = {}
     every = {**summary["runs"], **summary.get("sparse_runs", {}), **summary.get("multi", {})}
@@ -255,12 +340,16 @@ def _metrics(run: Run, vanilla: Path, summary: dict) -> dict:
 
 
 def render_summary(summary: dict) -> str:
-    lines = [f"{'run':<22} {'ID acc':>7} {'OOD acc':>8} {'forget':>7} {'collapse':>9}",
-             f"{'vanilla':<22} {'':>7} {sum(summary['vanilla'][t] for t in summary['ood_tasks']) / max(1, len(summary['ood_tasks'])):>8.3f}"]
+    lines = [
+        f"{'run':<22} {'ID acc':>7} {'OOD acc':>8} {'forget':>7} {'collapse':>9}",
+        f"{'vanilla':<22} {'':>7} {sum(summary['vanilla'][t] for t in summary['ood_tasks']) / max(1, len(summary['ood_tasks'])):>8.3f}",
+    ]
     for name, m in summary["metrics"].items():
         fr = "n/a" if m["forget_ratio"] is None else f"{m['forget_ratio']:.3f}"
-        lines.append(f"{name:<22} {m['id_accuracy']:>7.3f} {m['ood_accuracy'] or 0:>8.3f} {fr:>7} "
-                     f"{m['collapse_rate']:>6.2f} ({m['collapse_count']})")
+        lines.append(
+            f"{name:<22} {m['id_accuracy']:>7.3f} {m['ood_accuracy'] or 0:>8.3f} {fr:>7} "
+            f"{m['collapse_rate']:>6.2f} ({m['collapse_count']})"
+        )
     if "groups" in summary:
         lines.append("groups (stage order): " + " | ".join(", ".join(g) for g in summary["groups"]))
     return "\n".join(lines)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-CHUNK = 1 << 19          # elements per chunk (2 MB of float32): measured fastest of 2^16..2^20 for fuse and core
+CHUNK = 1 << 19  # elements per chunk (2 MB of float32): measured fastest of 2^16..2^20 for fuse and core
 BINS = 1 << 16
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
 
@@ -17,6 +17,7 @@ QUANTILES = (0.5, 0.9, 0.99, 0.999)
 def _torch(x):
     """`x` as a torch tensor (numpy arrays are shared, not copied)."""
     import torch
+
     return torch.from_numpy(x) if isinstance(x, np.ndarray) else x
 
 
@@ -30,7 +31,7 @@ def _np(x) -> np.ndarray:
 def float_keys(x) -> np.ndarray:
     """int32 keys (numpy) ordering exactly like the float32 values of `x` (flattened); -0.0 equals +0.0."""
     if not isinstance(x, np.ndarray):
-        x = x.float()                                   # torch: bf16 and friends have no numpy view
+        x = x.float()  # torch: bf16 and friends have no numpy view
     bits = (np.asarray(_np(x), dtype=np.float32).reshape(-1) + np.float32(0.0)).view(np.int32)  # -0.0 -> +0.0
     return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
@@ -43,7 +44,7 @@ def key_to_float(key: int) -> float:
 def _chunks(x):
     flat = _np(x).reshape(-1)
     for start in range(0, flat.size, CHUNK):
-        yield flat[start:start + CHUNK]
+        yield flat[start : start + CHUNK]
 
 
 def key_histogram(scores) -> np.ndarray:

@@ -23,8 +23,8 @@ if TYPE_CHECKING:
     from ..storage.checkpoint import Checkpoint
     from ..storage.scope import Scope
 
-BLOCK = 4096             # sample block (entries)
-SAMPLE_CAP = 1 << 22     # at most ~4 M sampled scores
+BLOCK = 4096  # sample block (entries)
+SAMPLE_CAP = 1 << 22  # at most ~4 M sampled scores
 
 
 def chunk_ranges(n: int, size: int = CHUNK) -> list[tuple[int, int]]:
@@ -34,6 +34,7 @@ def chunk_ranges(n: int, size: int = CHUNK) -> list[tuple[int, int]]:
 def sample_ranges(name: str, n: int, total: int) -> list[tuple[int, int]]:
     """Seeded sample blocks of one tensor: all of a small tensor, else ~fraction·n entries in blocks."""
     import zlib
+
     frac = min(0.02, SAMPLE_CAP / max(1, total))
     if n <= 64 * BLOCK:
         return [(0, n)]
@@ -47,9 +48,9 @@ def sample_ranges(name: str, n: int, total: int) -> list[tuple[int, int]]:
 class Pass(Enum):
     """What a selector wants to see next."""
 
-    SAMPLE = "sample"   # a seeded ~2 % of every tensor, in blocks (`sample_ranges`), weighted
-    COUNT = "count"     # every score: the counting pass (sure positions known per chunk)
-    FULL = "full"       # every score again: a fallback pass (radix histograms)
+    SAMPLE = "sample"  # a seeded ~2 % of every tensor, in blocks (`sample_ranges`), weighted
+    COUNT = "count"  # every score: the counting pass (sure positions known per chunk)
+    FULL = "full"  # every score again: a fallback pass (radix histograms)
 
 
 class Selector(Protocol):
@@ -111,21 +112,33 @@ class Buffers:
         return b[:n]
 
 
-def nonfinite_error(name: str, ckpts: list[Checkpoint], overflow: str = "the difference of two checkpoints "
-                    "overflows float32 (Inf)") -> NonFiniteError:
+def nonfinite_error(
+    name: str, ckpts: list[Checkpoint], overflow: str = "the difference of two checkpoints overflows float32 (Inf)"
+) -> NonFiniteError:
     """The error naming the first of `ckpts` whose tensor holds NaN/Inf (`overflow` says what else it was)."""
     for c in ckpts:
         if not c.infos[name].is_float:
             continue
         if not np.isfinite(c.float32(name)).all():
-            return NonFiniteError(f"tensor '{name}' in {c.path} holds NaN/Inf values; fix or re-export that "
-                                  "checkpoint (NaN/Inf would poison every selection and merge)")
+            return NonFiniteError(
+                f"tensor '{name}' in {c.path} holds NaN/Inf values; fix or re-export that "
+                "checkpoint (NaN/Inf would poison every selection and merge)"
+            )
     return NonFiniteError(f"tensor '{name}': {overflow}")
 
 
-def run_passes(selectors: list[Selector], scope: Scope, chunks, *, sources: list[list[Checkpoint]],
-               progress: bool = False, desc: str = "select", emit=None, sample_only: bool = False,
-               gathers: bool = False) -> None:
+def run_passes(
+    selectors: list[Selector],
+    scope: Scope,
+    chunks,
+    *,
+    sources: list[list[Checkpoint]],
+    progress: bool = False,
+    desc: str = "select",
+    emit=None,
+    sample_only: bool = False,
+    gathers: bool = False,
+) -> None:
     """Feed the selectors until each can select (with `sample_only`, until one wants a full pass).
 
     `chunks(name, ranges)` yields (start, [scores for each selector]) per range; with `gathers`, it
@@ -141,9 +154,9 @@ def run_passes(selectors: list[Selector], scope: Scope, chunks, *, sources: list
         for name in tqdm(scope.names, desc=f"{desc}: pass {p}", disable=not progress, leave=False):
             n = scope.numel(name)
             ranges = chunk_ranges(n) if full else sample_ranges(name, n, scope.numel())
-            weight = {} if full else {"weight": n / sum(e - s for s, e in ranges)}     # scores per sampled score
+            weight = {} if full else {"weight": n / sum(e - s for s, e in ranges)}  # scores per sampled score
             items = chunks(name, ranges)
-            if not full and gathers:   # the sample blocks of a tensor in one go
+            if not full and gathers:  # the sample blocks of a tensor in one go
                 items, weight = chunks(name, ranges, gather=True), {**weight, "blocks": len(ranges)}
             for start, scores in items:
                 for i, (sel, sc) in enumerate(zip(selectors, scores)):
@@ -158,5 +171,3 @@ def run_passes(selectors: list[Selector], scope: Scope, chunks, *, sources: list
                         emit(i, name, start, sel, len(sc), n)
         for sel in selectors:
             sel.end_pass()
-
-

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from ..storage.scope import Scope
 
 CANDIDATE_CAP = 1 << 24  # at most ~16 M candidates (16 bytes each) before falling back to radix
-WINDOW_SLACK = 0.002     # the window's half-width is at least this share of all scores
+WINDOW_SLACK = 0.002  # the window's half-width is at least this share of all scores
 
 
 def _check_finite(scores, name: str) -> None:
@@ -52,8 +52,10 @@ def k_for(percent: float, total: int, *, what: str = "p") -> int:
     k = int(percent * total // 100)
     if k == 0:
         smallest = 100.0 / total
-        raise OptionError(f"--{what} {percent} selects no parameter of the {total} in scope; "
-                          f"the smallest usable value is {smallest:.3g}")
+        raise OptionError(
+            f"--{what} {percent} selects no parameter of the {total} in scope; "
+            f"the smallest usable value is {smallest:.3g}"
+        )
     return k
 
 
@@ -101,7 +103,7 @@ class RadixTopK:
             return
         # walk bins from the top until the running count reaches what is still needed
         need = self.k if self.stage == 1 else self.k - self.above
-        above_in_bins = self.hist[::-1].cumsum()                       # count in bins >= flipped position
+        above_in_bins = self.hist[::-1].cumsum()  # count in bins >= flipped position
         pos = int(np.searchsorted(above_in_bins, need))
         b = BINS - 1 - pos
         greater = int(above_in_bins[pos - 1]) if pos > 0 else 0
@@ -151,7 +153,7 @@ def topk_mask(scores, k: int) -> tuple:
     if k >= n:
         return _torch(np.ones(shape, dtype=bool)), float("-inf")
     key = float_keys(scores)
-    t = int(np.partition(key, n - k)[n - k])                       # k-th largest
+    t = int(np.partition(key, n - k)[n - k])  # k-th largest
     mask = key > t
     eq = key == t
     mask |= eq & (eq.cumsum(dtype=np.int64) <= k - int(mask.sum()))
@@ -171,7 +173,7 @@ def _largest(v: np.ndarray, r: int) -> np.ndarray:
         q = max(0, len(sub) - 2 * (r // 16) - 64)
         top = np.flatnonzero(v >= np.partition(sub, q)[q])
         if len(top) < r:
-            top = np.argpartition(v, m - r)[m - r:]
+            top = np.argpartition(v, m - r)[m - r :]
     return top[np.argsort(-v[top], kind="stable")]
 
 
@@ -188,9 +190,9 @@ class TopK:
             raise OptionError(f"cannot select {k} of {total} parameters")
         self.k, self.total = k, total
         self._phase = "sample"
-        self.sample_values = np.zeros(0, dtype=np.float32)     # kept for quantile summaries
+        self.sample_values = np.zeros(0, dtype=np.float32)  # kept for quantile summaries
         self.samples: list[np.ndarray] = []
-        self.sample_meta: list[tuple[int, float, int]] = []   # (tensor index, weight, blocks) per observed sample
+        self.sample_meta: list[tuple[int, float, int]] = []  # (tensor index, weight, blocks) per observed sample
         self._sample_tensors: dict[str, int] = {}
         self.lo = self.hi = 0.0
         self.above = 0
@@ -201,12 +203,12 @@ class TopK:
         self.cand_tensor = np.empty(0, dtype=np.int32)
         self.n_cand = 0
         self.order: dict[str, int] = {}
-        self.extra: dict[str, np.ndarray] = {}           # name -> sorted flat positions of chosen candidates
+        self.extra: dict[str, np.ndarray] = {}  # name -> sorted flat positions of chosen candidates
         self.radix: RadixTopK | None = None
-        self._local = threading.local()                    # per-thread scratch for `count`
-        self._lock = threading.Lock()                      # `count` may be called from several threads
+        self._local = threading.local()  # per-thread scratch for `count`
+        self._lock = threading.Lock()  # `count` may be called from several threads
         self._sure = None
-        self.full_passes = 0                               # full passes over the data (the sample pass aside)
+        self.full_passes = 0  # full passes over the data (the sample pass aside)
         self.threshold = float("-inf")
         self.selected = 0
 
@@ -256,7 +258,7 @@ class TopK:
         if not finite:
             with np.errstate(over="ignore", invalid="ignore"):
                 total = float(np.add.reduce(sn))
-            if not math.isfinite(total):              # NaN/Inf make the sum so (or a finite sum overflowed)
+            if not math.isfinite(total):  # NaN/Inf make the sum so (or a finite sum overflowed)
                 _check_finite(sn, name)
         # one comparison over the chunk; the few entries >= lo (sure + candidates) are split after.
         # numpy here: its single-threaded compare and flatnonzero beat torch's two-threaded ones 2-3x
@@ -287,7 +289,7 @@ class TopK:
         for key in ("cand_vals", "cand_pos", "cand_tensor"):
             old = getattr(self, key)
             new = np.empty(cap, dtype=old.dtype)
-            new[:self.n_cand] = old[:self.n_cand]
+            new[: self.n_cand] = old[: self.n_cand]
             setattr(self, key, new)
 
     def end_pass(self) -> None:
@@ -324,7 +326,7 @@ class TopK:
         samples, meta = self.samples, self.sample_meta
         self.samples, self.sample_meta = [], []
         v = np.concatenate(samples) if samples else np.zeros(0, dtype=np.float32)
-        self.sample_values = v                                 # (unsorted) kept for quantile summaries
+        self.sample_values = v  # (unsorted) kept for quantile summaries
         m = v.size
         if m == 0:
             self.hi, self.lo = float("inf"), float("-inf")
@@ -333,17 +335,19 @@ class TopK:
         sizes = np.repeat(np.array([x.size // b for x, (_, _, b) in zip(samples, meta)], dtype=np.int64), per)
         w_block = np.repeat(np.array([w for _, w, _ in meta], dtype=np.float64), per)
         tensor_of = np.repeat(np.array([t for t, _, _ in meta], dtype=np.int64), per)
-        ends = np.cumsum(sizes)                                  # where each block ends in v
+        ends = np.cumsum(sizes)  # where each block ends in v
         k = self.k
         R = min(m, int(2 * k * m / max(float(w_block @ sizes), 1.0)) + 4096)
         while True:
             top = _largest(v, R)
             R = len(top)
-            cw = np.cumsum(w_block[np.searchsorted(ends, top, side="right")])   # estimated count at or above each
+            cw = np.cumsum(w_block[np.searchsorted(ends, top, side="right")])  # estimated count at or above each
             j = min(int(np.searchsorted(cw, k)), R - 1)
             t_hat = v[top[j]]
-            delta = max(8 * self._count_std(v, ends, w_block, tensor_of, t_hat), WINDOW_SLACK * self.total) \
+            delta = (
+                max(8 * self._count_std(v, ends, w_block, tensor_of, t_hat), WINDOW_SLACK * self.total)
                 + 16 * w_block.max()
+            )
             if cw[-1] >= k + delta or R == m:
                 break
             R = min(m, 2 * R)
@@ -354,7 +358,9 @@ class TopK:
         # room for the candidates the sample predicts (in [lo, hi]), so the count pass rarely regrows: untouched
         # room costs address space only (large numpy arrays are mapped lazily), a regrowth copies everything
         desc = -v[top]
-        ge_lo, gt_hi = (int(np.searchsorted(desc, -x, side=side)) for x, side in ((self.lo, "right"), (self.hi, "left")))
+        ge_lo, gt_hi = (
+            int(np.searchsorted(desc, -x, side=side)) for x, side in ((self.lo, "right"), (self.hi, "left"))
+        )
         expect = (cw[ge_lo - 1] if ge_lo else 0.0) - (cw[gt_hi - 1] if gt_hi else 0.0)
         self._grow(int(min(1.25 * expect, CANDIDATE_CAP)))
 
@@ -362,19 +368,20 @@ class TopK:
     def _count_std(v, ends, w_block, tensor_of, t_hat) -> float:
         """Standard deviation of the estimated number of scores >= t_hat (blocks sampled per tensor;
         `ends[b]` is where block b ends in `v`)."""
-        at = np.flatnonzero(v >= t_hat)                          # few: the sample's top
+        at = np.flatnonzero(v >= t_hat)  # few: the sample's top
         c = np.bincount(np.searchsorted(ends, at, side="right"), minlength=len(ends)).astype(np.float64)
         sampled = w_block > 1
         if not sampled.any():
-            return 0.0                                           # every tensor read whole: exact
+            return 0.0  # every tensor read whole: exact
         c, w, t = c[sampled], w_block[sampled], tensor_of[sampled]
         _, t = np.unique(t, return_inverse=True)
         nb = np.bincount(t).astype(np.float64)
         mean = np.bincount(t, weights=c) / nb
         ss = np.bincount(t, weights=(c - mean[t]) ** 2)
-        wt = np.bincount(t, weights=w) / nb                      # one weight per tensor
-        var = np.where(nb > 1, wt ** 2 * nb * ss / np.maximum(nb - 1, 1),
-                       wt ** 2 * (np.bincount(t, weights=c) + 1))             # one block: Poisson, pessimistic
+        wt = np.bincount(t, weights=w) / nb  # one weight per tensor
+        var = np.where(
+            nb > 1, wt**2 * nb * ss / np.maximum(nb - 1, 1), wt**2 * (np.bincount(t, weights=c) + 1)
+        )  # one block: Poisson, pessimistic
         return float(np.sqrt(var.sum()))
 
     def _resolve(self) -> bool:
@@ -394,7 +401,7 @@ class TopK:
         name_rank[sorted(range(len(by_id)), key=by_id.__getitem__)] = np.arange(len(by_id))
         ties = eq[np.lexsort((pos[eq], name_rank[tens[eq]]))][: need - int(above.sum())]
         above[ties] = True
-        chosen = np.flatnonzero(above)          # in scan order: a tensor's positions ascending
+        chosen = np.flatnonzero(above)  # in scan order: a tensor's positions ascending
         self.threshold = float(t)
         names = {i: n for n, i in self.order.items()}
         chosen_t, chosen_p = tens[chosen], pos[chosen]
@@ -423,6 +430,7 @@ class TopK:
     def select(self, name: str, start: int, scores):
         """The chunk's mask (a torch bool tensor) once every pass is done."""
         import torch
+
         scores = _torch(scores)
         if self._phase == "done":
             self.selected += scores.numel()
@@ -445,15 +453,17 @@ class PerTensorTopK:
     """For `per-tensor` scope: ⌊p·n/100⌋ inside each tensor, in one pass over whole tensors."""
 
     def __init__(self, percent: float, scope: Scope):
-        k_for(percent, scope.numel(), what="p")            # validates the range
+        k_for(percent, scope.numel(), what="p")  # validates the range
         self.percent = percent
         self.k = sum(int(percent * scope.numel(n) // 100) for n in scope.names)
         if self.k == 0:
             biggest = max(scope.numel(n) for n in scope.names)
-            raise OptionError(f"--p {percent} selects no parameter in any tensor with --scope per-tensor; "
-                              f"the smallest usable value is {100 / biggest:.3g}")
+            raise OptionError(
+                f"--p {percent} selects no parameter in any tensor with --scope per-tensor; "
+                f"the smallest usable value is {100 / biggest:.3g}"
+            )
         self.selected = 0
-        self.full_passes = 0                    # the caller's one pass selects (no counting pass)
+        self.full_passes = 0  # the caller's one pass selects (no counting pass)
         self.sample_values = np.zeros(0, dtype=np.float32)
         self.thresholds: dict[str, float] = {}
 

@@ -19,8 +19,10 @@ from ..errors import OutputError
 
 def os_error(e: OSError, where: Path) -> OutputError:
     if e.errno == errno.ENOSPC:
-        return OutputError(f"no space left on the device while writing {where}; free space or write elsewhere "
-                           "(the partial output was removed)")
+        return OutputError(
+            f"no space left on the device while writing {where}; free space or write elsewhere "
+            "(the partial output was removed)"
+        )
     return OutputError(f"cannot write {where} ({e.strerror}); the partial output was removed")
 
 
@@ -41,7 +43,7 @@ class AtomicPath:
         self.out = out
         self.tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
         self.force = force
-        for stale in out.parent.glob(f".{out.name}.partial-*"):     # left by a killed run
+        for stale in out.parent.glob(f".{out.name}.partial-*"):  # left by a killed run
             if not _alive(stale.name.rsplit("-", 1)[-1]):
                 shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
         if self.tmp.exists():
@@ -65,8 +67,6 @@ class AtomicPath:
             shutil.rmtree(self.tmp, ignore_errors=True)
         elif self.tmp.exists():
             self.tmp.unlink()
-
-
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

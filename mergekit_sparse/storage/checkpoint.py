@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import dtypes
 from ..errors import CheckpointError
+from . import dtypes
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -34,9 +35,9 @@ class TensorInfo:
 
     name: str
     shape: tuple[int, ...]
-    code: str                       # safetensors dtype code ("BF16"); see `dtypes`
+    code: str  # safetensors dtype code ("BF16"); see `dtypes`
     file: Path
-    offset: int = -1                # where the data starts in `file` (-1: not a safetensors file)
+    offset: int = -1  # where the data starts in `file` (-1: not a safetensors file)
 
     @property
     def dtype(self):
@@ -75,7 +76,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], byte
             if n > min(size - 8, MAX_HEADER_BYTES):
                 raise CheckpointError(
                     f"{path}: not a valid safetensors file (header length {n} exceeds the file size {size}); "
-                    "the file is truncated or not safetensors")
+                    "the file is truncated or not safetensors"
+                )
             raw = f.read(n)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})") from e
@@ -84,8 +86,9 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], byte
     except ValueError:
         raise CheckpointError(f"{path}: safetensors header is not valid JSON; the file is corrupt") from None
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: safetensors header is JSON but not an object (found {type(header).__name__}); "
-                              "the file is corrupt")
+        raise CheckpointError(
+            f"{path}: safetensors header is JSON but not an object (found {type(header).__name__}); the file is corrupt"
+        )
     metadata = header.pop("__metadata__", None) or {}
     infos: dict[str, TensorInfo] = {}
     data_size, end_max = size - 8 - n, 0
@@ -96,16 +99,22 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], byte
             shape = tuple(int(s) for s in entry["shape"])
             begin, end = (int(o) for o in entry["data_offsets"])
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: header entry for '{name}' is malformed or has an unknown dtype "
-                                  f"({entry.get('dtype') if isinstance(entry, dict) else entry!r})") from None
+            raise CheckpointError(
+                f"{path}: header entry for '{name}' is malformed or has an unknown dtype "
+                f"({entry.get('dtype') if isinstance(entry, dict) else entry!r})"
+            ) from None
         info = TensorInfo(name, shape, code, path, 8 + n + begin)
         if end - begin != info.numel * itemsize or begin < 0:
-            raise CheckpointError(f"{path}: header says '{name}' is {entry['dtype']}{list(shape)} "
-                                  f"({info.numel * itemsize} bytes) but its offsets span {end - begin} bytes; "
-                                  "the file is corrupt")
+            raise CheckpointError(
+                f"{path}: header says '{name}' is {entry['dtype']}{list(shape)} "
+                f"({info.numel * itemsize} bytes) but its offsets span {end - begin} bytes; "
+                "the file is corrupt"
+            )
         if end > data_size:
-            raise CheckpointError(f"{path}: '{name}' ends at byte {end} but the file holds only {data_size} "
-                                  "data bytes; the file is truncated (re-download or re-save it)")
+            raise CheckpointError(
+                f"{path}: '{name}' ends at byte {end} but the file holds only {data_size} "
+                "data bytes; the file is truncated (re-download or re-save it)"
+            )
         end_max = max(end_max, end)
         infos[name] = info
     return infos, metadata, raw
@@ -113,6 +122,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], byte
 
 def _load_pickle(path: Path) -> dict:
     import torch
+
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is the user's file
@@ -128,7 +138,8 @@ def _pickle_refusal(path: Path) -> CheckpointError:
     return CheckpointError(
         f"{path}: refusing pickled weights (loading a pickle can run arbitrary code); convert the model to "
         "safetensors (model.save_pretrained(dir, safe_serialization=True)) or pass --allow-pickle to load "
-        "it with torch.load(weights_only=True)")
+        "it with torch.load(weights_only=True)"
+    )
 
 
 class Checkpoint:
@@ -140,10 +151,18 @@ class Checkpoint:
     torch. `tensor(name)` is the same data as a torch tensor.
     """
 
-    def __init__(self, path: Path, infos: dict[str, TensorInfo], *, folder: Path | None,
-                 headers: dict[Path, bytes], label: str, pickled: dict | None = None):
+    def __init__(
+        self,
+        path: Path,
+        infos: dict[str, TensorInfo],
+        *,
+        folder: Path | None,
+        headers: dict[Path, bytes],
+        label: str,
+        pickled: dict | None = None,
+    ):
         self.path = path
-        self.folder = folder            # HF folder with config/tokenizer, or None for a bare file
+        self.folder = folder  # HF folder with config/tokenizer, or None for a bare file
         self.label = label
         self.infos = dict(sorted(infos.items()))
         self._headers = headers
@@ -167,8 +186,10 @@ class Checkpoint:
             return cls._open_folder(path, allow_pickle)
         if re.fullmatch(r"[\w.\-]+/[\w.\-]+", str(spec)) and not str(spec).startswith("."):
             return cls._open_folder(_resolve_hub(str(spec)), allow_pickle, label=str(spec))
-        raise CheckpointError(f"{spec}: no such file or folder (expected a .safetensors file, a model "
-                              "folder, or a Hub repo id such as org/name)")
+        raise CheckpointError(
+            f"{spec}: no such file or folder (expected a .safetensors file, a model "
+            "folder, or a Hub repo id such as org/name)"
+        )
 
     @classmethod
     def _open_folder(cls, folder: Path, allow_pickle: bool, label: str | None = None) -> Checkpoint:
@@ -187,8 +208,9 @@ class Checkpoint:
                 raise _pickle_refusal(pickles[0])
             if pickles:
                 return cls._from_pickles(pickles, folder, folder=folder)
-            raise CheckpointError(f"{folder}: folder holds no weights (no {SINGLE_NAME}, no {INDEX_NAME}, "
-                                  "no *.safetensors)")
+            raise CheckpointError(
+                f"{folder}: folder holds no weights (no {SINGLE_NAME}, no {INDEX_NAME}, no *.safetensors)"
+            )
         infos: dict[str, TensorInfo] = {}
         headers: dict[Path, bytes] = {}
         for file in files:
@@ -196,8 +218,9 @@ class Checkpoint:
             headers[file] = raw
             for name, info in file_infos.items():
                 if name in infos:
-                    raise CheckpointError(f"{folder}: tensor '{name}' appears in two shards "
-                                          f"({infos[name].file.name}, {file.name})")
+                    raise CheckpointError(
+                        f"{folder}: tensor '{name}' appears in two shards ({infos[name].file.name}, {file.name})"
+                    )
                 infos[name] = info
         return cls(folder, infos, folder=folder, headers=headers, label=label)
 
@@ -270,8 +293,9 @@ class Checkpoint:
                         raise CheckpointError(f"{info.file}: cannot open safetensors file ({e})") from None
                     self._maps[info.file] = m
         if info.offset + info.nbytes > len(m):
-            raise CheckpointError(f"{info.file}: '{info.name}' ends past the end of the file; the file was "
-                                  "truncated after it was opened")
+            raise CheckpointError(
+                f"{info.file}: '{info.name}' ends past the end of the file; the file was truncated after it was opened"
+            )
         return m
 
     def array(self, name: str) -> np.ndarray:
@@ -279,12 +303,14 @@ class Checkpoint:
         info = self._info(name)
         if self._pickled is not None:
             import torch
+
             t = self._pickled[name].detach().contiguous()
             if t.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
                 t = t.view({2: torch.int16, 1: torch.uint8}[t.element_size()])
             return t.numpy().view(dtypes.storage(info.code))
-        a = np.frombuffer(self._mapping(info), dtype=dtypes.storage(info.code), count=info.numel,
-                          offset=info.offset).reshape(info.shape)
+        a = np.frombuffer(
+            self._mapping(info), dtype=dtypes.storage(info.code), count=info.numel, offset=info.offset
+        ).reshape(info.shape)
         a.flags.writeable = False
         return a
 
@@ -300,13 +326,15 @@ class Checkpoint:
         if self._pickled is not None:
             return self._pickled[name]
         import torch
+
         if info.numel == 0:
             return torch.empty(info.shape, dtype=info.dtype)
-        return torch.frombuffer(self._mapping(info), dtype=info.dtype, count=info.numel,
-                                offset=info.offset).view(info.shape)
+        return torch.frombuffer(self._mapping(info), dtype=info.dtype, count=info.numel, offset=info.offset).view(
+            info.shape
+        )
 
     def close(self) -> None:
-        self._maps.clear()          # unmapped by the collector once no array or tensor refers to them
+        self._maps.clear()  # unmapped by the collector once no array or tensor refers to them
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, tensors={len(self.infos)}, params={self.numel})"
@@ -334,18 +362,22 @@ def _shards_from_index(index: Path) -> list[Path]:
 def _resolve_hub(repo_id: str) -> Path:
     """Resolve a Hub repo id to a local snapshot folder (cache first; honours HF_HUB_OFFLINE)."""
     from huggingface_hub import snapshot_download
+
     patterns = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt", "*.jinja"]
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
     except Exception:  # noqa: BLE001 - not cached: try the network unless offline
         if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-            raise CheckpointError(f"{repo_id}: not a local path, and not in the Hugging Face cache while "
-                                  "HF_HUB_OFFLINE is set; download it first or give a local path") from None
+            raise CheckpointError(
+                f"{repo_id}: not a local path, and not in the Hugging Face cache while "
+                "HF_HUB_OFFLINE is set; download it first or give a local path"
+            ) from None
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{repo_id}: cannot resolve as a Hub repo ({type(e).__name__}); "
-                              "give a local path or check the repo id") from None
+        raise CheckpointError(
+            f"{repo_id}: cannot resolve as a Hub repo ({type(e).__name__}); give a local path or check the repo id"
+        ) from None
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -368,11 +400,14 @@ def task_label(spec) -> str:
 def task_labels(specs) -> list[str]:
     """Display names for several tasks; duplicates are an error (they would overwrite each other's outputs)."""
     from ..errors import OptionError
+
     labels = [task_label(s) for s in specs]
     seen: dict[str, str] = {}
     for spec, label in zip(specs, labels):
         if label in seen:
-            raise OptionError(f"two inputs have the task name '{label}' ({seen[label]} and {spec}); "
-                              "rename one of them so their outputs do not collide")
+            raise OptionError(
+                f"two inputs have the task name '{label}' ({seen[label]} and {spec}); "
+                "rename one of them so their outputs do not collide"
+            )
         seen[label] = str(spec)
     return labels

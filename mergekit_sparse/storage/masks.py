@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import Checkpoint, read_header
 from ..errors import CheckpointError, MismatchError
 from .atomic import AtomicPath, os_error
+from .checkpoint import Checkpoint, read_header
 from .writer import SafetensorsStream, check_output
 
 FORMAT_VERSION = 1
@@ -36,6 +36,7 @@ def unpack_bits(packed: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 def unpack(packed: np.ndarray, shape: tuple[int, ...]):
     import torch
+
     return torch.from_numpy(unpack_bits(packed, shape))
 
 
@@ -58,7 +59,7 @@ class MaskSet:
 
     def __init__(self, path: Path, shapes: dict[str, tuple[int, ...]], meta: dict):
         self.path, self.shapes, self.meta = Path(path), dict(sorted(shapes.items())), meta
-        self._file: Checkpoint | None = None      # the packed bits, read like any checkpoint
+        self._file: Checkpoint | None = None  # the packed bits, read like any checkpoint
 
     @classmethod
     def load(cls, path: str | Path) -> MaskSet:
@@ -70,11 +71,15 @@ class MaskSet:
             meta = json.loads(metadata[META_KEY])
             shapes = {n: tuple(s) for n, s in meta["shapes"].items()}
         except (KeyError, ValueError, TypeError):
-            raise CheckpointError(f"{path}: not a mergekit-sparse mask file (no '{META_KEY}' metadata); "
-                                  "create masks with `sparsemerge core` or `sparsemerge gallop`") from None
+            raise CheckpointError(
+                f"{path}: not a mergekit-sparse mask file (no '{META_KEY}' metadata); "
+                "create masks with `sparsemerge core` or `sparsemerge gallop`"
+            ) from None
         if meta.get("format_version", 0) > FORMAT_VERSION:
-            raise CheckpointError(f"{path}: mask format version {meta['format_version']} is newer than this "
-                                  f"tool's ({FORMAT_VERSION}); upgrade mergekit-sparse")
+            raise CheckpointError(
+                f"{path}: mask format version {meta['format_version']} is newer than this "
+                f"tool's ({FORMAT_VERSION}); upgrade mergekit-sparse"
+            )
         for name, shape in shapes.items():
             info = infos.get(name)
             if info is None or info.code != "U8" or info.numel != packed_size(shape):
@@ -119,22 +124,27 @@ class MaskSet:
         extra = [n for n in self.shapes if n not in shapes]
         if missing or extra:
             what = f"has no mask for '{missing[0]}'" if missing else f"masks '{extra[0]}', which is not in scope"
-            raise MismatchError(f"mask {self.path} does not fit {where}: it {what} ({len(missing)} missing, "
-                                f"{len(extra)} extra); was it made for another model or another scope?")
+            raise MismatchError(
+                f"mask {self.path} does not fit {where}: it {what} ({len(missing)} missing, "
+                f"{len(extra)} extra); was it made for another model or another scope?"
+            )
         for n, s in shapes.items():
             if tuple(self.shapes[n]) != tuple(s):
-                raise MismatchError(f"mask {self.path} does not fit {where}: '{n}' is {list(self.shapes[n])} "
-                                    f"in the mask but {list(s)} in the model; it was made for another model")
+                raise MismatchError(
+                    f"mask {self.path} does not fit {where}: '{n}' is {list(self.shapes[n])} "
+                    f"in the mask but {list(s)} in the model; it was made for another model"
+                )
 
 
 class MaskWriter:
     """Stream a mask set to disk tensor by tensor (header first, atomic rename at the end)."""
 
-    def __init__(self, out: Path, shapes: dict[str, tuple[int, ...]], meta: dict, *, force: bool = False,
-                 inputs: list[Path] = ()):
+    def __init__(
+        self, out: Path, shapes: dict[str, tuple[int, ...]], meta: dict, *, force: bool = False, inputs: list[Path] = ()
+    ):
         self.out = Path(out)
         check_output(self.out, list(inputs), force=force)
-        self.shapes = shapes = dict(sorted(shapes.items()))          # written in sorted-name order
+        self.shapes = shapes = dict(sorted(shapes.items()))  # written in sorted-name order
         meta = {"format_version": FORMAT_VERSION, **meta, "shapes": {n: list(s) for n, s in shapes.items()}}
         plan = [(n, "U8", (packed_size(s),)) for n, s in shapes.items()]
         self._atomic = AtomicPath(self.out, force=force, is_dir=False)
@@ -167,11 +177,11 @@ class MaskWriter:
         for name, pos in self._patches:
             pos = np.sort(pos)
             byte = pos // 8
-            bits = (1 << (7 - pos % 8)).astype(np.uint8)                       # packbits is big-endian
+            bits = (1 << (7 - pos % 8)).astype(np.uint8)  # packbits is big-endian
             first = np.flatnonzero(np.concatenate(([True], byte[1:] != byte[:-1])))
             where = self._stream.data_start + self._stream.offsets[name] + byte[first]
-            mm[where] |= np.bitwise_or.reduceat(bits, first)                    # the bits of each byte at once
-        del mm                                     # left to the page cache like every other write (no msync)
+            mm[where] |= np.bitwise_or.reduceat(bits, first)  # the bits of each byte at once
+        del mm  # left to the page cache like every other write (no msync)
 
     def commit(self) -> Path:
         """Finish the file (patches applied) and put it in place."""

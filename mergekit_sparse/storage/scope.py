@@ -6,8 +6,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .checkpoint import Checkpoint
 from ..errors import MismatchError, OptionError
+from .checkpoint import Checkpoint
 
 
 @dataclass(frozen=True)
@@ -15,7 +15,7 @@ class Scope:
     """Tensor names in scope (sorted: the order of every pass and of the tie rule) and their shapes."""
 
     shapes: dict[str, tuple[int, ...]]
-    copied: tuple[str, ...] = ()                      # in the checkpoints but not selected (ints, excluded)
+    copied: tuple[str, ...] = ()  # in the checkpoints but not selected (ints, excluded)
     dtype_differences: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
@@ -28,8 +28,12 @@ class Scope:
         return sum(_prod(s) for s in self.shapes.values())
 
     def to_json(self) -> dict:
-        return {"tensors": len(self.shapes), "parameters": self.numel(), "copied": list(self.copied),
-                "dtype_differences": {k: list(v) for k, v in self.dtype_differences.items()}}
+        return {
+            "tensors": len(self.shapes),
+            "parameters": self.numel(),
+            "copied": list(self.copied),
+            "dtype_differences": {k: list(v) for k, v in self.dtype_differences.items()},
+        }
 
 
 def _prod(shape: tuple[int, ...]) -> int:
@@ -55,6 +59,7 @@ def name_filter(include=(), exclude=()):
 
     def keep(name: str) -> bool:
         return (not inc or any(p.search(name) for p in inc)) and not any(p.search(name) for p in exc)
+
     return keep
 
 
@@ -76,19 +81,25 @@ def align(checkpoints: list[Checkpoint], *, include=(), exclude=(), allow_empty:
         owners = [c for c in checkpoints if name in c.infos]
         if len(owners) != len(checkpoints):
             missing = next(c for c in checkpoints if name not in c.infos)
-            raise MismatchError(f"tensor '{name}' is in {owners[0].path} but missing from {missing.path}; "
-                                f"exclude it with --exclude '{re.escape(name)}' if that is intended")
+            raise MismatchError(
+                f"tensor '{name}' is in {owners[0].path} but missing from {missing.path}; "
+                f"exclude it with --exclude '{re.escape(name)}' if that is intended"
+            )
         infos = [c.infos[name] for c in checkpoints]
         ref = infos[0]
         for c, info in zip(checkpoints, infos):
             if info.shape != ref.shape:
-                raise MismatchError(f"shape mismatch for '{name}': {first.path} {list(ref.shape)} vs "
-                                    f"{c.path} {list(info.shape)}; the checkpoints are not fine-tunes of "
-                                    "one model (resize the vocabulary first, or exclude the tensor)")
+                raise MismatchError(
+                    f"shape mismatch for '{name}': {first.path} {list(ref.shape)} vs "
+                    f"{c.path} {list(info.shape)}; the checkpoints are not fine-tunes of "
+                    "one model (resize the vocabulary first, or exclude the tensor)"
+                )
             if info.is_float != ref.is_float:
-                raise MismatchError(f"dtype mismatch for '{name}': {first.path} {ref.dtype_name} vs {c.path} "
-                                    f"{info.dtype_name} (one floating, one not)")
-        if not ref.is_float or ref.numel == 0:                  # nothing to select in an empty tensor
+                raise MismatchError(
+                    f"dtype mismatch for '{name}': {first.path} {ref.dtype_name} vs {c.path} "
+                    f"{info.dtype_name} (one floating, one not)"
+                )
+        if not ref.is_float or ref.numel == 0:  # nothing to select in an empty tensor
             copied.append(name)
             continue
         dtypes = {i.dtype_name for i in infos}

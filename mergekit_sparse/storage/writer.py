@@ -19,14 +19,23 @@ from pathlib import Path
 
 import numpy as np
 
-from . import dtypes
-from .checkpoint import INDEX_NAME, SINGLE_NAME
 from ..errors import OptionError, OutputError
+from . import dtypes
 from .atomic import AtomicPath, os_error
+from .checkpoint import INDEX_NAME, SINGLE_NAME
 
-REFERENCE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
-                   "added_tokens.json", "chat_template.jinja")
+REFERENCE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
 
 
 def check_output(out: Path, inputs: list[Path], *, force: bool) -> None:
@@ -59,6 +68,7 @@ def _fault_injection() -> None:
     if _fault_injection.count == int(n):
         if kind == "kill":
             import signal
+
             os.kill(os.getpid(), signal.SIGKILL)
         if kind == "enospc":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -69,11 +79,12 @@ def _storage(piece, code: str, name: str) -> np.ndarray:
     or a torch tensor of that dtype."""
     if isinstance(piece, np.ndarray):
         if piece.dtype != dtypes.storage(code):
-            raise RuntimeError(f"writer expected {code} for {name}, got numpy {piece.dtype}")   # a caller bug
+            raise RuntimeError(f"writer expected {code} for {name}, got numpy {piece.dtype}")  # a caller bug
         return np.ascontiguousarray(piece).reshape(-1)
     import torch
+
     if dtypes.code_of(piece.dtype) != code:
-        raise RuntimeError(f"writer expected {code} for {name}, got {piece.dtype}")            # a caller bug
+        raise RuntimeError(f"writer expected {code} for {name}, got {piece.dtype}")  # a caller bug
     return piece.detach().contiguous().reshape(-1).view(torch.uint8).numpy().view(dtypes.storage(code))
 
 
@@ -87,8 +98,14 @@ class SafetensorsStream:
     Entries are (name, dtype, shape), the dtype a safetensors code or a torch dtype; pieces written
     are numpy arrays (of the code's storage dtype, see `dtypes`) or torch tensors."""
 
-    def __init__(self, path: Path, entries: list[tuple[str, object, tuple[int, ...]]],
-                 metadata: dict[str, str] | None = None, *, reserve: int = 0):
+    def __init__(
+        self,
+        path: Path,
+        entries: list[tuple[str, object, tuple[int, ...]]],
+        metadata: dict[str, str] | None = None,
+        *,
+        reserve: int = 0,
+    ):
         header: dict = {"__metadata__": dict(metadata)} if metadata else {}
         offset = 0
         self._order = []
@@ -104,7 +121,7 @@ class SafetensorsStream:
             self.offsets[name] = offset
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (reserve + (-(len(raw) + reserve) % 8))    # room to rewrite metadata at close
+        raw += b" " * (reserve + (-(len(raw) + reserve) % 8))  # room to rewrite metadata at close
         self._header = header
         self.path = path
         self.total = offset
@@ -118,15 +135,16 @@ class SafetensorsStream:
     def write(self, name: str, tensor) -> None:
         exp_name, dtype, shape, nbytes = self._order[self._next]
         if name != exp_name or tuple(tensor.shape) != shape:
-            raise RuntimeError(f"writer expected {exp_name} {dtype} {shape}, got {name} {tensor.dtype} "
-                               f"{tuple(tensor.shape)}")  # a bug in the caller, not a user mistake
+            raise RuntimeError(
+                f"writer expected {exp_name} {dtype} {shape}, got {name} {tensor.dtype} {tuple(tensor.shape)}"
+            )  # a bug in the caller, not a user mistake
         self.write_chunks(name, [tensor])
 
     def write_chunks(self, name: str, chunks) -> None:
         """Write one tensor as consecutive flat pieces (each of the planned dtype)."""
         exp_name, dtype, shape, nbytes = self._order[self._next]
         if name != exp_name:
-            raise RuntimeError(f"writer expected {exp_name}, got {name}")                     # a caller bug
+            raise RuntimeError(f"writer expected {exp_name}, got {name}")  # a caller bug
         _fault_injection()
         written = 0
         for piece in chunks:
@@ -145,7 +163,7 @@ class SafetensorsStream:
         written = 0
         for piece in chunks:
             data = _bytes(piece, dtype, name)
-            while data:                               # pwrite may write less than asked
+            while data:  # pwrite may write less than asked
                 done = os.pwrite(fd, data, pos + written)
                 data, written = data[done:], written + done
         if written != nbytes:
@@ -166,8 +184,9 @@ class SafetensorsStream:
 
     def close(self) -> None:
         if self._next + len(self._written) != len(self._order):
-            raise RuntimeError(f"{self.path}: {len(self._order) - self._next - len(self._written)} tensors never "
-                               "written")
+            raise RuntimeError(
+                f"{self.path}: {len(self._order) - self._next - len(self._written)} tensors never written"
+            )
         self._f.close()
 
     def abort(self) -> None:
@@ -204,12 +223,23 @@ class CheckpointWriter:
     `discard()` removes the temporary output (leaving a `with` block does one or the other).
     """
 
-    def __init__(self, out: Path, plan: list[tuple[str, object, tuple[int, ...]]], *, folder: bool,
-                 shard_bytes: int | None = None, metadata: dict[str, str] | None = None,
-                 reference: Path | None = None, inputs: list[Path] = (), force: bool = False,
-                 config_dtype=None, validate=None, any_order: bool = False):
+    def __init__(
+        self,
+        out: Path,
+        plan: list[tuple[str, object, tuple[int, ...]]],
+        *,
+        folder: bool,
+        shard_bytes: int | None = None,
+        metadata: dict[str, str] | None = None,
+        reference: Path | None = None,
+        inputs: list[Path] = (),
+        force: bool = False,
+        config_dtype=None,
+        validate=None,
+        any_order: bool = False,
+    ):
         self.out = Path(out)
-        self.validate = validate         # called with the finished temporary path before the rename
+        self.validate = validate  # called with the finished temporary path before the rename
         self.extra_files: dict[str, str] = {}
         check_output(self.out, list(inputs), force=force)
         self.plan, self.folder, self.metadata = plan, folder, metadata or {}
@@ -221,19 +251,23 @@ class CheckpointWriter:
         self._shard_i = -1
         self._in_shard = 0
         self.weight_map: dict[str, str] = {}
-        self.locations: dict[str, tuple[Path, int, int, str]] = {}   # name -> (file, offset, numel, dtype code)
-        self._streams: dict[str, SafetensorsStream] = {}                      # any_order: name -> its file
+        self.locations: dict[str, tuple[Path, int, int, str]] = {}  # name -> (file, offset, numel, dtype code)
+        self._streams: dict[str, SafetensorsStream] = {}  # any_order: name -> its file
         if any_order:
             try:
                 for i, shard in enumerate(self.shards):
                     stream = SafetensorsStream(self._shard_path(i), shard, {"format": "pt", **self.metadata})
-                    stream.flush()                        # the header, before any positional write
+                    stream.flush()  # the header, before any positional write
                     self._opened.append(stream)
                     for name, dtype, _, nbytes in stream.entries:
                         self._streams[name] = stream
                         self.weight_map[name] = stream.path.name
-                        self.locations[name] = (stream.path, stream.data_start + stream.offsets[name],
-                                                nbytes // dtypes.itemsize(dtype), dtype)
+                        self.locations[name] = (
+                            stream.path,
+                            stream.data_start + stream.offsets[name],
+                            nbytes // dtypes.itemsize(dtype),
+                            dtype,
+                        )
             except OSError as e:
                 self.discard()
                 raise os_error(e, self.out) from None
@@ -262,13 +296,18 @@ class CheckpointWriter:
                     self._stream.close()
                 self._shard_i += 1
                 self._in_shard = 0
-                self._stream = SafetensorsStream(self._shard_path(self._shard_i), self.shards[self._shard_i],
-                                                 {"format": "pt", **self.metadata})
+                self._stream = SafetensorsStream(
+                    self._shard_path(self._shard_i), self.shards[self._shard_i], {"format": "pt", **self.metadata}
+                )
                 self._opened.append(self._stream)
             stream = self._stream
             _, dtype, shape, nbytes = stream.upcoming()
-            self.locations[name] = (stream.path, stream.data_start + stream.offsets[name],
-                                    nbytes // dtypes.itemsize(dtype), dtype)
+            self.locations[name] = (
+                stream.path,
+                stream.data_start + stream.offsets[name],
+                nbytes // dtypes.itemsize(dtype),
+                dtype,
+            )
             stream.write_chunks(name, chunks)
         except OSError as e:
             raise os_error(e, self.out) from None
@@ -289,7 +328,7 @@ class CheckpointWriter:
                 if stream.path == path:
                     stream.flush()
             mm = np.memmap(path, dtype=view.dtype, mode="r+", offset=offset, shape=(numel,))
-            mm[positions] = view                      # left to the page cache like every other write (no msync)
+            mm[positions] = view  # left to the page cache like every other write (no msync)
             del mm
         except OSError as e:
             raise os_error(e, self.out) from None

@@ -48,9 +48,14 @@ def _check_record(rec, kind: str) -> str | None:
     if not isinstance(rec, dict):
         return "each line must be a JSON object"
     if kind == "choice":
-        if not (isinstance(rec.get("prompt"), str) and isinstance(rec.get("choices"), list) and rec["choices"]
-                and all(isinstance(c, str) for c in rec["choices"]) and isinstance(rec.get("answer"), int)
-                and 0 <= rec["answer"] < len(rec["choices"])):
+        if not (
+            isinstance(rec.get("prompt"), str)
+            and isinstance(rec.get("choices"), list)
+            and rec["choices"]
+            and all(isinstance(c, str) for c in rec["choices"])
+            and isinstance(rec.get("answer"), int)
+            and 0 <= rec["answer"] < len(rec["choices"])
+        ):
             return 'expected {"prompt": str, "choices": [str, ...], "answer": index into choices}'
         return None
     if isinstance(rec.get("prompt"), str) and isinstance(rec.get("response"), str):
@@ -63,6 +68,7 @@ def _check_record(rec, kind: str) -> str | None:
 
 def file_sha256(path: str | Path) -> str:
     from ..storage.checkpoint import sha256_file
+
     return sha256_file(Path(path))
 
 
@@ -89,9 +95,9 @@ def encode(tokenizer, rec: dict, max_len: int | None = None) -> Example:
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch: input_ids, attention_mask, labels (pads are IGNORE)."""
     T = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)                 # (B, T)
-    labels = torch.full((len(examples), T), IGNORE, dtype=torch.long)              # (B, T)
-    attn = torch.zeros((len(examples), T), dtype=torch.long)                       # (B, T)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)  # (B, T)
+    labels = torch.full((len(examples), T), IGNORE, dtype=torch.long)  # (B, T)
+    attn = torch.zeros((len(examples), T), dtype=torch.long)  # (B, T)
     for i, e in enumerate(examples):
         n = len(e.input_ids)
         ids[i, :n] = torch.tensor(e.input_ids)
@@ -106,11 +112,12 @@ def seeded_subset(n: int, *, fraction: float | None = None, count: int | None = 
     perm = torch.randperm(n, generator=g).tolist()
     if count is None:
         count = n if fraction is None else max(1, round(fraction * n))
-    return perm[:min(count, n)]
+    return perm[: min(count, n)]
 
 
-def balanced_sample(tasks: dict[str, list[dict]], *, per_task: int | None = None, fraction: float | None = None,
-                    seed: int = 0) -> list[tuple[str, dict]]:
+def balanced_sample(
+    tasks: dict[str, list[dict]], *, per_task: int | None = None, fraction: float | None = None, seed: int = 0
+) -> list[tuple[str, dict]]:
     """The same number of examples from each task (`per_task`, or `fraction` of the smallest task),
     drawn with a seed, then shuffled together."""
     if per_task is None:
@@ -119,7 +126,7 @@ def balanced_sample(tasks: dict[str, list[dict]], *, per_task: int | None = None
     out = []
     for k, (name, recs) in enumerate(sorted(tasks.items())):
         idx = seeded_subset(len(recs), count=per_task, seed=seed * 1000 + k)
-        if len(idx) < per_task:                                  # small task: cycle through it again
+        if len(idx) < per_task:  # small task: cycle through it again
             idx = [idx[i % len(idx)] for i in range(per_task)]
         out += [(name, recs[i]) for i in idx]
     order = seeded_subset(len(out), seed=seed)
@@ -129,9 +136,10 @@ def balanced_sample(tasks: dict[str, list[dict]], *, per_task: int | None = None
 def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """(sum of next-token cross-entropy over the labelled tokens, number of labelled tokens)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-    target = batch["labels"][:, 1:]                                                   # (B, T-1)
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                             ignore_index=IGNORE, reduction="sum")
+    target = batch["labels"][:, 1:]  # (B, T-1)
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
     return loss, int((target != IGNORE).sum())
 
 

@@ -12,22 +12,31 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..storage.checkpoint import Checkpoint
-from .data import collate, encode, file_sha256, read_jsonl, seeded_subset
 from ..errors import NonFiniteError, OptionError
-from .models import load_model
+from ..storage.checkpoint import Checkpoint
 from ..storage.writer import CheckpointWriter
+from .data import collate, encode, file_sha256, read_jsonl, seeded_subset
+from .models import load_model
 
 
 def batches(indices: list[int], batch_size: int) -> list[list[int]]:
-    return [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+    return [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
 
 
-def mean_gradient(model, tokenizer, records: list[dict], indices: list[int], *, batch_size: int = 8,
-                  max_len: int | None = None, progress: bool = False) -> dict[str, torch.Tensor]:
+def mean_gradient(
+    model,
+    tokenizer,
+    records: list[dict],
+    indices: list[int],
+    *,
+    batch_size: int = 8,
+    max_len: int | None = None,
+    progress: bool = False,
+) -> dict[str, torch.Tensor]:
     """{parameter name: float32 mean gradient}, from the examples `indices` in that order."""
     from .data import lm_loss
-    model.train(False)                                   # deterministic: no dropout
+
+    model.train(False)  # deterministic: no dropout
     model.zero_grad(set_to_none=True)
     N = len(indices)
     for idx in tqdm(batches(indices, batch_size), desc="gradients", disable=not progress, leave=False):
@@ -44,9 +53,18 @@ def mean_gradient(model, tokenizer, records: list[dict], indices: list[int], *, 
     return grads
 
 
-def compute_gradients(model_dir: str, data: str, out: Path, *, fraction: float = 0.1, seed: int = 0,
-                      batch_size: int = 8, max_len: int | None = 256, force: bool = False,
-                      progress: bool = False) -> dict:
+def compute_gradients(
+    model_dir: str,
+    data: str,
+    out: Path,
+    *,
+    fraction: float = 0.1,
+    seed: int = 0,
+    batch_size: int = 8,
+    max_len: int | None = 256,
+    force: bool = False,
+    progress: bool = False,
+) -> dict:
     """Compute and save the mean gradient as float32 safetensors with metadata; returns the metadata."""
     if not 0 < fraction <= 1:
         raise OptionError(f"--fraction {fraction} is out of range; give a share in (0, 1], e.g. 0.1")
@@ -56,14 +74,23 @@ def compute_gradients(model_dir: str, data: str, out: Path, *, fraction: float =
     ck = Checkpoint.open(model_dir)
     model, tokenizer = load_model(model_dir, dtype=torch.float32)
     indices = seeded_subset(len(records), fraction=fraction, seed=seed)
-    meta = {"kind": "mean_gradient", "model": str(model_dir), "model_sha256": ck.content_sha256(),
-            "data": str(data), "data_sha256": file_sha256(data), "fraction": str(fraction), "seed": str(seed),
-            "examples": str(len(indices)), "batch_size": str(batch_size), "max_len": str(max_len),
-            "loss": "mean over response tokens per batch, batches weighted by size"}
+    meta = {
+        "kind": "mean_gradient",
+        "model": str(model_dir),
+        "model_sha256": ck.content_sha256(),
+        "data": str(data),
+        "data_sha256": file_sha256(data),
+        "fraction": str(fraction),
+        "seed": str(seed),
+        "examples": str(len(indices)),
+        "batch_size": str(batch_size),
+        "max_len": str(max_len),
+        "loss": "mean over response tokens per batch, batches weighted by size",
+    }
     from ..storage.writer import check_output
+
     check_output(out, [ck.path, Path(data)], force=force)
-    grads = mean_gradient(model, tokenizer, records, indices, batch_size=batch_size, max_len=max_len,
-                          progress=progress)
+    grads = mean_gradient(model, tokenizer, records, indices, batch_size=batch_size, max_len=max_len, progress=progress)
     names = sorted(n for n in grads if n in ck.infos)
     plan = [(n, torch.float32, tuple(grads[n].shape)) for n in names]
     with CheckpointWriter(out, plan, folder=False, metadata=meta, inputs=[ck.path], force=force) as w:

@@ -29,9 +29,17 @@ class MaskedAdamW:
 
     moments = ("m", "v")
 
-    def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]], masks: dict[str, Tensor] | None = None,
-                 *, lr: float = 1e-4, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 sparse_below: float = 0.1):
+    def __init__(
+        self,
+        named_params: list[tuple[str, torch.nn.Parameter]],
+        masks: dict[str, Tensor] | None = None,
+        *,
+        lr: float = 1e-4,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        sparse_below: float = 0.1,
+    ):
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
         self.step_count = 0
         self.groups: list[dict] = []
@@ -50,7 +58,7 @@ class MaskedAdamW:
                 g["mode"] = "sparse"
                 flat = mask.reshape(-1)
                 idx_dtype = torch.int32 if p.numel() < 2**31 else torch.int64
-                g["idx"] = flat.nonzero().squeeze(1).to(idx_dtype)                    # (k,)
+                g["idx"] = flat.nonzero().squeeze(1).to(idx_dtype)  # (k,)
                 g["master"] = p.detach().reshape(-1)[g["idx"].long()].float().clone()  # (k,)
                 shape = (g["idx"].numel(),)
             else:
@@ -69,7 +77,7 @@ class MaskedAdamW:
         if grad is None:
             return None
         if g["mode"] == "sparse":
-            return grad.reshape(-1)[g["idx"].long()].float()                   # (k,)
+            return grad.reshape(-1)[g["idx"].long()].float()  # (k,)
         grad = grad.float()
         return grad * g["mask"] if g["mode"] == "dense" else grad
 
@@ -100,7 +108,7 @@ class MaskedAdamW:
     def _direction(self, g: dict, grad: Tensor, w: Tensor, lr: float) -> tuple[Tensor, float]:
         """(update, decay): the step moves w to w·decay − lr·update (moments updated in place)."""
         b1, b2 = self.betas
-        bc1, bc2 = 1 - b1 ** self.step_count, 1 - b2 ** self.step_count
+        bc1, bc2 = 1 - b1**self.step_count, 1 - b2**self.step_count
         g["m"].mul_(b1).add_(grad, alpha=1 - b1)
         g["v"].mul_(b2).addcmul_(grad, grad, value=1 - b2)
         return (g["m"] / bc1) / ((g["v"] / bc2).sqrt() + self.eps), 1 - lr * self.weight_decay
@@ -161,8 +169,16 @@ class MaskedSGD(MaskedAdamW):
 
     moments = ("m",)
 
-    def __init__(self, named_params, masks=None, *, lr: float = 1e-2, momentum: float = 0.9,
-                 weight_decay: float = 0.0, sparse_below: float = 0.1):
+    def __init__(
+        self,
+        named_params,
+        masks=None,
+        *,
+        lr: float = 1e-2,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        sparse_below: float = 0.1,
+    ):
         self.momentum = momentum
         super().__init__(named_params, masks, lr=lr, weight_decay=weight_decay, sparse_below=sparse_below)
 
@@ -176,10 +192,19 @@ class MaskedSGD(MaskedAdamW):
 OPTIMIZERS = ("adamw", "sgd")
 
 
-def make_optimizer(kind: str, named_params, masks=None, *, lr: float, weight_decay: float = 0.0,
-                   momentum: float = 0.9, sparse_below: float = 0.1) -> MaskedAdamW:
+def make_optimizer(
+    kind: str,
+    named_params,
+    masks=None,
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+    momentum: float = 0.9,
+    sparse_below: float = 0.1,
+) -> MaskedAdamW:
     """The masked optimizer called `kind` ("adamw" or "sgd"; `momentum` is SGD's)."""
     if kind == "sgd":
-        return MaskedSGD(named_params, masks, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                         sparse_below=sparse_below)
+        return MaskedSGD(
+            named_params, masks, lr=lr, momentum=momentum, weight_decay=weight_decay, sparse_below=sparse_below
+        )
     return MaskedAdamW(named_params, masks, lr=lr, weight_decay=weight_decay, sparse_below=sparse_below)

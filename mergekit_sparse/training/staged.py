@@ -13,15 +13,15 @@ from pathlib import Path
 
 import torch
 
-from ..storage.checkpoint import Checkpoint
-from ..storage import atomic
-from .data import balanced_sample, file_sha256, read_jsonl
-from ..errors import MismatchError, OptionError
-from ..storage.masks import MaskSet
-from .models import load_model
 from ..analysis.overlap import load_groups
-from .trainer import TrainConfig, train
+from ..errors import MismatchError, OptionError
+from ..storage import atomic
+from ..storage.checkpoint import Checkpoint
+from ..storage.masks import MaskSet
 from ..storage.writer import check_output
+from .data import balanced_sample, file_sha256, read_jsonl
+from .models import load_model
+from .trainer import TrainConfig, train
 
 
 def model_masks(model, mask_set: MaskSet, where) -> dict[str, torch.Tensor]:
@@ -29,20 +29,32 @@ def model_masks(model, mask_set: MaskSet, where) -> dict[str, torch.Tensor]:
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     missing = [n for n in mask_set.names if n not in shapes]
     if missing:
-        raise MismatchError(f"mask {mask_set.path} names '{missing[0]}', which is not a parameter of {where}; "
-                            "was it made for another model?")
+        raise MismatchError(
+            f"mask {mask_set.path} names '{missing[0]}', which is not a parameter of {where}; "
+            "was it made for another model?"
+        )
     for n in mask_set.names:
         if tuple(mask_set.shapes[n]) != shapes[n]:
-            raise MismatchError(f"mask {mask_set.path} does not fit {where}: '{n}' is {list(mask_set.shapes[n])} in "
-                                f"the mask but {list(shapes[n])} in the model; it was made for another model")
-    out = {n: torch.zeros(s, dtype=torch.bool) for n, s in shapes.items()}        # unmasked params stay frozen
+            raise MismatchError(
+                f"mask {mask_set.path} does not fit {where}: '{n}' is {list(mask_set.shapes[n])} in "
+                f"the mask but {list(shapes[n])} in the model; it was made for another model"
+            )
+    out = {n: torch.zeros(s, dtype=torch.bool) for n, s in shapes.items()}  # unmasked params stay frozen
     for n in mask_set.names:
         out[n] = mask_set.bool(n)
     return out
 
 
-def run_train(model_dir: str, data: str, out: Path, *, cfg: TrainConfig, mask: str | None = None,
-              force: bool = False, progress: bool = False) -> dict:
+def run_train(
+    model_dir: str,
+    data: str,
+    out: Path,
+    *,
+    cfg: TrainConfig,
+    mask: str | None = None,
+    force: bool = False,
+    progress: bool = False,
+) -> dict:
     """Full fine-tuning (no mask) or masked training of one task."""
     cfg.check()
     check_output(out, [Path(model_dir), Path(data)] + ([Path(mask)] if mask else []), force=force)
@@ -50,13 +62,33 @@ def run_train(model_dir: str, data: str, out: Path, *, cfg: TrainConfig, mask: s
     model, tok = load_model(model_dir)
     masks = model_masks(model, MaskSet.load(mask), model_dir) if mask else None
     record = {"model": str(model_dir), "data": str(data), "data_sha256": file_sha256(data), "mask": mask}
-    return train(model, tok, records, cfg=cfg, masks=masks, out=out, reference=Path(model_dir), force=force,
-                 progress=progress, record=record)
+    return train(
+        model,
+        tok,
+        records,
+        cfg=cfg,
+        masks=masks,
+        out=out,
+        reference=Path(model_dir),
+        force=force,
+        progress=progress,
+        record=record,
+    )
 
 
-def retrain(model_dir: str, groups_path: str, masks_dir: str, data: dict[str, str], out: Path, *,
-            cfg: TrainConfig, per_task: int | None = None, fraction: float | None = None, force: bool = False,
-            progress: bool = False) -> dict:
+def retrain(
+    model_dir: str,
+    groups_path: str,
+    masks_dir: str,
+    data: dict[str, str],
+    out: Path,
+    *,
+    cfg: TrainConfig,
+    per_task: int | None = None,
+    fraction: float | None = None,
+    force: bool = False,
+    progress: bool = False,
+) -> dict:
     """Run every stage in the order of the groups file; returns the retrain.json document."""
     cfg.check()
     doc = load_groups(groups_path)
@@ -71,46 +103,76 @@ def retrain(model_dir: str, groups_path: str, masks_dir: str, data: dict[str, st
     records = {t: read_jsonl(data[t]) for t in tasks}
     out = Path(out)
     ours = out.is_dir() and any(p.name.startswith("stage-") or p.name == "retrain.json" for p in out.iterdir())
-    if out.exists() and not ours:                      # a folder of ours is resumed, anything else protected
+    if out.exists() and not ours:  # a folder of ours is resumed, anything else protected
         check_output(out, [Path(model_dir)], force=force)
     check_output(out / "retrain.json", [Path(model_dir)], force=True)
     out.mkdir(parents=True, exist_ok=True)
-    plan = {"model": str(model_dir), "model_header_sha256": Checkpoint.open(model_dir).fingerprint(),
-            "groups": groups, "groups_file": str(groups_path), "masks": {t: str(p) for t, p in mask_paths.items()},
-            "data": {t: {"path": data[t], "sha256": file_sha256(data[t])} for t in tasks},
-            "per_task": per_task, "fraction": fraction, "config": cfg.__dict__}
+    plan = {
+        "model": str(model_dir),
+        "model_header_sha256": Checkpoint.open(model_dir).fingerprint(),
+        "groups": groups,
+        "groups_file": str(groups_path),
+        "masks": {t: str(p) for t, p in mask_paths.items()},
+        "data": {t: {"path": data[t], "sha256": file_sha256(data[t])} for t in tasks},
+        "per_task": per_task,
+        "fraction": fraction,
+        "config": cfg.__dict__,
+    }
     stages = []
     current = Path(model_dir)
     for k, group in enumerate(groups, 1):
         stage_dir = out / f"stage-{k}"
         stage_plan = {"stage": k, "group": group, "start": str(current), "plan": plan}
         done = stage_dir / "stage.json"
-        if done.is_file() and json.loads(done.read_text()).get("stage_plan") == json.loads(json.dumps(stage_plan, default=str)):
+        if done.is_file() and json.loads(done.read_text()).get("stage_plan") == json.loads(
+            json.dumps(stage_plan, default=str)
+        ):
             stages.append(json.loads(done.read_text()) | {"skipped": True})
             current = stage_dir
             continue
         if stage_dir.exists():
-            check_output(stage_dir, [], force=True)                   # stale stage from other settings: redo
+            check_output(stage_dir, [], force=True)  # stale stage from other settings: redo
         model, tok = load_model(current)
-        frozen_tasks = [t for g in groups[:k - 1] for t in g]
+        frozen_tasks = [t for g in groups[: k - 1] for t in g]
         trainable = _trainable_masks(model, [MaskSet.load(mask_paths[t]) for t in frozen_tasks], current)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        sample = balanced_sample({t: records[t] for t in group}, per_task=per_task, fraction=fraction,
-                                 seed=cfg.seed + k)
-        summary = train(model, tok, [r for _, r in sample], cfg=TrainConfig(**{**cfg.__dict__, "seed": cfg.seed + k}),
-                        masks=trainable, out=stage_dir, reference=current, force=True, progress=progress,
-                        record={"stage": k, "group": group})
+        sample = balanced_sample(
+            {t: records[t] for t in group}, per_task=per_task, fraction=fraction, seed=cfg.seed + k
+        )
+        summary = train(
+            model,
+            tok,
+            [r for _, r in sample],
+            cfg=TrainConfig(**{**cfg.__dict__, "seed": cfg.seed + k}),
+            masks=trainable,
+            out=stage_dir,
+            reference=current,
+            force=True,
+            progress=progress,
+            record={"stage": k, "group": group},
+        )
         frozen_ok = all(torch.equal(p[~trainable[n]], before[n][~trainable[n]]) for n, p in model.named_parameters())
         frozen_count = sum(int((~m).sum()) for m in trainable.values())
-        info = {"stage": k, "group": group, "stage_plan": stage_plan, "examples": len(sample), "frozen_tasks": frozen_tasks, "frozen_parameters": frozen_count,
-                "frozen_bit_identical": frozen_ok, "final": summary["final"]}
+        info = {
+            "stage": k,
+            "group": group,
+            "stage_plan": stage_plan,
+            "examples": len(sample),
+            "frozen_tasks": frozen_tasks,
+            "frozen_parameters": frozen_count,
+            "frozen_bit_identical": frozen_ok,
+            "final": summary["final"],
+        }
         if not frozen_ok:
             raise RuntimeError(f"stage {k}: a frozen parameter changed; this is a bug")
         atomic.write_json(done, info)
         stages.append(info)
         current = stage_dir
-    result = {"plan": plan, "stages": [{k: v for k, v in s.items() if k != "stage_plan"} for s in stages],
-              "final_model": str(current)}
+    result = {
+        "plan": plan,
+        "stages": [{k: v for k, v in s.items() if k != "stage_plan"} for s in stages],
+        "final_model": str(current),
+    }
     atomic.write_json(out / "retrain.json", result)
     return result
 

@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .data import IGNORE, collate, encode, token_loss_sum
 from ..errors import OptionError
 from ..settings import TrainConfig
-from .optim import MaskedAdamW, make_optimizer
-from ..storage.writer import CheckpointWriter
 from ..storage import atomic
 from ..storage.atomic import AtomicPath
+from ..storage.writer import CheckpointWriter
+from .data import IGNORE, collate, encode, token_loss_sum
+from .optim import MaskedAdamW, make_optimizer
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -66,28 +66,53 @@ def eval_loss(model, examples, pad_id: int, batch_size: int = 16) -> float:
     model.eval()
     total, n = 0.0, 0
     for i in range(0, len(examples), batch_size):
-        loss, k = token_loss_sum(model, collate(examples[i:i + batch_size], pad_id))
+        loss, k = token_loss_sum(model, collate(examples[i : i + batch_size], pad_id))
         total, n = total + float(loss), n + k
     model.train()
     return total / max(1, n)
 
 
-def save_model(model, out: Path, *, reference: Path, force: bool, metadata: dict | None = None,
-               extra_files: dict[str, str] | None = None, inputs=()) -> None:
+def save_model(
+    model,
+    out: Path,
+    *,
+    reference: Path,
+    force: bool,
+    metadata: dict | None = None,
+    extra_files: dict[str, str] | None = None,
+    inputs=(),
+) -> None:
     """Stream the model's state dict out as an HF folder with the reference's config and tokenizer."""
     sd = model.state_dict()
     plan = [(n, t.dtype, tuple(t.shape)) for n, t in sorted(sd.items())]
-    with CheckpointWriter(out, plan, folder=True, reference=reference, force=force,
-                          metadata={k: str(v) for k, v in (metadata or {}).items()}, inputs=list(inputs)) as w:
+    with CheckpointWriter(
+        out,
+        plan,
+        folder=True,
+        reference=reference,
+        force=force,
+        metadata={k: str(v) for k, v in (metadata or {}).items()},
+        inputs=list(inputs),
+    ) as w:
         for n, _, _ in plan:
             w.write(n, sd[n])
         for name, text in (extra_files or {}).items():
             w.add_file(name, text)
 
 
-def train(model, tokenizer, records: list[dict], *, cfg: TrainConfig, masks: dict[str, torch.Tensor] | None,
-          out: Path, reference: Path, force: bool = False, progress: bool = False,
-          record: dict | None = None) -> dict:
+def train(
+    model,
+    tokenizer,
+    records: list[dict],
+    *,
+    cfg: TrainConfig,
+    masks: dict[str, torch.Tensor] | None,
+    out: Path,
+    reference: Path,
+    force: bool = False,
+    progress: bool = False,
+    record: dict | None = None,
+) -> dict:
     """Train `model` in place and save it to `out`; returns a summary (also written to out/train.json).
 
     A work folder `<out>.work/` holds the JSONL log and resumable snapshots; a rerun with the same
@@ -108,9 +133,16 @@ def train(model, tokenizer, records: list[dict], *, cfg: TrainConfig, masks: dic
     eval_set = [examples[i] for i in perm[:n_eval]]
     train_set = [examples[i] for i in perm[n_eval:]]
     named = [(n, p) for n, p in model.named_parameters()]
-    opt = make_optimizer(cfg.optimizer, named, masks, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
-                         sparse_below=cfg.sparse_below)
-    start = _resume_point(work, settings)                # read-only on every rank, then one writer
+    opt = make_optimizer(
+        cfg.optimizer,
+        named,
+        masks,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        momentum=cfg.momentum,
+        sparse_below=cfg.sparse_below,
+    )
+    start = _resume_point(work, settings)  # read-only on every rank, then one writer
     if start:
         _load_snapshot(work, model, opt)
     dist.barrier()
@@ -123,32 +155,40 @@ def train(model, tokenizer, records: list[dict], *, cfg: TrainConfig, masks: dic
     model.train()
     micro = cfg.batch_size // cfg.grad_accum
     if micro % dist.world:
-        raise OptionError(f"--batch-size {cfg.batch_size} / --grad-accum {cfg.grad_accum} = {micro} examples per "
-                          f"micro-batch cannot be split evenly over {dist.world} processes")
+        raise OptionError(
+            f"--batch-size {cfg.batch_size} / --grad-accum {cfg.grad_accum} = {micro} examples per "
+            f"micro-batch cannot be split evenly over {dist.world} processes"
+        )
     per_rank = micro // dist.world
     order = _order(len(train_set), cfg.steps * cfg.batch_size, cfg.seed)
     log = open(work / "log.jsonl", "a") if dist.rank == 0 else None
     last = {}
-    for step in tqdm(range(start, cfg.steps), desc="train", disable=not progress or dist.rank, initial=start,
-                     total=cfg.steps):
+    for step in tqdm(
+        range(start, cfg.steps), desc="train", disable=not progress or dist.rank, initial=start, total=cfg.steps
+    ):
         t0 = time.perf_counter()
-        ids = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+        ids = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
         micro_batches = []
         for a in range(cfg.grad_accum):
-            chunk = ids[a * micro:(a + 1) * micro]
-            mine = chunk[dist.rank * per_rank:(dist.rank + 1) * per_rank]
+            chunk = ids[a * micro : (a + 1) * micro]
+            mine = chunk[dist.rank * per_rank : (dist.rank + 1) * per_rank]
             micro_batches.append(collate([train_set[i] for i in mine], tokenizer.pad_token_id))
         n_tokens = dist.sum(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches))
         loss_total = 0.0
         for b in micro_batches:
             loss_sum, _ = token_loss_sum(ddp, b)
-            (loss_sum * dist.world / n_tokens).backward()            # DDP averages over ranks
+            (loss_sum * dist.world / n_tokens).backward()  # DDP averages over ranks
             loss_total += float(loss_sum.detach())
         lr = lr_at(step, cfg)
         gnorm = opt.step(lr=lr, clip=cfg.clip)
         opt.zero_grad()
-        last = {"step": step + 1, "loss": dist.sum(loss_total) / n_tokens, "lr": lr, "grad_norm": gnorm,
-                "step_time": time.perf_counter() - t0}
+        last = {
+            "step": step + 1,
+            "loss": dist.sum(loss_total) / n_tokens,
+            "lr": lr,
+            "grad_norm": gnorm,
+            "step_time": time.perf_counter() - t0,
+        }
         if cfg.eval_every and eval_set and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             last["eval_loss"] = eval_loss(model, eval_set, tokenizer.pad_token_id)
         if log:
@@ -158,13 +198,25 @@ def train(model, tokenizer, records: list[dict], *, cfg: TrainConfig, masks: dic
             _snapshot(work, model, opt, step + 1)
     if log:
         log.close()
-    summary = {"settings": settings, "final": last, "optimizer_state_bytes": opt.state_bytes(),
-               "trainable": sum(int(m.sum()) for m in masks.values()) if masks else sum(p.numel() for _, p in named),
-               "world_size": dist.world}
+    summary = {
+        "settings": settings,
+        "final": last,
+        "optimizer_state_bytes": opt.state_bytes(),
+        "trainable": sum(int(m.sum()) for m in masks.values()) if masks else sum(p.numel() for _, p in named),
+        "world_size": dist.world,
+    }
     if dist.rank == 0:
-        save_model(model, out, reference=reference, force=force, metadata={"trained_by": "mergekit-sparse"},
-                   extra_files={"train.json": json.dumps(summary, indent=2, default=str),
-                                "train_log.jsonl": (work / "log.jsonl").read_text()})
+        save_model(
+            model,
+            out,
+            reference=reference,
+            force=force,
+            metadata={"trained_by": "mergekit-sparse"},
+            extra_files={
+                "train.json": json.dumps(summary, indent=2, default=str),
+                "train_log.jsonl": (work / "log.jsonl").read_text(),
+            },
+        )
         shutil.rmtree(work, ignore_errors=True)
     dist.barrier()
     return summary
@@ -182,6 +234,7 @@ def _order(n: int, count: int, seed: int) -> list[int]:
 def _snapshot(work: Path, model, opt: MaskedAdamW, step: int) -> None:
     """Atomically write model weights + optimizer state + step (the resume point)."""
     from safetensors.torch import save_file
+
     snap = AtomicPath(work / "snapshot", force=True, is_dir=True)
     try:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, snap.tmp / "model.safetensors")
@@ -197,7 +250,8 @@ def _resume_point(work: Path, settings: dict) -> int:
     """The step of the last snapshot when it was made with the same settings, else 0."""
     try:
         same = json.loads((work / "settings.json").read_text()) == json.loads(
-            json.dumps(settings, sort_keys=True, default=str))
+            json.dumps(settings, sort_keys=True, default=str)
+        )
         return json.loads((work / "snapshot" / "step.json").read_text())["step"] if same else 0
     except (OSError, ValueError, KeyError):
         return 0
@@ -205,6 +259,7 @@ def _resume_point(work: Path, settings: dict) -> int:
 
 def _load_snapshot(work: Path, model, opt: MaskedAdamW) -> None:
     from safetensors.torch import load_file
+
     snap = work / "snapshot"
     with torch.no_grad():
         sd = load_file(snap / "model.safetensors")
