@@ -21,11 +21,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=float, nargs="+", default=[0.25e9, 0.5e9])
     ap.add_argument("--threads", type=int, nargs="+", default=[2, 1])
+    ap.add_argument(
+        "--preset",
+        choices=["synthetic", "tie-heavy"],
+        default="synthetic",
+        help="generated inputs: Gaussian deltas, or bf16 steps that tie like a real fine-tune",
+    )
     ap.add_argument("--p", type=float, default=1.0)
     args = ap.parse_args()
     rows = []
     for size in args.sizes:
-        root, largest, bound = generated_checkpoints(size)
+        root, largest, bound = generated_checkpoints(size, args.preset)
         inputs = [str(root / x) for x in ("base", "task0", "task1")]
         for threads in args.threads:
             out = root / "cores"

@@ -41,9 +41,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=float, default=0.5e9)
     ap.add_argument("--threads", type=int, nargs="+", default=[2, 1])
+    ap.add_argument(
+        "--preset",
+        choices=["synthetic", "tie-heavy"],
+        default="synthetic",
+        help="generated inputs: Gaussian deltas, or bf16 steps that tie like a real fine-tune",
+    )
     ap.add_argument("--repeats", type=int, default=3, help="runs of each contender, interleaved; medians shown")
     args = ap.parse_args()
-    root, largest, bound = generated_checkpoints(args.size)
+    root, largest, bound = generated_checkpoints(args.size, args.preset)
     base, a, b = (str(root / x) for x in ("base", "task0", "task1"))
     cfg = root / "slerp.yaml"
     cfg.write_text(

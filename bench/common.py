@@ -67,16 +67,28 @@ def sparsemerge() -> str:
     return str(BIN / "sparsemerge")
 
 
-def generated_checkpoints(size: float) -> tuple[Path, int, float]:
-    """Generate (once) base + 2 task checkpoints of ~`size` parameters under bench/out; returns
-    (folder, largest tensor's element count, the anon memory bound 2 × largest f32 + 400 MB)."""
+def generated_checkpoints(size: float, preset: str = "synthetic") -> tuple[Path, int, float]:
+    """Generate (once) base + 2 task checkpoints of ~`size` parameters under bench/out (`preset`:
+    synthetic or tie-heavy, see gen_checkpoints.py); returns (folder, largest tensor's element count,
+    the anon memory bound 2 × largest f32 + 400 MB)."""
     import math
 
     from gen_checkpoints import llama_shapes
 
-    root = HERE / "out" / f"ckpt-{int(size // 1e6)}M"
+    root = HERE / "out" / (f"ckpt-{int(size // 1e6)}M" + ("" if preset == "synthetic" else f"-{preset}"))
     subprocess.run(
-        [sys.executable, str(HERE / "gen_checkpoints.py"), "--out", str(root), "--params", str(size), "--tasks", "2"],
+        [
+            sys.executable,
+            str(HERE / "gen_checkpoints.py"),
+            "--out",
+            str(root),
+            "--params",
+            str(size),
+            "--tasks",
+            "2",
+            "--preset",
+            preset,
+        ],
         check=True,
     )
     shapes, _ = llama_shapes(size)

@@ -18,6 +18,7 @@ from .main import (
     progress_enabled,
     scope_options,
     spec_option,
+    warn,
 )
 
 
@@ -46,6 +47,7 @@ def inspect(checkpoint, base, allow_pickle, as_json):
 @click.option("--base", required=True, help="The pretrained checkpoint the tasks were fine-tuned from.")
 @spec_option(CoreSettings, "p", "--p", "percent")
 @spec_option(CoreSettings, "scope", "--scope", "scope_kind")
+@spec_option(CoreSettings, "tie_seed")
 @click.option(
     "-o",
     "--output",
@@ -59,7 +61,7 @@ def inspect(checkpoint, base, allow_pickle, as_json):
 @pickle_option
 @force_option
 @json_option
-def core(tasks, base, percent, scope_kind, out_dir, include, exclude, allow_pickle, force, as_json):
+def core(tasks, base, percent, scope_kind, tie_seed, out_dir, include, exclude, allow_pickle, force, as_json):
     """Find each task's core region: the exact top-p % parameters by |θ_task − θ_base| (CPI-FT stage 1).
 
     Writes one mask file per task and core.json (counts, thresholds, per-layer shares, |Δ| quantiles,
@@ -89,10 +91,12 @@ def core(tasks, base, percent, scope_kind, out_dir, include, exclude, allow_pick
         per_tensor=scope_kind == "per-tensor",
         force=force,
         progress=progress_enabled(),
+        tie_seed=tie_seed,
     )
     settings = {
         "p": percent,
         "scope": scope_kind,
+        "tie_seed": tie_seed,
         "include": list(include),
         "exclude": list(exclude),
         "base": base_ck.sources(),
@@ -103,6 +107,9 @@ def core(tasks, base, percent, scope_kind, out_dir, include, exclude, allow_pick
     lines = [f"{'task':<20} {'selected':>12} {'of':>14} {'threshold':>12}  mask"]
     lines += [f"{s.task:<20} {s.selected:>12,} {s.total:>14,} {s.threshold:>12.4g}  {s.mask_path}" for s in summaries]
     lines.append(f"wrote {out_dir / 'core.json'}")
+    for s in summaries:
+        if s.ties.get("warning"):
+            warn(f"{s.task}: {s.ties['warning']}")
     emit(data, as_json, "\n".join(lines))
 
 
@@ -111,6 +118,11 @@ def core(tasks, base, percent, scope_kind, out_dir, include, exclude, allow_pick
 @click.option("--base", help="Pretrained checkpoint: core regions are computed from |θ_task − θ_base|.")
 @spec_option(CoreSettings, "p", "--p", "percent")
 @spec_option(CoreSettings, "scope", "--scope", "scope_kind")
+@spec_option(
+    CoreSettings,
+    "tie_seed",
+    help="Seed of the tie hash: of the cores' threshold ties and of max-delta conflicts with equal |Δ|.",
+)
 @click.option("--masks", multiple=True, help="Core mask files instead of --p, one per task in order (repeatable).")
 @click.option(
     "-o",
@@ -142,6 +154,7 @@ def fuse(
     base,
     percent,
     scope_kind,
+    tie_seed,
     masks,
     out,
     omega,
@@ -184,8 +197,12 @@ def fuse(
         allow_pickle=allow_pickle,
         force=force,
         progress=progress_enabled(),
+        tie_seed=tie_seed,
     )
     c = data["counts"]
+    for label, t in c.get("ties", {}).items():
+        if t.get("warning"):
+            warn(f"{label}: {t['warning']}")
     text = "\n".join(
         [
             f"fused {', '.join(c['tasks'])} onto {c['onto']} -> {data['output']}",

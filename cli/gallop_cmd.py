@@ -57,6 +57,7 @@ def gradients(model, data, fraction, seed, batch_size, max_len, out, force, as_j
 @click.option("--grads", required=True, help="Gradient file from `sparsemerge gradients`.")
 @spec_option(GallopSettings, "rho")
 @spec_option(GallopSettings, "criterion")
+@spec_option(GallopSettings, "tie_seed")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random criterion.")
 @click.option(
     "-o",
@@ -82,7 +83,7 @@ def gradients(model, data, fraction, seed, batch_size, max_len, out, force, as_j
 @scope_options
 @force_option
 @json_option
-def gallop(params, grads, rho, criterion, seed, out, html_out, sample, include, exclude, force, as_json):
+def gallop(params, grads, rho, criterion, tie_seed, seed, out, html_out, sample, include, exclude, force, as_json):
     """Select the sparse trainable set: exact top-ρ % of the GaLLoP score |g| / (|θ| + ε) (or a baseline).
 
     \b
@@ -119,7 +120,11 @@ def gallop(params, grads, rho, criterion, seed, out, html_out, sample, include, 
         force=force,
         progress=progress_enabled(),
         sources={"params": p_ck.sources(), "grads": g_ck.sources()},
+        tie_seed=tie_seed,
     )
+    tie_warning = res.summaries[criterion].ties.get("warning")
+    if tie_warning:
+        click.echo(f"warning: {tie_warning}", err=True)
     doc = {"rho": rho, "main": criterion, "mask": str(out), "warning": warning, **res.to_json()}
     summary_path = Path(f"{out}".removesuffix(".mask.safetensors").removesuffix(".safetensors") + ".json")
     atomic.write_json(summary_path, doc)

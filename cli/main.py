@@ -65,6 +65,11 @@ def emit(data: dict, as_json: bool, text: str) -> None:
         click.echo(text)
 
 
+def warn(message: str) -> None:
+    """A warning on stderr (never mixed into --json output)."""
+    click.echo(f"warning: {message}", err=True)
+
+
 def labels_for(paths) -> list[str]:
     from mergekit_sparse.storage.checkpoint import task_labels
 

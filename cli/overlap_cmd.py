@@ -27,6 +27,7 @@ from .main import (
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--base", help="Treat INPUTS as task checkpoints and compute their cores against BASE first.")
 @spec_option(CoreSettings, "p", "--p", "percent", help="Core size in % (with --base).")
+@spec_option(CoreSettings, "tie_seed", help="Seed of the cores' tie hash (with --base).")
 @spec_option(OverlapSettings, "tau")
 @spec_option(OverlapSettings, "order")
 @spec_option(OverlapSettings, "seed")
@@ -55,7 +56,21 @@ from .main import (
 @force_option
 @json_option
 def overlap(
-    inputs, base, percent, tau, order, seed, out, html_out, save_masks, include, exclude, allow_pickle, force, as_json
+    inputs,
+    base,
+    percent,
+    tie_seed,
+    tau,
+    order,
+    seed,
+    out,
+    html_out,
+    save_masks,
+    include,
+    exclude,
+    allow_pickle,
+    force,
+    as_json,
 ):
     """Measure how tasks' core regions overlap (Jaccard) and group the tasks (CPI-FT stage 2).
 
@@ -101,6 +116,7 @@ def overlap(
                 labels=labels,
                 force=force,
                 progress=progress_enabled(),
+                tie_seed=tie_seed,
             )
             paths = [s.mask_path for s in summaries]
         else:

@@ -137,6 +137,7 @@ class CoreSettings:
     scope: str = setting(
         "global", choices=("global", "per-tensor"), help="Select across the whole model, or p % inside each tensor."
     )
+    tie_seed: int = setting(0, lo=0, help="Seed of the tie hash: which entries tied at the threshold are taken.")
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,7 @@ class GallopSettings:
         choices=("gallop", "saft", "pafi", "random"),
         help="gallop |g|/(|θ|+ε), saft |g|, pafi lowest |θ|, random (seeded).",
     )
+    tie_seed: int = setting(0, lo=0, help="Seed of the tie hash: which entries tied at the threshold are taken.")
     fraction: float = setting(
         0.1, lo=0, lo_open=True, hi=1, help="Share of the data in the seeded gradient subset (d_s)."
     )

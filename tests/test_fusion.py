@@ -10,6 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
+from test_select_core import naive_hash
 
 from mergekit_sparse.cli.main import cli
 from mergekit_sparse.fusion.maths import POLICIES, CoreScratch, fold_weights, resolve_cores, slerp
@@ -91,18 +92,28 @@ def test_fuse_two_files_streaming_equals_naive(planted, tmp_path):
     data = json.loads(r.stdout)
     base, a, b = (load_file(planted[k]) for k in ("base", "a", "b"))
     got = load_file(out)
-    # naive: SLERP(b, a, 0.5) everywhere, then cores (top 3 of 12 |Δ| each) written back, max-delta wins
+    # naive: SLERP(b, a, 0.5) everywhere, then cores (top 3 of 12 |Δ| each) written back, max-delta wins.
+    # a's core is its three moves; b's is a.w[1,1] and two of its 11 zero deltas, the smallest §2 hashes
+    # (ranks: a.w 0, b.w 1)
+    a_core = {("b.w", 0), ("b.w", 1), ("a.w", 4)}
+    zeros = sorted(
+        (naive_hash(0, r, j), n, j) for n, r in (("a.w", 0), ("b.w", 1)) for j in range(6) if (n, j) != ("a.w", 4)
+    )
+    b_core = {("a.w", 4)} | {(n, j) for _, n, j in zeros[:2]}
     for name in ("a.w", "b.w"):
-        want = slerp(b[name], a[name], 0.5)
-        if name == "b.w":
-            want[0, :2] = a[name][0, :2]  # a's core: its two +5 moves
-        else:
-            want[1, 1] = b[name][1, 1]  # both cores; |Δ_b| = 4 > |Δ_a| = 3: b wins
-            want[0, 0], want[0, 1] = b[name][0, 0], b[name][0, 1]  # b's tie-broken zero-delta picks
-        assert torch.allclose(got[name], want), name
+        want = slerp(b[name], a[name], 0.5).reshape(-1)
+        da, db = ((x[name] - base[name]).abs().reshape(-1) for x in (a, b))
+        for j in range(6):
+            ina, inb = (name, j) in a_core, (name, j) in b_core
+            if ina and (not inb or da[j] > db[j]):
+                want[j] = a[name].reshape(-1)[j]
+            elif inb:
+                want[j] = b[name].reshape(-1)[j]
+        assert torch.allclose(got[name].reshape(-1), want), name
     c = data["counts"]
-    assert c["conflicts"] == {"a~b": 1} and c["core_positions"] == 5 and c["interpolated"] == 7
-    assert json.loads((tmp_path / "f.safetensors.fuse.json").read_text())["counts"]["conflicts"] == {"a~b": 1}
+    shared, union = len(a_core & b_core), len(a_core | b_core)
+    assert c["conflicts"] == {"a~b": shared} and c["core_positions"] == union and c["interpolated"] == 12 - union
+    assert json.loads((tmp_path / "f.safetensors.fuse.json").read_text())["counts"]["conflicts"] == {"a~b": shared}
 
 
 def test_fuse_tiny_llama_folder_loads_in_transformers_and_generates(tiny_base, tiny_tasks, tmp_path):

@@ -37,8 +37,12 @@ def test_exact_k_selection_for_arbitrary_scores_with_ties(lists, frac):
 @SETTINGS
 @given(score_lists, st.integers(0, 80))
 def test_single_tensor_topk_selects_exactly_k(v, k):
-    mask, _ = topk_mask(torch.tensor(v, dtype=torch.float32), k)
+    x = torch.tensor(v, dtype=torch.float32)
+    mask, t, ties, picks = topk_mask(x, k)
     assert int(mask.sum()) == min(k, len(v))
+    if 0 < k < len(v):  # everything above the threshold, and `picks` of its `ties` entries
+        assert bool((x[~mask] <= t).all()) and bool((x[mask] >= t).all())
+        assert ties == int((x == t).sum()) and picks == int((x[mask] == t).sum())
 
 
 @SETTINGS

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -14,19 +15,31 @@ from mergekit_sparse.cli.main import cli
 from mergekit_sparse.errors import OptionError
 from mergekit_sparse.selection import passes
 from mergekit_sparse.selection import topk as select
+from mergekit_sparse.selection.keys import tie_hash
 from mergekit_sparse.selection.passes import Pass
 from mergekit_sparse.storage.checkpoint import Checkpoint
 from mergekit_sparse.storage.masks import MaskSet
 from mergekit_sparse.storage.scope import align
 
 
-def naive_topk(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
-    """Oracle: concatenate in sorted-name order, stable sort descending, take the first k."""
+def naive_hash(seed: int, rank: int, j: int) -> int:
+    """METHODS §2's hash in plain Python integers (the oracle of `keys.tie_hash`)."""
+    m = (1 << 64) - 1
+    x = ((seed + 1) * 0x9E3779B97F4A7C15 + (rank << 40) + j) & m
+    z = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & m
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+    return z ^ (z >> 31)
+
+
+def naive_topk(scores: dict[str, torch.Tensor], k: int, ranks: dict | None = None, seed: int = 0):
+    """Oracle: every entry of every tensor sorted by (score descending, METHODS §2 hash ascending), first k."""
     names = sorted(scores)
-    flat = torch.cat([scores[n].reshape(-1).float() for n in names])
-    order = torch.sort(flat, descending=True, stable=True).indices[:k]
-    chosen = torch.zeros(flat.numel(), dtype=torch.bool)
-    chosen[order] = True
+    ranks = ranks or {n: i for i, n in enumerate(names)}
+    flat = torch.cat([scores[n].reshape(-1).float() for n in names]).numpy()
+    h = np.concatenate([tie_hash(seed, ranks[n], np.arange(scores[n].numel())) for n in names])
+    order = np.lexsort((h, -flat.astype(np.float64)))[:k]
+    chosen = torch.zeros(flat.size, dtype=torch.bool)
+    chosen[torch.from_numpy(order)] = True
     out, start = {}, 0
     for n in names:
         out[n] = chosen[start : start + scores[n].numel()].view(scores[n].shape)
@@ -37,7 +50,7 @@ def naive_topk(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tenso
 def run_global(scores: dict[str, torch.Tensor], k: int, chunk: int = 97) -> dict[str, torch.Tensor]:
     """Drive TopK through its passes as the drivers do (sample blocks, then chunks in scope order)."""
     total = sum(s.numel() for s in scores.values())
-    sel = select.TopK(k, total)
+    sel = select.TopK(k, total, ranks={n: i for i, n in enumerate(sorted(scores))})
     flat = {n: scores[n].reshape(-1).float() for n in scores}
     while kind := sel.wants():
         for n in sorted(flat):
@@ -63,12 +76,12 @@ def run_global(scores: dict[str, torch.Tensor], k: int, chunk: int = 97) -> dict
 
 def run_radix(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
     total = sum(s.numel() for s in scores.values())
-    sel = select.RadixTopK(k, total)
-    for _ in range(2):
+    sel = select.RadixTopK(k, total, ranks={n: i for i, n in enumerate(sorted(scores))})
+    while sel.stage < 4:  # two histogram passes, then the threshold's hashes when only some are taken
         for n in sorted(scores):
-            sel.observe(n, scores[n].reshape(-1).float())
+            sel.observe(n, 0, scores[n].reshape(-1).float())
         sel.next_pass()
-    out = {n: sel.select(n, scores[n].reshape(-1).float()).view(scores[n].shape) for n in sorted(scores)}
+    out = {n: sel.select(n, 0, scores[n].reshape(-1).float()).view(scores[n].shape) for n in sorted(scores)}
     assert sel.selected == k
     return out
 
@@ -100,10 +113,10 @@ def test_window_falls_back_to_radix_when_candidates_overflow(monkeypatch):
         assert all(torch.equal(got[n], want[n]) for n in scores)
 
 
-def test_window_breaks_ties_by_name_whatever_the_scan_order():
-    """Fusion's counting pass scans tensors in its own order; ties still go by (sorted name, index)."""
+def test_window_breaks_ties_by_hash_whatever_the_scan_order():
+    """Fusion's counting pass scans tensors in its own order; ties still go by the §2 hash."""
     scores = {"b": torch.ones(40), "a": torch.ones(40), "c": torch.linspace(2, 3, 40)}
-    sel = select.TopK(50, 120)
+    sel = select.TopK(50, 120, ranks={"a": 0, "b": 1, "c": 2})
     while kind := sel.wants():
         for n in ("c", "b", "a"):  # not sorted
             ranges = [(0, 40)] if kind is not Pass.SAMPLE else passes.sample_ranges(n, 40, 120)
@@ -113,7 +126,9 @@ def test_window_breaks_ties_by_name_whatever_the_scan_order():
     assert sel.chosen() is not None  # settled by the window
     got = {n: sel.select(n, 0, scores[n]) for n in ("c", "b", "a")}
     want = naive_topk(scores, 50)
-    assert all(torch.equal(got[n], want[n]) for n in scores) and int(got["a"].sum()) == 10
+    assert all(torch.equal(got[n], want[n]) for n in scores)
+    assert 0 < int(got["a"].sum()) < 10 and int(got["a"].sum() + got["b"].sum()) == 10  # spread, not by name
+    assert (sel.ties, sel.tie_picks, sel.above_strict) == (80, 10, 40)
 
 
 def test_large_tensor_uses_sampled_window_and_is_exact():
@@ -155,19 +170,23 @@ def test_global_topk_handles_negative_scores_and_all_zero():
         torch.cat([run_global(scores, 12)[n] for n in "ab"]), torch.cat([naive_topk(scores, 12)[n] for n in "ab"])
     )
     zeros = {"a": torch.zeros(7), "b": torch.zeros(5)}
-    got = run_global(zeros, 9)
-    assert got["a"].all() and got["b"][:2].all() and not got["b"][2:].any()
+    got, want = run_global(zeros, 9), naive_topk(zeros, 9)
+    assert all(torch.equal(got[n], want[n]) for n in zeros) and int(got["a"].sum() + got["b"].sum()) == 9
 
 
 def test_nan_scores_are_an_error_naming_the_tensor():
-    sel = select.TopK(1, 3)
+    sel = select.TopK(1, 3, ranks={"w": 0})
     with pytest.raises(Exception, match="tensor 'w'"):
         sel.observe("w", 0, torch.tensor([1.0, float("nan"), 0.0]))
 
 
 def test_topk_mask_single_tensor_tie_rule():
-    mask, t = select.topk_mask(torch.tensor([1.0, 3.0, 3.0, 3.0, 0.5]), 2)
-    assert mask.tolist() == [False, True, True, False, False] and t == 3.0
+    """Three entries tie at 3.0 and two are taken: those with the smallest hash of (rank, index)."""
+    for rank in range(4):
+        mask, t, ties, picks = select.topk_mask(torch.tensor([1.0, 3.0, 3.0, 3.0, 0.5]), 2, rank=rank)
+        h = {j: naive_hash(0, rank, j) for j in (1, 2, 3)}
+        want = sorted(h, key=h.get)[:2]
+        assert [j for j, x in enumerate(mask.tolist()) if x] == sorted(want) and t == 3.0 and (ties, picks) == (3, 2)
 
 
 def test_k_for_gives_smallest_usable_p():
@@ -180,11 +199,12 @@ def test_k_for_gives_smallest_usable_p():
     assert select.k_for(100, 1000) == 1000
 
 
-def naive_core(base: dict, task: dict, names, percent, per_tensor):
+def naive_core(base: dict, task: dict, names, percent, per_tensor, ranks: dict | None = None, seed: int = 0):
     deltas = {n: (task[n].float() - base[n].float()).abs() for n in names}
+    ranks = ranks or {n: i for i, n in enumerate(sorted(names))}
     if per_tensor:
-        return {n: naive_topk({n: d}, int(percent * d.numel() // 100))[n] for n, d in deltas.items()}
-    return naive_topk(deltas, int(percent * sum(d.numel() for d in deltas.values()) // 100))
+        return {n: naive_topk({n: d}, int(percent * d.numel() // 100), ranks, seed)[n] for n, d in deltas.items()}
+    return naive_topk(deltas, int(percent * sum(d.numel() for d in deltas.values()) // 100), ranks, seed)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -208,7 +228,7 @@ def test_core_masks_equal_naive_oracle(tiny_base, tmp_path, dtype, per_tensor):
         base, cks, scope, percent=7.5, out_dir=tmp_path / "cores", labels=["t0", "t1"], per_tensor=per_tensor
     )
     for i, s in enumerate(summaries):
-        want = naive_core(base_sd, tasks[i], scope.names, 7.5, per_tensor)
+        want = naive_core(base_sd, tasks[i], scope.names, 7.5, per_tensor, scope.ranks)
         masks = MaskSet.load(s.mask_path)
         masks.check_fits(scope.shapes, "base")
         for n in scope.names:
@@ -239,8 +259,17 @@ def test_core_cli_on_planted_files(planted, tmp_path):
     a = MaskSet.load(out / "a.mask.safetensors")
     assert a.bool("b.w")[0, :2].all() and a.bool("a.w")[1, 1]  # the planted moves, by eye
     b = MaskSet.load(out / "b.mask.safetensors")
-    assert b.bool("a.w")[1, 1] and b.bool("a.w").sum() == 3  # then ties by flat index: a.w[0,0], [0,1]
-    assert b.bool("a.w")[0, 0] and b.bool("a.w")[0, 1]
+    assert b.bool("a.w")[1, 1] and int(b.bool("a.w").sum() + b.bool("b.w").sum()) == 3
+    # then 2 of the 11 zero deltas (ranks: a.w 0, b.w 1; n.steps is not floating): smallest hashes
+    zeros = [(naive_hash(0, r, j), n, j) for n, r in (("a.w", 0), ("b.w", 1)) for j in range(6) if (n, j) != ("a.w", 4)]
+    for _, n, j in sorted(zeros)[:2]:
+        assert b.bool(n).reshape(-1)[j], (n, j)
+    assert (
+        b.tie_rule == "hash"
+        and b.meta["tie_seed"] == 0
+        and b.meta["ties"]["ties"] == 11
+        and b.meta["ties"]["tie_picks"] == 2
+    )
     meta = a.meta
     assert meta["criterion"] == "delta" and meta["percent"] == 25 and meta["selected"] == 3
     assert meta["threshold"] == 3.0 and len(meta["sources"]) == 2
@@ -345,13 +374,13 @@ def test_empty_tensors_are_copied_not_selected(tmp_path):
 @pytest.mark.parametrize("threads", [False, True])
 def test_counting_tensors_at_once_selects_what_counting_in_order_does(threads):
     """Fusion's workers count different tensors at once, so their chunks' candidates interleave; the
-    selection is still the exact top-k, ties by (sorted name, index)."""
+    selection is still the exact top-k, ties by the §2 hash."""
     import threading
 
     g = torch.Generator().manual_seed(4)
     scores = {f"t{i}": (torch.randn(200_000, generator=g).abs() * 64).round() / 64 for i in range(4)}  # ties
     k, total, chunk = 30_000, 800_000, 4096
-    sel = select.TopK(k, total)
+    sel = select.TopK(k, total, ranks={n: i for i, n in enumerate(sorted(scores))})
     for n in sorted(scores):
         ranges = passes.sample_ranges(n, 200_000, total)
         for s, e in ranges:

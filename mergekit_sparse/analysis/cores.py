@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..selection.keys import hist_quantiles, key_histogram
 from ..selection.passes import Buffers, chunk_ranges, nonfinite_error, run_passes
-from ..selection.topk import make_selector
+from ..selection.topk import make_selector, tie_summary
 from ..storage import atomic, dtypes
 from ..storage.checkpoint import Checkpoint
 from ..storage.masks import MaskWriter, pack
@@ -81,12 +81,13 @@ def prepare_selectors(
     desc: str = "core",
     sample_only: bool = False,
     selectors: list | None = None,
+    tie_seed: int = 0,
 ) -> list:
     """Selectors that have seen every pass they need; `select(name, start, delta_chunk)` emits masks.
     With `sample_only` they stop before their first full pass (the caller then makes the count pass
     itself, as fusion does); passing those `selectors` back in finishes their remaining passes."""
     if selectors is None:
-        selectors = [make_selector(percent, scope, per_tensor=per_tensor) for _ in tasks]
+        selectors = [make_selector(percent, scope, per_tensor=per_tensor, seed=tie_seed) for _ in tasks]
     run_passes(
         selectors,
         scope,
@@ -114,6 +115,7 @@ class CoreSummary:
     delta_quantiles: dict[str, float] = field(default_factory=dict)
     mask_path: str | None = None
     full_passes: int = 1
+    ties: dict = field(default_factory=dict)  # METHODS §2: threshold, ties, tie_picks, p_strict, tie seed
 
     def to_json(self) -> dict:
         return {
@@ -125,6 +127,7 @@ class CoreSummary:
             "share": self.selected / self.total,
             "threshold": self.threshold,
             "full_passes": self.full_passes,
+            "ties": self.ties,
             "delta_quantiles": self.delta_quantiles,
             "per_layer_share": self.per_layer,
             "per_tensor": self.per_tensor,
@@ -142,11 +145,13 @@ def compute_cores(
     per_tensor: bool = False,
     force: bool = False,
     progress: bool = False,
+    tie_seed: int = 0,
 ) -> list[CoreSummary]:
     """Write `<label>.mask.safetensors` per task into `out_dir` and return their summaries."""
-    selectors = [make_selector(percent, scope, per_tensor=per_tensor) for _ in tasks]
+    selectors = [make_selector(percent, scope, per_tensor=per_tensor, seed=tie_seed) for _ in tasks]
     meta_common = {
         "criterion": "delta",
+        "tie_seed": tie_seed,
         "percent": percent,
         "scope": "per-tensor" if per_tensor else "global",
         "base": base.sources(),
@@ -226,7 +231,8 @@ def compute_cores(
                 if sel.sample_values.size:
                     hists[i] += key_histogram(sel.sample_values)
         for w, sel in zip(writers, selectors):
-            w.update_meta(threshold=sel.threshold, selected=sel.k)
+            ties = {k: v for k, v in tie_summary(sel, scope.numel(), seed=tie_seed).items() if k != "warning"}
+            w.update_meta(threshold=sel.threshold, selected=sel.k, ties=ties)
             w.commit()
     except BaseException:
         for w in writers:
@@ -255,11 +261,18 @@ def compute_cores(
                 delta_quantiles=hist_quantiles(hists[i]),
                 mask_path=str(out_dir / f"{label}.mask.safetensors"),
                 full_passes=sel.full_passes + (0 if sel.chosen() is not None else 1),
+                ties=tie_summary(sel, scope.numel(), seed=tie_seed),
             )
         )
     return out
 
 
 def write_core_json(path: Path, summaries: list[CoreSummary], settings: dict, scope: Scope) -> None:
-    data = {"settings": settings, "scope": scope.to_json(), "tasks": [s.to_json() for s in summaries]}
+    warnings = [f"{s.task}: {s.ties['warning']}" for s in summaries if s.ties.get("warning")]
+    data = {
+        "settings": settings,
+        "scope": scope.to_json(),
+        "tasks": [s.to_json() for s in summaries],
+        "warnings": warnings,
+    }
     atomic.write_json(path, data)

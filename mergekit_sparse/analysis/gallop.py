@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 from ..errors import NonFiniteError, OptionError
 from ..selection.keys import hist_quantiles, key_histogram
 from ..selection.passes import chunk_ranges, run_passes
-from ..selection.topk import TopK, k_for
+from ..selection.topk import TopK, k_for, tie_summary
 from ..storage.checkpoint import Checkpoint
 from ..storage.masks import MaskWriter
 from ..storage.scope import Scope
@@ -76,6 +76,7 @@ class SelectionSummary:
     score_quantiles: dict[str, float] = field(default_factory=dict)
     grad_quantiles: dict[str, dict] = field(default_factory=dict)  # selected / rest
     theta_quantiles: dict[str, dict] = field(default_factory=dict)
+    ties: dict = field(default_factory=dict)  # METHODS §2: threshold, ties, tie_picks, p_strict, tie seed
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -112,6 +113,7 @@ def select_sparse(
     force: bool = False,
     progress: bool = False,
     sources: dict | None = None,
+    tie_seed: int = 0,
 ) -> GallopResult:
     """Select the top ρ % under each criterion; write the `main` criterion's mask to `out`.
 
@@ -124,7 +126,7 @@ def select_sparse(
         score(c, torch.zeros(1), torch.zeros(1))  # validates the name
     total = scope.numel()
     k = k_for(rho, total, what="rho")
-    sels = [TopK(k, total) for _ in criteria]
+    sels = [TopK(k, total, ranks=scope.ranks, seed=tie_seed) for _ in criteria]
 
     def chunks(name, ranges):
         th_raw, g_raw = params.tensor(name).reshape(-1), grads.tensor(name).reshape(-1)
@@ -145,6 +147,12 @@ def select_sparse(
             "total": total,
             "threshold": sels[criteria.index(main)].threshold,
             "seed": seed,
+            "tie_seed": tie_seed,
+            "ties": {
+                k: v
+                for k, v in tie_summary(sels[criteria.index(main)], total, seed=tie_seed, what="rho").items()
+                if k != "warning"
+            },
             "sources": sources or {},
         }
         writer = MaskWriter(out, scope.shapes, meta, force=force, inputs=[params.path, grads.path])
@@ -219,6 +227,7 @@ def select_sparse(
             score_quantiles=hist_quantiles(h["score"]),
             grad_quantiles={"selected": hist_quantiles(h["g_sel"]), "rest": hist_quantiles(h["g_rest"])},
             theta_quantiles={"selected": hist_quantiles(h["t_sel"]), "rest": hist_quantiles(h["t_rest"])},
+            ties=tie_summary(sel, total, seed=tie_seed, what="rho"),
         )
     jac = {f"{a}~{b}": v / (2 * k - v) if 2 * k - v else 0.0 for (a, b), v in inter.items()}
     return GallopResult(summaries, jac, sample if sample_size else {})

@@ -64,6 +64,7 @@ def fuse_checkpoints(
     allow_pickle: bool = False,
     force: bool = False,
     progress: bool = False,
+    tie_seed: int = 0,
 ) -> dict:
     """Fuse the task checkpoints (SLERP of whole tensors, then every task's core written back).
 
@@ -119,6 +120,7 @@ def fuse_checkpoints(
         "include": list(include),
         "exclude": list(exclude),
         "scope": scope.to_json(),
+        "tie_seed": tie_seed,
     }
     report = fuse(
         task_cks,
@@ -139,5 +141,6 @@ def fuse_checkpoints(
         progress=progress,
         check=check,
         settings=settings,
+        tie_seed=tie_seed,
     )
     return {"output": str(out), "settings": settings, "counts": report.to_json(), "checked": bool(check and folder)}

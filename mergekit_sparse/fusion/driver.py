@@ -39,8 +39,9 @@ from tqdm.auto import tqdm
 
 from ..analysis.cores import prepare_selectors
 from ..errors import NonFiniteError, OptionError
+from ..selection.keys import tie_hash
 from ..selection.passes import Buffers, Pass, chunk_ranges, nonfinite_error
-from ..selection.topk import PerTensorTopK
+from ..selection.topk import PerTensorTopK, tie_summary
 from ..storage import atomic, dtypes
 from ..storage.checkpoint import Checkpoint
 from ..storage.masks import MaskSet
@@ -63,6 +64,8 @@ class FuseReport:
     linear_tensors: list[str] = field(default_factory=list)
     copied_tensors: list[str] = field(default_factory=list)
     full_passes: int = 1  # over the inputs; the sampling pass (~2 %) aside
+    ties: dict = field(default_factory=dict)  # task -> METHODS §2 tie report of its core (cores computed here)
+    tie_seed: int = 0  # of the cores' ties and of max-delta conflicts with equal |Δ|
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -89,6 +92,7 @@ def fuse(
     progress: bool = False,
     check: bool = False,
     settings: dict | None = None,
+    tie_seed: int = 0,
 ) -> FuseReport:
     """Fuse `tasks` onto `onto` and stream the result to `out` (file or HF folder, like `onto`).
 
@@ -96,7 +100,8 @@ def fuse(
     Core masks come from `masks` (one per task) or are computed from `base` and `percent`.
     `weights` has one entry per task (plus one for an external `onto`, last); default equal. `dtype`
     (a safetensors code such as "BF16", or a torch dtype) casts the floating tensors of the output.
-    `check` loads a folder output with transformers before it is renamed into place. A folder
+    `check` loads a folder output with transformers before it is renamed into place. `tie_seed` seeds
+    the METHODS §2 hash: of the cores' threshold ties, and of `max-delta` conflicts with equal |Δ|. A folder
     output gets `fuse.json` (settings and counts); a file output gets `<out>.fuse.json` beside it.
     """
     if conflict not in POLICIES:
@@ -125,10 +130,19 @@ def fuse(
             m.check_fits(scope.shapes, f"the models being fused (task {label})")
     else:
         selectors = prepare_selectors(
-            base, tasks, scope, percent=percent, per_tensor=per_tensor, progress=progress, desc="fuse", sample_only=True
+            base,
+            tasks,
+            scope,
+            percent=percent,
+            per_tensor=per_tensor,
+            progress=progress,
+            desc="fuse",
+            sample_only=True,
+            tie_seed=tie_seed,
         )
     job = _Fusion(tasks, labels, others, onto, base, t_values, conflict, masks, selectors)
-    # tensors in sorted name order, the scope's order: selections break ties by (name, position) as they scan
+    job.tie_seed, job.ranks = tie_seed, scope.ranks
+    # tensors in sorted name order, the scope's order (ties are broken by position hashes, in any order)
     dtype = dtypes.code_of(dtype) if dtype is not None else None
     plan = [
         (n, dtype if (dtype is not None and i.is_float) else i.code, i.shape) for n, i in sorted(onto.infos.items())
@@ -142,8 +156,8 @@ def fuse(
 
     def write(counting: bool) -> FuseReport:
         job.start(counting)
-        # tensors are independent when cores come from mask files or the counting pass (a selection's
-        # later passes are not: they take ties in scan order), so several workers may fuse at once
+        # tensors are independent when cores come from mask files or the counting pass, so several
+        # workers may fuse at once (the fallback's selection pass stays on one worker)
         workers = fusion_workers() if counting or masks is not None else 1
         with CheckpointWriter(
             out,
@@ -161,6 +175,11 @@ def fuse(
             job.run(writer, plan, scope, workers=workers, progress=progress)
             if counting:
                 job.finish_counting(writer, {n: d for n, d, _ in plan})
+            if selectors is not None:  # the cores' tie report (METHODS §2), per task
+                job.report.ties = {
+                    label: tie_summary(sel, scope.numel(), seed=tie_seed) for label, sel in zip(labels, selectors)
+                }
+            job.report.tie_seed = tie_seed
             record = json.dumps({"settings": settings or {}, "counts": job.report.to_json()}, indent=2)
             if folder:
                 writer.add_file("fuse.json", record)
@@ -406,6 +425,7 @@ class _Fusion:
                 [d[i] for d, i in zip(deltas, idx)] if deltas is not None else None,
                 self.conflict,
                 self.scratch,
+                tie_hash=lambda local, s=s: tie_hash(self.tie_seed, self.ranks[name], local + s),
             )
             self._count(won, pairs, covered)
             if out_code == "F32":
@@ -470,7 +490,7 @@ class _Fusion:
             w0 = at(self.base, name, P)
             values = [at(t, name, P) for t in self.tasks]
             deltas = [np.abs(v - w0) for v in values]
-            sure = [d > sel.hi for d, sel in zip(deltas, sels)]
+            sure = [sel.above_hi(name, P, d) for d, sel in zip(deltas, sels)]
             final = [s | c for s, c in zip(sure, chosen)]
             value = np.empty(len(P), dtype=np.float32)  # every position of P is in a final core
             for sign, masks in ((-1, sure), (1, final)):
@@ -482,6 +502,7 @@ class _Fusion:
                     [d[i] for d, i in zip(deltas, idx)],
                     self.conflict,
                     self.scratch,
+                    tie_hash=lambda local: tie_hash(self.tie_seed, self.ranks[name], P[local]),
                 )
                 self._count(won, pairs, covered, sign)
             writer.patch(name, P, dtypes.from_float32(value, codes[name], finite=True))

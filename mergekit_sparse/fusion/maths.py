@@ -74,13 +74,20 @@ MAX_TASKS = 63  # task membership is a bit set in one int64 per position
 
 
 def resolve_cores(
-    out: np.ndarray, idx: list, values: list, deltas: list | None, policy: str, scratch: CoreScratch | None = None
+    out: np.ndarray,
+    idx: list,
+    values: list,
+    deltas: list | None,
+    policy: str,
+    scratch: CoreScratch | None = None,
+    tie_hash=None,
 ) -> tuple[list[int], dict[tuple[int, int], int], int]:
     """Write the tasks' cores into `out` (float32, in place), resolving positions in several cores.
 
     `idx[i]` are the distinct positions of task i's core in `out`, `values[i]` / `deltas[i]` the
-    task's value and |Δ| there (numpy arrays or torch tensors). `policy`: `max-delta` (largest |Δ| wins, the first
-    task on a tie), `last` (the later task wins) or `mean` (the mean of the covering tasks' values,
+    task's value and |Δ| there (numpy arrays or torch tensors). `policy`: `max-delta` (largest |Δ| wins;
+    when m tasks share the largest, `tie_hash(positions)` — the METHODS §2 hash of those positions of
+    `out` — picks number h mod m of them in task order; without it the first wins), `last` (the later task wins) or `mean` (the mean of the covering tasks' values,
     summed in task order). Returns (positions won per task, positions shared per task pair,
     positions covered). Cost is in the core positions only: the chunk itself is never scanned.
     Every core is written in task order (what `last` means); only the positions several cores
@@ -124,11 +131,26 @@ def resolve_cores(
         best = np.full(len(pos), -1.0, dtype=np.float32)
         winner = np.full(len(pos), -1, dtype=np.int64)
         value = np.empty(len(pos), dtype=np.float32)
-        for i, (li, v, s) in enumerate(zip(local, vals, shared)):
-            d = _np(deltas[i])[s]
+        ds = [_np(deltas[i])[s] for i, s in enumerate(shared)]
+        for i, (li, v, s, d) in enumerate(zip(local, vals, shared, ds)):
             take = d > best[li]
             li = li[take]
             best[li], value[li], winner[li] = d[take], v[s][take], i
+        if tie_hash is not None:  # METHODS §5: m tasks share the largest |Δ|: number h mod m of them wins
+            ties = np.zeros(len(pos), dtype=np.int64)
+            at_best = [d == best[li] for li, d in zip(local, ds)]
+            for li, eq in zip(local, at_best):
+                ties[li[eq]] += 1
+            tied = np.flatnonzero(ties > 1)
+            if tied.size:
+                pick = np.full(len(pos), -1, dtype=np.int64)
+                pick[tied] = (tie_hash(pos[tied]) % ties[tied].astype(np.uint64)).astype(np.int64)
+                seen = np.zeros(len(pos), dtype=np.int64)
+                for i, (li, v, s, eq) in enumerate(zip(local, vals, shared, at_best)):
+                    li_eq, v_eq = li[eq], v[s][eq]
+                    win = pick[li_eq] == seen[li_eq]
+                    value[li_eq[win]], winner[li_eq[win]] = v_eq[win], i
+                    seen[li_eq] += 1
         out[pos] = value
         won = [len(x) - len(s) + int(np.count_nonzero(winner == i)) for i, (x, s) in enumerate(zip(ix, shared))]
     return won, pairs, covered

@@ -24,6 +24,8 @@ from ..builtin.tasks import jsonl, split
 from ..storage import atomic
 from .config import TRAIN_KEYS
 
+TIE_RULE = "hash"  # in the stage keys: masks made under the old name-order rule are recomputed
+
 
 def _sha_path(p: Path) -> str:
     from ..storage.checkpoint import sha256_file
@@ -211,10 +213,11 @@ def _cpi_ft(run: Run, base: Path, trains: dict, tests: dict, probes: dict) -> di
             out_dir=cores,
             labels=tasks,
             per_tensor=cfg["core"]["scope"] == "per-tensor",
+            tie_seed=cfg["core"]["tie_seed"],
         )
         write_core_json(cores / "core.json", summ, cfg["core"], scope)
 
-    run.stage("cores", cfg["core"], probe_stages, [cores], make_cores)
+    run.stage("cores", {**cfg["core"], "tie_rule": TIE_RULE}, probe_stages, [cores], make_cores)
 
     groups_path = root / "groups.json"
 
@@ -241,6 +244,7 @@ def _cpi_ft(run: Run, base: Path, trains: dict, tests: dict, probes: dict) -> di
             conflict=cfg["fuse"]["conflict"],
             check=True,
             omega=cfg["fuse"]["omega"] if len(tasks) == 2 else None,
+            tie_seed=cfg["core"]["tie_seed"],
         )
 
     run.stage("fuse", cfg["fuse"], ["cores"] + probe_stages, [fused], make_fused)
@@ -307,9 +311,16 @@ def _gallop(run: Run, base: Path, trains: dict, tests: dict) -> dict:
                 main=g["criterion"],
                 out=mask,
                 seed=cfg["seed"],
+                tie_seed=g["tie_seed"],
             )
 
-        run.stage(f"mask-{t}", {"rho": g["rho"], "criterion": g["criterion"]}, [f"gradients-{t}"], [mask], make_mask)
+        run.stage(
+            f"mask-{t}",
+            {"rho": g["rho"], "criterion": g["criterion"], "tie_seed": g["tie_seed"], "tie_rule": TIE_RULE},
+            [f"gradients-{t}"],
+            [mask],
+            make_mask,
+        )
         tc = _train_cfg(g, cfg["seed"] + i)
         run.stage(
             f"sparse-{t}",

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import OptionError
+
 CHUNK = 1 << 19  # elements per chunk (2 MB of float32): measured fastest of 2^16..2^20 for fuse and core
 BINS = 1 << 16
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
@@ -68,3 +70,55 @@ def hist_quantiles(hist, qs=QUANTILES) -> dict[str, float]:
         out[f"q{q:g}"] = key_to_float((b - BINS // 2) << 16)
     out["max"] = key_to_float(((int(np.flatnonzero(hist)[-1]) - BINS // 2) << 16) | 0xFFFF)
     return out
+
+
+# The tie rule (METHODS §2): among entries whose score equals the threshold, those with the smallest
+# splitmix64 hash of (seed, tensor rank r, flat index j) are taken. Only the threshold's entries are
+# ever hashed. All arithmetic is uint64 (numpy wraps it mod 2^64).
+_GOLDEN = 0x9E3779B97F4A7C15
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+MAX_RANK = 1 << 24
+MAX_INDEX = 1 << 40
+HASH_BLOCK = 1 << 16  # hashed in cache-sized blocks: ten uint64 ops each stay in L2
+
+
+def hash_offset(seed: int, rank: int) -> int:
+    """(s + 1)·0x9E3779B97F4A7C15 + (r << 40) mod 2^64: the part of x that does not depend on j."""
+    if not 0 <= rank < MAX_RANK:
+        raise OptionError(f"tensor rank {rank} is out of the tie hash's range (fewer than 2^24 tensors)")
+    if seed < 0:
+        raise OptionError(f"--tie-seed {seed} must be a non-negative integer")
+    return ((seed + 1) * _GOLDEN + (rank << 40)) % (1 << 64)
+
+
+def tie_hash(seed: int, rank: int, positions, out: np.ndarray | None = None) -> np.ndarray:
+    """The §2 hash h of flat indices `positions` (any integer array) of the tensor of rank `rank`."""
+    pos = np.asarray(positions).reshape(-1)
+    if pos.size and (int(pos.max()) >= MAX_INDEX or int(pos.min()) < 0):
+        raise OptionError(f"flat index {int(pos.max())} is out of the tie hash's range (tensors below 2^40 entries)")
+    off = np.uint64(hash_offset(seed, rank))
+    h = out if out is not None else np.empty(pos.size, dtype=np.uint64)
+    t = np.empty(min(pos.size, HASH_BLOCK), dtype=np.uint64)
+    for a in range(0, pos.size, HASH_BLOCK):
+        x = h[a : a + HASH_BLOCK]
+        s = t[: x.size]
+        np.add(pos[a : a + HASH_BLOCK].astype(np.uint64, copy=False), off, out=x)  # x
+        np.right_shift(x, np.uint64(30), out=s)
+        np.bitwise_xor(x, s, out=x)
+        np.multiply(x, _MIX1, out=x)
+        np.right_shift(x, np.uint64(27), out=s)
+        np.bitwise_xor(x, s, out=x)
+        np.multiply(x, _MIX2, out=x)
+        np.right_shift(x, np.uint64(31), out=s)
+        np.bitwise_xor(x, s, out=x)
+    return h
+
+
+def smallest_hashes(hashes: np.ndarray, r: int) -> np.ndarray:
+    """Indices of the r smallest of distinct `hashes` (any order)."""
+    if r <= 0:
+        return np.zeros(0, dtype=np.int64)
+    if r >= hashes.size:
+        return np.arange(hashes.size)
+    return np.argpartition(hashes, r - 1)[:r]

@@ -2,23 +2,36 @@
 
 Every "top x %" of the project (core regions, GaLLoP and its baselines) goes through here.
 Scores arrive as float32 chunks of each tensor (numpy arrays, or CPU torch tensors), tensors in
-scope order (sorted names), chunks in flat order; ties are broken by (sorted name, flat index),
-exactly as a stable sort of the concatenation would. The selection is numpy, so the core and
-fuse commands never load torch; only the masks `select` returns are torch tensors.
+scope order (sorted names), chunks in flat order. Ties at the threshold follow METHODS §2: among
+the entries equal to the threshold, those with the smallest seeded position hash
+(`keys.tie_hash`, of the tensor's rank and the flat index) are taken, so no tensor is favoured and
+the result does not depend on the scan order. Entries are ordered by the composite key
+(score, hash) — score descending, hash ascending — which is a total order; only entries whose score
+equals a window bound are ever hashed. The selection is numpy, so the core and fuse commands never
+load torch; only the masks `select` returns are torch tensors.
 
 `TopK` (the default) needs one full pass to find the threshold:
 
   sample  a seeded ~2 % of every tensor, in 4096-entry blocks (touches few pages), each sampled
-          score weighted by the share of its tensor it stands for: a window [lo, hi] around the
-          weighted estimate of the k-th largest, as wide as the spread of the sampled blocks says
+          score weighted by the share of its tensor it stands for: a window [lo, hi] of composite
+          keys around the weighted estimate of the k-th largest, as wide as the spread of the
+          sampled blocks says. A bound that falls inside a run of equal scores (bf16 fine-tunes
+          have few distinct |Δ|: millions of entries tie) is a (score, hash) pair: the hash is
+          uniform, so the share of the run above the bound is estimated like any count, and the
+          window stays narrow however many entries tie.
   count   every score: the count above hi, and the candidates in [lo, hi] with their positions
-  select  score > hi, plus the first k − count candidates in (score desc, name, index) order;
-          the core command even writes `score > hi` during the count pass and patches the bits.
+  select  everything above hi, plus the first k − count candidates in composite order; the core
+          command writes the sure part during the count pass and patches the chosen candidates.
 
-When the window misses (a pathological distribution, or more candidates than CANDIDATE_CAP,
-as with huge numbers of tied scores), it falls back to `RadixTopK`, an exact radix select on the
-float32 bit patterns: a histogram of the high 16 bits, then of the low 16 bits in the threshold
-bucket, then selection. Either way the result is exact; only the number of passes differs.
+When the window misses (a pathological distribution, or more candidates than CANDIDATE_CAP), it
+falls back to `RadixTopK`, an exact radix select on the float32 bit patterns: a histogram of the
+high 16 bits, then of the low 16 bits in the threshold bucket, then (when only part of the
+threshold's entries is taken) a pass over their hashes, then selection. Either way the result is
+exact; only the number of passes differs.
+
+Every selector also reports the tie statistics of METHODS §2: `ties` (entries equal to the
+threshold), `tie_picks` (how many of the k were chosen among them) and `above_strict` (entries
+strictly above it; p_strict = 100 · above_strict / total).
 """
 
 from __future__ import annotations
@@ -30,7 +43,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import NonFiniteError, OptionError
-from .keys import BINS, CHUNK, _chunks, _np, _torch, float_keys, key_to_float
+from .keys import BINS, CHUNK, _chunks, _np, _torch, float_keys, key_to_float, smallest_hashes, tie_hash
 from .passes import Pass
 
 if TYPE_CHECKING:
@@ -38,6 +51,7 @@ if TYPE_CHECKING:
 
 CANDIDATE_CAP = 1 << 24  # at most ~16 M candidates (16 bytes each) before falling back to radix
 WINDOW_SLACK = 0.002  # the window's half-width is at least this share of all scores
+ALL = 1 << 64  # a hash bound above every hash: the whole run of equal scores is on that side
 
 
 def _check_finite(scores, name: str) -> None:
@@ -60,46 +74,60 @@ def k_for(percent: float, total: int, *, what: str = "p") -> int:
 
 
 class RadixTopK:
-    """Exact top-k by radix select on float bit patterns, over three passes (see the module doc).
+    """Exact top-k by radix select on float bit patterns (see the module doc).
 
-    Call `observe(name, scores)` for every chunk in pass 1, `next_pass()`, again in pass 2,
-    `next_pass()`, then `select(name, scores)` chunk by chunk in scope order in pass 3, which
-    returns the boolean mask of that chunk. `threshold` is the k-th largest score.
+    Pass 1 and 2: `observe(name, start, scores)` for every chunk, then `next_pass()`; when only part of
+    the threshold's entries is taken, a third observe pass reads their hashes (`wants_hash_pass`);
+    then `select(name, start, scores)` chunk by chunk returns the boolean mask of that chunk.
+    `threshold` is the k-th largest score. `ranks` maps tensor names to their §2 rank.
     """
 
-    passes = 3
-
-    def __init__(self, k: int, total: int):
+    def __init__(self, k: int, total: int, *, ranks: dict[str, int], seed: int = 0):
         if not 0 < k <= total:
             raise OptionError(f"cannot select {k} of {total} parameters")
-        self.k, self.total = k, total
+        self.k, self.total, self.ranks, self.seed = k, total, ranks, seed
         self.stage = 1
         self.hist = np.zeros(BINS, dtype=np.int64)
         self.bucket = -1
         self.threshold_key = 0
-        self.ties_left = 0
+        self.ties = self.tie_picks = self.above = 0
+        self.hash_cut = ALL  # threshold entries with a hash below this are taken
         self.selected = 0
 
     @property
     def everything(self) -> bool:
         return self.k == self.total
 
-    def observe(self, name: str, scores) -> None:
+    @property
+    def wants_hash_pass(self) -> bool:
+        return self.stage == 3
+
+    def observe(self, name: str, start: int, scores) -> None:
         if self.stage == 1:
             _check_finite(scores, name)
         if self.everything:
             return
+        offset = start
         for chunk in _chunks(scores):
             key = float_keys(chunk)
             if self.stage == 1:
                 self.hist += np.bincount((key >> 16) + BINS // 2, minlength=BINS)
-            else:
+            elif self.stage == 2:
                 low = key[((key >> 16) + BINS // 2) == self.bucket] & 0xFFFF
                 self.hist += np.bincount(low, minlength=BINS)
+            else:
+                h = tie_hash(self.seed, self.ranks[name], np.flatnonzero(key == self.threshold_key) + offset)
+                self._below += int(np.count_nonzero(h < np.uint64(self._lo_h)))
+                inside = h[(h >= np.uint64(self._lo_h)) & (h <= np.uint64(self._hi_h))]
+                self._inside.append(inside)
+            offset += key.size
 
     def next_pass(self) -> None:
         if self.everything:
-            self.stage += 1
+            self.stage = 4
+            return
+        if self.stage == 3:
+            self._finish_hash_pass()
             return
         # walk bins from the top until the running count reaches what is still needed
         need = self.k if self.stage == 1 else self.k - self.above
@@ -109,12 +137,37 @@ class RadixTopK:
         greater = int(above_in_bins[pos - 1]) if pos > 0 else 0
         if self.stage == 1:
             self.bucket, self.above = b, greater
+            self.stage = 2
         else:
             self.threshold_key = ((self.bucket - BINS // 2) << 16) | b
             self.above += greater
-            self.ties_left = self.k - self.above
+            self.ties = int(self.hist[b])
+            self.tie_picks = self.k - self.above
+            self.stage = 3 if self.tie_picks < self.ties else 4
+            if self.stage == 3:
+                self._hash_window(widen=1.0)
         self.hist = np.zeros(BINS, dtype=np.int64)
-        self.stage += 1
+
+    def _hash_window(self, widen: float) -> None:
+        """Hashes are uniform: the cut h* with tie_picks of the ties below it lies near q·2^64."""
+        n, r = self.ties, self.tie_picks
+        q = r / n
+        eps = widen * (8 * math.sqrt(n * q * (1 - q)) + 64) / n
+        self._lo_h = max(0, int((q - eps) * ALL))
+        self._hi_h = min(ALL - 1, int((q + eps) * ALL))
+        self._below, self._inside = 0, []
+
+    def _finish_hash_pass(self) -> None:
+        inside = np.concatenate(self._inside) if self._inside else np.zeros(0, dtype=np.uint64)
+        need = self.tie_picks - self._below
+        if 0 < need <= inside.size:
+            self.hash_cut = int(np.partition(inside, need - 1)[need - 1]) + 1
+            self.stage = 4
+        elif need == 0:
+            self.hash_cut = self._lo_h
+            self.stage = 4
+        else:  # the hash window missed (astronomically rare): read the hashes again, wider
+            self._hash_window(widen=64.0 if self._hi_h - self._lo_h < ALL // 2 else ALL)
 
     @property
     def threshold(self) -> float:
@@ -122,42 +175,55 @@ class RadixTopK:
             return float("-inf")
         return key_to_float(self.threshold_key)
 
-    def select(self, name: str, scores):
-        """Pass 3: the boolean mask of one tensor (a torch tensor of the shape of `scores`)."""
-        if self.stage != 3:
-            raise RuntimeError("RadixTopK.select() before its two observe passes; this is a bug")
+    def select(self, name: str, start: int, scores):
+        """The boolean mask of one chunk (a torch tensor of the shape of `scores`)."""
+        if self.stage != 4:
+            raise RuntimeError("RadixTopK.select() before its observe passes; this is a bug")
         shape = tuple(scores.shape)
         if self.everything:
             self.selected += math.prod(shape)
             return _torch(np.ones(shape, dtype=bool))
-        parts = []
+        parts, offset = [], start
         for chunk in _chunks(scores):
             key = float_keys(chunk)
             mask = key > self.threshold_key
-            if self.ties_left > 0:
-                eq = key == self.threshold_key
-                mask |= eq & (eq.cumsum(dtype=np.int64) <= self.ties_left)
-                self.ties_left -= min(self.ties_left, int(eq.sum()))
+            eq = np.flatnonzero(key == self.threshold_key)
+            if eq.size:
+                if self.hash_cut >= ALL:
+                    mask[eq] = True
+                else:
+                    h = tie_hash(self.seed, self.ranks[name], eq + offset)
+                    mask[eq[h < np.uint64(self.hash_cut)]] = True
             parts.append(mask)
+            offset += key.size
         mask = np.concatenate(parts) if len(parts) > 1 else parts[0] if parts else np.zeros(0, dtype=bool)
         self.selected += int(mask.sum())
         return _torch(mask.reshape(shape))
 
+    @property
+    def above_strict(self) -> int:
+        return self.above
 
-def topk_mask(scores, k: int) -> tuple:
-    """Exact top-k of one in-memory tensor with ties by flat index ascending: (torch mask, threshold)."""
+
+def topk_mask(scores, k: int, *, rank: int = 0, seed: int = 0) -> tuple:
+    """Exact top-k of one in-memory tensor (of §2 rank `rank`), ties by the §2 hash:
+    (torch mask, threshold, entries equal to the threshold, of them chosen)."""
     shape = tuple(scores.shape)
     n = math.prod(shape)
     if k <= 0:
-        return _torch(np.zeros(shape, dtype=bool)), float("inf")
+        return _torch(np.zeros(shape, dtype=bool)), float("inf"), 0, 0
     if k >= n:
-        return _torch(np.ones(shape, dtype=bool)), float("-inf")
+        return _torch(np.ones(shape, dtype=bool)), float("-inf"), 0, 0
     key = float_keys(scores)
     t = int(np.partition(key, n - k)[n - k])  # k-th largest
     mask = key > t
-    eq = key == t
-    mask |= eq & (eq.cumsum(dtype=np.int64) <= k - int(mask.sum()))
-    return _torch(mask.reshape(shape)), key_to_float(t)
+    eq = np.flatnonzero(key == t)
+    r = k - int(np.count_nonzero(mask))
+    if r == eq.size:
+        mask[eq] = True
+    else:
+        mask[eq[smallest_hashes(tie_hash(seed, rank, eq), r)]] = True
+    return _torch(mask.reshape(shape)), key_to_float(t), int(eq.size), r
 
 
 def _largest(v: np.ndarray, r: int) -> np.ndarray:
@@ -183,19 +249,26 @@ class TopK:
     A `passes.CountingSelector`: while `wants()` is a `Pass`, feed `observe(name, start, scores)` for
     the ranges of that pass, then `end_pass()`; once `wants()` is None, either `chosen()` completes the
     counting pass's sure positions, or `select(name, start, scores)` returns each chunk's mask.
+    `ranks` gives each tensor's §2 rank (`Scope.ranks`), `seed` the tie seed.
+
+    The window is two composite bounds (value, hash cut): an entry (x, h) is above a bound (v, H)
+    when x > v, or x == v and h < H (H = ALL: the whole run of v is above; 0: none of it).
     """
 
-    def __init__(self, k: int, total: int):
+    def __init__(self, k: int, total: int, *, ranks: dict[str, int], seed: int = 0):
         if not 0 < k <= total:
             raise OptionError(f"cannot select {k} of {total} parameters")
-        self.k, self.total = k, total
+        self.k, self.total, self.ranks, self.seed = k, total, ranks, seed
         self._phase = "sample"
         self.sample_values = np.zeros(0, dtype=np.float32)  # kept for quantile summaries
         self.samples: list[np.ndarray] = []
         self.sample_meta: list[tuple[int, float, int]] = []  # (tensor index, weight, blocks) per observed sample
         self._sample_tensors: dict[str, int] = {}
-        self.lo = self.hi = 0.0
+        self.lo = self.hi = 0.0  # the bounds' values
+        self.lo_cut = self.hi_cut = ALL  # and their hash cuts
         self.above = 0
+        self._hi_eq_sure = 0  # sure entries equal to hi (taken by their hash)
+        self._lo_eq_out = 0  # entries equal to lo left out by their hash
         # candidates live in a few large arrays grown by doubling (many small kept tensors between
         # large temporaries would fragment the heap)
         self.cand_vals = np.empty(0, dtype=np.float32)
@@ -210,6 +283,7 @@ class TopK:
         self._sure = None
         self.full_passes = 0  # full passes over the data (the sample pass aside)
         self.threshold = float("-inf")
+        self.ties = self.tie_picks = self.above_strict = 0
         self.selected = 0
 
     @property
@@ -221,7 +295,7 @@ class TopK:
             return Pass.SAMPLE
         if self._phase == "count":
             return Pass.COUNT
-        if self._phase in ("radix1", "radix2"):
+        if self._phase in ("radix1", "radix2", "radix3"):
             return Pass.FULL
         return None
 
@@ -248,10 +322,18 @@ class TopK:
         elif self._phase == "count":
             self._sure = self.count(name, start, scores)
         else:
-            self.radix.observe(name, scores)
+            self.radix.observe(name, start, scores)
+
+    def _cut(self, name: str, start: int, idx: np.ndarray, cut: int) -> np.ndarray:
+        """Which of the chunk positions `idx` (all holding a bound's value) lie above that bound's hash cut."""
+        if cut >= ALL:
+            return np.ones(idx.size, dtype=bool)
+        if cut <= 0:
+            return np.zeros(idx.size, dtype=bool)
+        return tie_hash(self.seed, self.ranks[name], idx + start) < np.uint64(cut)
 
     def count(self, name: str, start: int, scores, finite: bool = False) -> np.ndarray:
-        """The count pass's work on one chunk; returns its sure positions (score > hi), ascending, in the
+        """The count pass's work on one chunk; returns its sure positions (above hi), ascending, in the
         chunk. Thread-safe: workers may count different tensors at once (each tensor's chunks in order).
         `finite`: the caller has made sure the scores hold no NaN (it checked the inputs more cheaply)."""
         sn = _np(scores)
@@ -265,10 +347,34 @@ class TopK:
         idx = np.flatnonzero(np.greater_equal(sn, self.lo, out=self._np_bool(sn.size)))
         vals = sn[idx]
         above = vals > self.hi
-        sure = idx[above]
+        hi_eq_sure = lo_eq_out = 0
+        eq_hi = vals == self.hi
+        if self.hi_cut >= ALL:  # the whole run of hi is sure
+            hi_eq_sure = int(np.count_nonzero(eq_hi))
+            above |= eq_hi
+        need_hi = eq_hi if 0 < self.hi_cut < ALL else None
+        need_lo = (vals == self.lo) & ~above if self.lo_cut < ALL else None
+        if need_hi is not None or need_lo is not None:  # only the bounds' runs are hashed
+            both = need_hi if need_lo is None else need_lo if need_hi is None else need_hi | need_lo
+            at = np.flatnonzero(both)
+            if at.size:
+                h = tie_hash(self.seed, self.ranks[name], idx[at] + start)
+                if need_hi is not None:
+                    up = need_hi[at] & (h < np.uint64(self.hi_cut))
+                    above[at[up]] = True
+                    hi_eq_sure = int(np.count_nonzero(up))
+                if need_lo is not None:
+                    out = need_lo[at] & ~above[at] & (h >= np.uint64(self.lo_cut))
+                    at_out = at[out]
+                    lo_eq_out = int(at_out.size)
         keep = ~above
+        if lo_eq_out:
+            keep[at_out] = False
+        sure = idx[above]
         with self._lock:
             self.above += sure.size
+            self._hi_eq_sure += hi_eq_sure
+            self._lo_eq_out += lo_eq_out
             if self.n_cand > CANDIDATE_CAP:
                 return sure
             c = int(np.count_nonzero(keep))
@@ -301,18 +407,22 @@ class TopK:
         elif self._phase == "count":
             self._scratch, self._sure, self._local = {}, None, threading.local()
             if not self._resolve():
-                self.radix = RadixTopK(self.k, self.total)
+                self.radix = RadixTopK(self.k, self.total, ranks=self.ranks, seed=self.seed)
                 self._phase = "radix1"
-        elif self._phase == "radix1":
+        elif self._phase in ("radix1", "radix2", "radix3"):
             self.radix.next_pass()
-            self._phase = "radix2"
-        elif self._phase == "radix2":
-            self.radix.next_pass()
-            self.threshold = self.radix.threshold
-            self._phase = "radix"
+            if self.radix.wants_hash_pass:
+                self._phase = "radix3"
+            elif self._phase == "radix1":
+                self._phase = "radix2"
+            else:
+                self.threshold = self.radix.threshold
+                self.ties, self.tie_picks = self.radix.ties, self.radix.tie_picks
+                self.above_strict = self.radix.above_strict
+                self._phase = "radix"
 
     def _window(self) -> None:
-        """Bracket the k-th largest score from the sample: [lo, hi] around the weighted estimate.
+        """Bracket the k-th largest composite key from the sample: [lo, hi] around the weighted estimate.
 
         Every sampled score stands for `weight` scores of its tensor (1 for a tensor sampled whole,
         n / sampled for block-sampled ones), so tensors sampled at different rates do not bias the
@@ -321,7 +431,9 @@ class TopK:
         within each tensor), and at least WINDOW_SLACK of all scores: a cluster of large scores
         that no sampled block hit is invisible to the variance (the benchmark's planted rows are
         one: 12 % of one tensor, missed by all 5 of its sampled blocks), so the floor is what keeps
-        such a window from missing. A miss is caught after the count pass (radix fallback).
+        such a window from missing. A bound inside a run of equal scores gets the hash cut that
+        leaves the estimated share of the run above it. A miss is caught after the count pass
+        (radix fallback).
         """
         samples, meta = self.samples, self.sample_meta
         self.samples, self.sample_meta = [], []
@@ -351,18 +463,30 @@ class TopK:
             if cw[-1] >= k + delta or R == m:
                 break
             R = min(m, 2 * R)
-        jh = int(np.searchsorted(cw, k - delta))
-        jl = int(np.searchsorted(cw, k + delta))
-        self.hi = float(v[top[jh]]) if k - delta > 0 else float("inf")
-        self.lo = float(v[top[jl]]) if jl < R else float("-inf")
-        # room for the candidates the sample predicts (in [lo, hi]), so the count pass rarely regrows: untouched
-        # room costs address space only (large numpy arrays are mapped lazily), a regrowth copies everything
-        desc = -v[top]
-        ge_lo, gt_hi = (
-            int(np.searchsorted(desc, -x, side=side)) for x, side in ((self.lo, "right"), (self.hi, "left"))
-        )
-        expect = (cw[ge_lo - 1] if ge_lo else 0.0) - (cw[gt_hi - 1] if gt_hi else 0.0)
-        self._grow(int(min(1.25 * expect, CANDIDATE_CAP)))
+        desc = -v[top]  # ascending
+
+        def bound(rank: float) -> tuple[float, int]:
+            """The composite key with an estimated `rank` entries above it."""
+            j = min(int(np.searchsorted(cw, rank)), R - 1)
+            val = float(v[top[j]])
+            a = int(np.searchsorted(desc, -val, side="left"))  # every sampled score > val is in `top`
+            above = float(cw[a - 1]) if a else 0.0
+            at = np.flatnonzero(v == val)
+            run = float(w_block[np.searchsorted(ends, at, side="right")].sum())  # estimated size of val's run
+            share = min(1.0, max(0.0, (rank - above) / run))
+            return val, min(ALL, int(share * ALL))
+
+        if k - delta > 0:
+            self.hi, self.hi_cut = bound(k - delta)
+        else:
+            self.hi, self.hi_cut = float("inf"), ALL
+        if int(np.searchsorted(cw, k + delta)) < R:
+            self.lo, self.lo_cut = bound(k + delta)
+        else:
+            self.lo, self.lo_cut = float("-inf"), ALL
+        # room for the candidates the sample predicts, so the count pass rarely regrows: untouched room
+        # costs address space only (large numpy arrays are mapped lazily), a regrowth copies everything
+        self._grow(int(min(1.25 * 2 * delta, CANDIDATE_CAP)))
 
     @staticmethod
     def _count_std(v, ends, w_block, tensor_of, t_hat) -> float:
@@ -391,19 +515,28 @@ class TopK:
         self.cand_vals = self.cand_pos = self.cand_tensor = np.empty(0)
         if n > CANDIDATE_CAP or need <= 0 or need > n:
             return False
-        # the need-th largest value, then ties at it taken in (tensor, position) order
+        names = {i: name for name, i in self.order.items()}
+        # the need-th largest value, then the entries equal to it taken by their hash (METHODS §2)
         t = np.partition(vals, n - need)[n - need]
-        above = vals > t
+        chosen_mask = vals > t
         eq = np.flatnonzero(vals == t)
-        # ties by (name, position); tensor ids follow the scan order, which need not be sorted by name
-        by_id = sorted(self.order, key=self.order.get)
-        name_rank = np.empty(len(by_id), dtype=np.int64)
-        name_rank[sorted(range(len(by_id)), key=by_id.__getitem__)] = np.arange(len(by_id))
-        ties = eq[np.lexsort((pos[eq], name_rank[tens[eq]]))][: need - int(above.sum())]
-        above[ties] = True
-        chosen = np.flatnonzero(above)  # in scan order: a tensor's positions ascending
-        self.threshold = float(t)
-        names = {i: n for n, i in self.order.items()}
+        r = need - int(np.count_nonzero(chosen_mask))
+        if r < eq.size:
+            h = np.empty(eq.size, dtype=np.uint64)
+            eq_t = tens[eq]
+            for tid in np.unique(eq_t):
+                at = np.flatnonzero(eq_t == tid)
+                h[at] = tie_hash(self.seed, self.ranks[names[int(tid)]], pos[eq[at]])
+            chosen_mask[eq[smallest_hashes(h, r)]] = True
+        else:
+            chosen_mask[eq] = True
+        t = float(t)
+        self.threshold = t
+        hi_run = self._hi_eq_sure if t == self.hi else 0
+        self.ties = int(eq.size) + hi_run + (self._lo_eq_out if t == self.lo else 0)
+        self.above_strict = self.above - hi_run + int(np.count_nonzero(vals > t))
+        self.tie_picks = self.k - self.above_strict
+        chosen = np.flatnonzero(chosen_mask)  # in scan order: a tensor's positions ascending
         chosen_t, chosen_p = tens[chosen], pos[chosen]
         if np.any(chosen_t[1:] < chosen_t[:-1]):  # tensors counted at once by several threads: group them
             o = np.argsort(chosen_t.astype(np.int16) if len(self.order) < 1 << 15 else chosen_t, kind="stable")
@@ -411,12 +544,21 @@ class TopK:
         cuts = np.flatnonzero(chosen_t[1:] != chosen_t[:-1]) + 1
         for part_t, part_p in zip(np.split(chosen_t, cuts), np.split(chosen_p, cuts)):
             if part_t.size:
-                self.extra[names[int(part_t[0])]] = part_p
+                self.extra[names[int(part_t[0])]] = np.sort(part_p)
         self._phase = "window"
         return True
 
+    def above_hi(self, name: str, positions: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """Which entries (flat `positions` of `name`, their `scores`) the counting pass took as sure."""
+        sure = scores > self.hi
+        if self.hi_cut > 0:
+            at = np.flatnonzero(scores == self.hi)
+            if at.size:
+                sure[at[self._cut(name, 0, positions[at], self.hi_cut)]] = True
+        return sure
+
     def sure_positions(self) -> np.ndarray:
-        """The count pass's sure part of the chunk just observed (score > hi), as ascending positions
+        """The count pass's sure part of the chunk just observed (above hi), as ascending positions
         in the chunk; `extra` later holds the chosen candidates."""
         return self._sure
 
@@ -431,30 +573,35 @@ class TopK:
         """The chunk's mask (a torch bool tensor) once every pass is done."""
         import torch
 
-        scores = _torch(scores)
         if self._phase == "done":
-            self.selected += scores.numel()
-            return torch.ones(scores.shape, dtype=torch.bool)
+            self.selected += math.prod(tuple(scores.shape))
+            return torch.ones(tuple(scores.shape), dtype=torch.bool)
         if self._phase == "radix":
-            mask = self.radix.select(name, scores)
+            mask = self.radix.select(name, start, scores)
             self.selected = self.radix.selected
             return mask
-        mask = scores > self.hi
+        sn = _np(scores).reshape(-1)
+        mask = sn > self.hi
+        if 0 < self.hi_cut:
+            at = np.flatnonzero(sn == self.hi)
+            if at.size:
+                mask[at[self._cut(name, start, at, self.hi_cut)]] = True
         pos = self.extra.get(name)
         if pos is not None:
-            a, b = np.searchsorted(pos, [start, start + scores.numel()])
+            a, b = np.searchsorted(pos, [start, start + sn.size])
             if b > a:
-                mask[torch.from_numpy(pos[a:b] - start)] = True
+                mask[pos[a:b] - start] = True
         self.selected += int(mask.sum())
-        return mask
+        return _torch(mask.reshape(tuple(scores.shape)))
 
 
 class PerTensorTopK:
-    """For `per-tensor` scope: ⌊p·n/100⌋ inside each tensor, in one pass over whole tensors."""
+    """For `per-tensor` scope: ⌊p·n/100⌋ inside each tensor, in one pass over whole tensors (ties by
+    the §2 hash with the tensor's rank, as in global scope)."""
 
-    def __init__(self, percent: float, scope: Scope):
+    def __init__(self, percent: float, scope: Scope, *, seed: int = 0):
         k_for(percent, scope.numel(), what="p")  # validates the range
-        self.percent = percent
+        self.percent, self.ranks, self.seed = percent, scope.ranks, seed
         self.k = sum(int(percent * scope.numel(n) // 100) for n in scope.names)
         if self.k == 0:
             biggest = max(scope.numel(n) for n in scope.names)
@@ -466,6 +613,7 @@ class PerTensorTopK:
         self.full_passes = 0  # the caller's one pass selects (no counting pass)
         self.sample_values = np.zeros(0, dtype=np.float32)
         self.thresholds: dict[str, float] = {}
+        self.ties = self.tie_picks = 0
 
     def wants(self) -> None:
         return None
@@ -483,17 +631,51 @@ class PerTensorTopK:
     def threshold(self) -> float:
         return min(self.thresholds.values(), default=float("nan"))
 
+    @property
+    def above_strict(self) -> int:
+        return self.selected - self.tie_picks
+
     def select(self, name: str, start: int, scores):
         """`scores` must be the whole tensor (start 0); returns its torch bool mask."""
-        mask, t = topk_mask(scores, int(self.percent * len(scores.reshape(-1)) // 100))
+        k = int(self.percent * len(scores.reshape(-1)) // 100)
+        mask, t, ties, picks = topk_mask(scores, k, rank=self.ranks[name], seed=self.seed)
         self.thresholds[name] = t
+        self.ties += ties
+        self.tie_picks += picks
         self.selected += int(mask.sum())
         return mask
 
 
-def make_selector(percent: float, scope: Scope, *, per_tensor: bool = False) -> TopK | PerTensorTopK:
-    """The selector of the top `percent` % of the scope's scores: global (TopK) or inside each tensor."""
+def make_selector(percent: float, scope: Scope, *, per_tensor: bool = False, seed: int = 0) -> TopK | PerTensorTopK:
+    """The selector of the top `percent` % of the scope's scores: global (TopK) or inside each tensor;
+    `seed` is the tie seed (METHODS §2)."""
     if per_tensor:
-        return PerTensorTopK(percent, scope)
+        return PerTensorTopK(percent, scope, seed=seed)
     total = scope.numel()
-    return TopK(k_for(percent, total, what="p"), total)
+    return TopK(k_for(percent, total, what="p"), total, ranks=scope.ranks, seed=seed)
+
+
+TIE_WARN_SHARE = 0.1  # warn when more than this share of a selection was chosen among ties (METHODS §2)
+
+
+def tie_summary(sel, total: int, *, seed: int, what: str = "p") -> dict:
+    """METHODS §2's report of a finished selection: threshold, entries tied at it, how many of the k
+    were chosen among them, p_strict (the largest percentage that needs no tie rule), and a warning
+    when more than 10 % of k came from the tie rule."""
+    k = sel.k
+    p_strict = 100.0 * sel.above_strict / total if total else 0.0
+    doc = {
+        "threshold": sel.threshold,
+        "ties": int(sel.ties),
+        "tie_picks": int(sel.tie_picks),
+        "p_strict": p_strict,
+        "tie_seed": seed,
+        "tie_rule": "hash",
+    }
+    if k and sel.tie_picks > TIE_WARN_SHARE * k:
+        doc["warning"] = (
+            f"{sel.tie_picks:,} of the {k:,} selected entries ({sel.tie_picks / k:.0%}) were chosen "
+            f"among {sel.ties:,} entries tied at the threshold {sel.threshold:.4g} by the tie hash "
+            f"(--tie-seed {seed}); --{what} {p_strict:.3g} or less selects without ties"
+        )
+    return doc

@@ -96,6 +96,12 @@ class MaskSet:
     def names(self) -> list[str]:
         return list(self.shapes)
 
+    @property
+    def tie_rule(self) -> str:
+        """How ties at the threshold were broken: "hash" (METHODS §2, with `tie_seed`), or "name-order"
+        for masks written before the hash rule (sorted tensor name, then flat index)."""
+        return self.meta.get("tie_rule", "name-order")
+
     def numel(self) -> int:
         return sum(int(np.prod(s, dtype=np.int64)) for s in self.shapes.values())
 
@@ -145,11 +151,16 @@ class MaskWriter:
         self.out = Path(out)
         check_output(self.out, list(inputs), force=force)
         self.shapes = shapes = dict(sorted(shapes.items()))  # written in sorted-name order
-        meta = {"format_version": FORMAT_VERSION, **meta, "shapes": {n: list(s) for n, s in shapes.items()}}
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "tie_rule": "hash",
+            **meta,
+            "shapes": {n: list(s) for n, s in shapes.items()},
+        }
         plan = [(n, "U8", (packed_size(s),)) for n, s in shapes.items()]
         self._atomic = AtomicPath(self.out, force=force, is_dir=False)
         self.meta = meta
-        self._stream = SafetensorsStream(self._atomic.tmp, plan, {META_KEY: json.dumps(meta)}, reserve=512)
+        self._stream = SafetensorsStream(self._atomic.tmp, plan, {META_KEY: json.dumps(meta)}, reserve=2048)
         self._patches: list[tuple[str, np.ndarray]] = []
 
     def write(self, name: str, mask) -> None:

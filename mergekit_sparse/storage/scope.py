@@ -17,15 +17,24 @@ class Scope:
     shapes: dict[str, tuple[int, ...]]
     copied: tuple[str, ...] = ()  # in the checkpoints but not selected (ints, excluded)
     dtype_differences: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # each tensor's rank for the tie hash (METHODS §2): its 0-based position among every floating
+    # tensor of the first checkpoint (the base), sorted, whatever the include/exclude patterns say
+    ranks: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self):
+        sizes = {n: _prod(s) for n, s in self.shapes.items()}
+        object.__setattr__(self, "_sizes", sizes)
+        object.__setattr__(self, "_total", sum(sizes.values()))
+        if not self.ranks:  # scopes built by hand (tests): rank by sorted name in scope
+            object.__setattr__(self, "ranks", {n: i for i, n in enumerate(sorted(self.shapes))})
 
     @property
     def names(self) -> list[str]:
         return list(self.shapes)
 
     def numel(self, name: str | None = None) -> int:
-        if name is not None:
-            return _prod(self.shapes[name])
-        return sum(_prod(s) for s in self.shapes.values())
+        """Entries of one tensor, or of the whole scope (both precomputed: drivers ask per tensor)."""
+        return self._sizes[name] if name is not None else self._total
 
     def to_json(self) -> dict:
         return {
@@ -108,4 +117,8 @@ def align(checkpoints: list[Checkpoint], *, include=(), exclude=(), allow_empty:
         shapes[name] = ref.shape
     if not shapes and not allow_empty:
         raise OptionError("no tensor is in scope: the include/exclude patterns leave nothing to select")
-    return Scope(shapes, tuple(copied), dtype_diff)
+    ranks = {n: i for i, n in enumerate(sorted(n for n, info in first.infos.items() if info.is_float))}
+    missing = [n for n in shapes if n not in ranks]  # a floating tensor the first checkpoint lacks: cannot be
+    if missing:
+        raise RuntimeError(f"tensors {missing[:3]} in scope have no rank; this is a bug")
+    return Scope(shapes, tuple(copied), dtype_diff, ranks)
