@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
+
+from ..selection.keys import CHUNK
+from ..selection.passes import chunk_ranges
 from ..storage.checkpoint import Checkpoint
 from ..storage.scope import align
 
@@ -14,7 +20,7 @@ def inspect_checkpoint(spec: str, *, base: str | None = None, allow_pickle: bool
         {
             "name": i.name,
             "shape": list(i.shape),
-            "dtype": str(i.dtype).removeprefix("torch."),
+            "dtype": i.dtype_name,
             "numel": i.numel,
             "file": i.file.name,
         }
@@ -32,14 +38,24 @@ def inspect_checkpoint(spec: str, *, base: str | None = None, allow_pickle: bool
     if base is not None:
         b = Checkpoint.open(base, allow_pickle=allow_pickle)
         scope = align([b, ck])
-        rel = {}
-        for name in scope.names:
-            w0 = b.tensor(name).float()
-            w = ck.tensor(name).float()
-            denom = float(w0.norm())
-            rel[name] = float((w - w0).norm()) / denom if denom > 0 else float((w - w0).norm())
+        rel = {name: relative_delta_norm(b, ck, name) for name in scope.names}
         report["base"] = {"path": str(b.path), "aligned": True, "scope": scope.to_json(), "relative_delta_norm": rel}
     return report
+
+
+def relative_delta_norm(base: Checkpoint, ck: Checkpoint, name: str) -> float:
+    """‖θ − θ_base‖ / ‖θ_base‖ of one tensor (‖θ − θ_base‖ when the base's norm is 0), streamed in chunks:
+    memory stays at a few chunks whatever the tensor's size."""
+    n = base.infos[name].numel
+    a, d = np.empty(min(n, CHUNK), np.float32), np.empty(min(n, CHUNK), np.float32)
+    sq0 = sqd = 0.0
+    for s, e in chunk_ranges(n):
+        w0 = base.float32(name, s, e, out=a[: e - s])
+        w = ck.float32(name, s, e, out=d[: e - s])
+        np.subtract(w, w0, out=w)
+        sq0 += float(np.dot(w0, w0))
+        sqd += float(np.dot(w, w))
+    return math.sqrt(sqd) / math.sqrt(sq0) if sq0 > 0 else math.sqrt(sqd)
 
 
 def _fmt_bytes(n: int) -> str:

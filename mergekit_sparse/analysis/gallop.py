@@ -129,9 +129,8 @@ def select_sparse(
     sels = [TopK(k, total, ranks=scope.ranks, seed=tie_seed) for _ in criteria]
 
     def chunks(name, ranges):
-        th_raw, g_raw = params.tensor(name).reshape(-1), grads.tensor(name).reshape(-1)
-        for s, e in ranges:
-            th, g = th_raw[s:e].float(), g_raw[s:e].float()
+        for s, e in ranges:  # float32 chunks of the read-only mappings
+            th, g = torch.from_numpy(params.float32(name, s, e)), torch.from_numpy(grads.float32(name, s, e))
             if not torch.isfinite(g).all():
                 raise NonFiniteError(f"tensor '{name}' in {grads.path} holds NaN/Inf gradients")
             yield s, [score(c, th, g, name=name, seed=seed, start=s) for c in criteria]
@@ -169,10 +168,10 @@ def select_sparse(
     try:
         for name in tqdm(scope.names, desc="gallop: select", disable=not progress, leave=False):
             n = scope.numel(name)
-            th_raw, g_raw = params.tensor(name).reshape(-1), grads.tensor(name).reshape(-1)
             parts = {c: [] for c in criteria}
             for s, e in chunk_ranges(n):
-                theta, g = th_raw[s:e].float(), g_raw[s:e].float()
+                theta = torch.from_numpy(params.float32(name, s, e))
+                g = torch.from_numpy(grads.float32(name, s, e))
                 masks = {}
                 for c, sel in zip(criteria, sels):
                     sc = score(c, theta, g, name=name, seed=seed, start=s)

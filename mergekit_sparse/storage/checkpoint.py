@@ -280,7 +280,9 @@ class Checkpoint:
         return info
 
     def _mapping(self, info: TensorInfo) -> mmap.mmap:
-        """The file's one copy-on-write mapping (writes through it never reach the file)."""
+        """The file's one read-only shared mapping: page-cache pages, never charged as private memory, so a
+        checkpoint larger than RAM opens and streams (a copy-on-write mapping of the whole file is charged
+        against the commit limit and fails there)."""
         m = self._maps.get(info.file)
         if m is None:
             with self._lock:
@@ -288,7 +290,7 @@ class Checkpoint:
                 if m is None:
                     try:
                         with open(info.file, "rb") as f:
-                            m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                            m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
                     except (OSError, ValueError) as e:
                         raise CheckpointError(f"{info.file}: cannot open safetensors file ({e})") from None
                     self._maps[info.file] = m
@@ -320,8 +322,8 @@ class Checkpoint:
         return dtypes.to_float32(raw, self.infos[name].code, out)
 
     def tensor(self, name: str):
-        """One tensor as a torch tensor over the same mapping as `array` (no copy; writing to it never
-        reaches the file)."""
+        """One tensor as a writable torch tensor: a copy of that tensor alone (the mapping is read-only;
+        streaming code reads `array` or `float32` chunks instead)."""
         info = self._info(name)
         if self._pickled is not None:
             return self._pickled[name]
@@ -329,9 +331,8 @@ class Checkpoint:
 
         if info.numel == 0:
             return torch.empty(info.shape, dtype=info.dtype)
-        return torch.frombuffer(self._mapping(info), dtype=info.dtype, count=info.numel, offset=info.offset).view(
-            info.shape
-        )
+        t = torch.from_numpy(np.array(self.array(name)))  # (shape,) copy, storage dtype
+        return t.view(info.dtype) if t.dtype != info.dtype else t
 
     def close(self) -> None:
         self._maps.clear()  # unmapped by the collector once no array or tensor refers to them
