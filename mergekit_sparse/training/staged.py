@@ -20,7 +20,7 @@ from ..storage.checkpoint import Checkpoint
 from ..storage.masks import MaskSet
 from ..storage.writer import check_output
 from .data import balanced_sample, file_sha256, read_jsonl
-from .models import load_model
+from .models import load_for_training
 from .trainer import TrainConfig, train
 
 
@@ -59,7 +59,7 @@ def run_train(
     cfg.check()
     check_output(out, [Path(model_dir), Path(data)] + ([Path(mask)] if mask else []), force=force)
     records = read_jsonl(data)
-    model, tok = load_model(model_dir)
+    model, tok, stored = load_for_training(model_dir)
     masks = model_masks(model, MaskSet.load(mask), model_dir) if mask else None
     record = {"model": str(model_dir), "data": str(data), "data_sha256": file_sha256(data), "mask": mask}
     return train(
@@ -73,6 +73,7 @@ def run_train(
         force=force,
         progress=progress,
         record=record,
+        save_dtype=stored,
     )
 
 
@@ -132,7 +133,7 @@ def retrain(
             continue
         if stage_dir.exists():
             check_output(stage_dir, [], force=True)  # stale stage from other settings: redo
-        model, tok = load_model(current)
+        model, tok, stored = load_for_training(current)
         frozen_tasks = [t for g in groups[: k - 1] for t in g]
         trainable = _trainable_masks(model, [MaskSet.load(mask_paths[t]) for t in frozen_tasks], current)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -150,6 +151,7 @@ def retrain(
             force=True,
             progress=progress,
             record={"stage": k, "group": group},
+            save_dtype=stored,
         )
         frozen_ok = all(torch.equal(p[~trainable[n]], before[n][~trainable[n]]) for n, p in model.named_parameters())
         frozen_count = sum(int((~m).sum()) for m in trainable.values())

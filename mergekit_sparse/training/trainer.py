@@ -81,9 +81,13 @@ def save_model(
     metadata: dict | None = None,
     extra_files: dict[str, str] | None = None,
     inputs=(),
+    dtype=None,
 ) -> None:
-    """Stream the model's state dict out as an HF folder with the reference's config and tokenizer."""
+    """Stream the model's state dict out as an HF folder with the reference's config and tokenizer;
+    `dtype` casts floating tensors (a model trained in float32 saved back as bf16)."""
     sd = model.state_dict()
+    if dtype is not None:
+        sd = {n: t.to(dtype) if t.is_floating_point() else t for n, t in sd.items()}
     plan = [(n, t.dtype, tuple(t.shape)) for n, t in sorted(sd.items())]
     with CheckpointWriter(
         out,
@@ -93,6 +97,7 @@ def save_model(
         force=force,
         metadata={k: str(v) for k, v in (metadata or {}).items()},
         inputs=list(inputs),
+        config_dtype=dtype,
     ) as w:
         for n, _, _ in plan:
             w.write(n, sd[n])
@@ -112,8 +117,10 @@ def train(
     force: bool = False,
     progress: bool = False,
     record: dict | None = None,
+    save_dtype=None,
 ) -> dict:
-    """Train `model` in place and save it to `out`; returns a summary (also written to out/train.json).
+    """Train `model` in place and save it to `out` (floating tensors cast to `save_dtype` when given);
+    returns a summary (also written to out/train.json).
 
     A work folder `<out>.work/` holds the JSONL log and resumable snapshots; a rerun with the same
     settings resumes from the last snapshot, and the folder is removed once `out` is complete.
@@ -212,6 +219,7 @@ def train(
             reference=reference,
             force=force,
             metadata={"trained_by": "mergekit-sparse"},
+            dtype=save_dtype,
             extra_files={
                 "train.json": json.dumps(summary, indent=2, default=str),
                 "train_log.jsonl": (work / "log.jsonl").read_text(),
