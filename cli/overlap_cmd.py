@@ -134,8 +134,12 @@ def overlap(
     width = max(len(t) for t in labels)
     lines = [" " * width + "  " + "  ".join(f"{t[:8]:>8}" for t in labels)]
     lines += [f"{t:<{width}}  " + "  ".join(f"{v:8.4f}" for v in row) for t, row in zip(labels, m)]
+    strict = doc.get("strict")
+    if strict and strict["sizes"] != doc["sizes"]:  # some core entries were picked by the tie rule
+        lines.append("S over the strict cores (without the entries picked among ties at each threshold):")
+        lines += [f"{t:<{width}}  " + "  ".join(f"{v:8.4f}" for v in row) for t, row in zip(labels, strict["matrix"])]
     lines += [f"groups (stage order, τ = {tau}): " + " | ".join(", ".join(g) for g in groups), f"wrote {out}"]
     if html_out:
         lines.append(f"wrote {html_out}")
-    brief = {k: doc[k] for k in ("tasks", "tau", "order", "seed", "matrix", "chance", "sizes", "groups")}
+    brief = {k: doc[k] for k in ("tasks", "tau", "order", "seed", "matrix", "chance", "sizes", "strict", "groups")}
     emit(brief | {"output": str(out), "html": str(html_out) if html_out else None}, as_json, "\n".join(lines))

@@ -23,7 +23,7 @@ from mergekit_sparse.cli.main import cli
 from mergekit_sparse.fusion.maths import resolve_cores
 from mergekit_sparse.selection.keys import tie_hash
 from mergekit_sparse.storage.checkpoint import Checkpoint
-from mergekit_sparse.storage.masks import MaskSet
+from mergekit_sparse.storage.masks import MaskSet, unpack
 from mergekit_sparse.storage.scope import align
 
 SHAPES = {
@@ -221,3 +221,29 @@ def test_fused_output_with_equal_deltas_follows_the_hash_rule(tmp_path):
         assert float(fused[j]) == want, j
     doc = json.loads((tmp_path / "f.safetensors.fuse.json").read_text())
     assert doc["counts"]["tie_seed"] == 3 and doc["counts"]["ties"]["a"]["ties"] == 16
+
+
+def test_overlap_reports_s_over_the_strict_cores_from_the_tie_bits(tie_heavy, tmp_path):
+    """METHODS §4: mask files say which entries the tie rule picked; S over the strict cores (Δ > threshold)
+    equals the naive Jaccard of those sets."""
+    paths = [tie_heavy["base"], *tie_heavy["tasks"]]
+    base_sd, task_sds = _load(paths)
+    base, *cks = (Checkpoint.open(p) for p in paths)
+    scope = align([base, *cks])
+    summaries = compute_cores(base, cks, scope, percent=5.0, out_dir=tmp_path / "cores", labels=["t0", "t1"])
+    masks = [MaskSet.load(s.mask_path) for s in summaries]
+    for m, s, sd in zip(masks, summaries, task_sds):  # the tie bits are the core's entries at the threshold
+        for n in scope.names:
+            d = (sd[n].float() - base_sd[n].float()).abs()
+            assert torch.equal(unpack(m.tie_packed(n), m.shapes[n]), m.bool(n) & (d == s.threshold)), n
+    r = CliRunner().invoke(cli, ["overlap", *[s.mask_path for s in summaries], "-o", str(tmp_path / "g.json")])
+    assert r.exit_code == 0, r.output
+    doc = json.loads((tmp_path / "g.json").read_text())
+    strict = [
+        torch.cat([((sd[n].float() - base_sd[n].float()).abs() > s.threshold).reshape(-1) for n in scope.names])
+        for s, sd in zip(summaries, task_sds)
+    ]
+    inter, union = int((strict[0] & strict[1]).sum()), int((strict[0] | strict[1]).sum())
+    assert doc["strict"]["matrix"][0][1] == pytest.approx(inter / union, abs=1e-6)
+    assert doc["strict"]["sizes"] == [int(x.sum()) for x in strict] != doc["sizes"]
+    assert "S over the strict cores" in r.output

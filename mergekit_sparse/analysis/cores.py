@@ -23,7 +23,7 @@ from ..selection.passes import Buffers, chunk_ranges, nonfinite_error, run_passe
 from ..selection.topk import make_selector, tie_summary
 from ..storage import atomic, dtypes
 from ..storage.checkpoint import Checkpoint
-from ..storage.masks import MaskWriter, pack
+from ..storage.masks import TIE_PREFIX, MaskWriter, pack
 from ..storage.scope import Scope
 from .names import layer_key
 
@@ -166,6 +166,7 @@ def compute_cores(
                 {**meta_common, "task": label, "selected": sel.k, "sources": [base.sources(), t.sources()]},
                 force=force,
                 inputs=[base.path, t.path],
+                tie_bits=True,
             )
             for sel, t, label in zip(selectors, tasks, labels)
         ]
@@ -184,17 +185,21 @@ def compute_cores(
                     mask = sel.select(name, 0, d)
                     hists[i] += key_histogram(d)
                     writers[i].write(name, mask.view(scope.shapes[name]))
+                    writers[i].write_ties_packed(name, pack(mask.numpy().reshape(-1) & (d == sel.thresholds[name])))
                     counts[i][name] = int(mask.sum())
         else:
             writers = open_writers()
             pending: list[list[np.ndarray]] = [[] for _ in tasks]
+            pending_ties: list[list[np.ndarray]] = [[] for _ in tasks]
 
             def emit(i, name, start, sel, m, n):  # the count pass writes the sure bits
                 pending[i].append(pack(sel.preliminary(m)))  # packs a copy: the mask is a scratch buffer
+                pending_ties[i].append(pack(sel.preliminary_ties(m)))
                 counts[i][name] = counts[i].get(name, 0) + len(sel.sure_positions())
                 if start + m == n:
                     writers[i].write_packed(name, np.concatenate(pending[i]))
-                    pending[i] = []
+                    writers[i].write_ties_packed(name, np.concatenate(pending_ties[i]))
+                    pending[i], pending_ties[i] = [], []
 
             run_passes(
                 selectors,
@@ -211,6 +216,10 @@ def compute_cores(
                     for name, pos in sel.chosen().items():
                         writers[i].set_bits(name, pos)
                         counts[i][name] += len(pos)
+                    if not sel.ties_at_hi:  # the sure entries at hi were above the threshold after all
+                        writers[i].clear_ties()
+                    for name, pos in sel.tie_extra.items():
+                        writers[i].set_bits(TIE_PREFIX + name, pos)
                     sel.selected = sel.k
             else:  # a window missed (or p = 100): one selection pass
                 import torch
@@ -219,13 +228,15 @@ def compute_cores(
                     w.discard()
                 writers, counts = open_writers(), [dict() for _ in tasks]
                 for name in tqdm(scope.names, desc="core: select", disable=not progress, leave=False):
-                    parts = [[] for _ in tasks]
+                    parts, tie_parts = [[] for _ in tasks], [[] for _ in tasks]
                     for start, deltas in delta_chunks(base, tasks)(name, chunk_ranges(scope.numel(name))):
                         for i, (sel, d) in enumerate(zip(selectors, deltas)):
                             parts[i].append(sel.select(name, start, d))
+                            tie_parts[i].append(parts[i][-1].numpy() & (d == sel.threshold))
                     for i in range(len(tasks)):
                         mask = torch.cat(parts[i])
                         writers[i].write(name, mask.view(scope.shapes[name]))
+                        writers[i].write_ties_packed(name, pack(np.concatenate(tie_parts[i])))
                         counts[i][name] = int(mask.sum())
             for i, sel in enumerate(selectors):
                 if sel.sample_values.size:

@@ -2,6 +2,9 @@
 
 S(Cⁱ, Cʲ) = |Cⁱ ∩ Cʲ| / |Cⁱ ∪ Cʲ| (0 when the union is empty), from popcounts of packed bits,
 one tensor at a time, for the whole model and broken down per tensor, per layer, per module type.
+When the mask files carry tie bits (cores from `core`), S is also reported over the strict cores —
+each core without the entries its tie rule picked — so a reader sees how much of S the tie rule
+contributes (METHODS §4).
 
 The chance level of a pair is the Jaccard of two independent uniformly random masks of the same
 sizes: |A∩B| is hypergeometric(D, |A|, |B|) with mean |A||B|/D, and the chance Jaccard is taken as
@@ -73,6 +76,7 @@ class OverlapResult:
     per_tensor: dict[str, Counts] = field(default_factory=dict)
     per_layer: dict[str, Counts] = field(default_factory=dict)
     per_module: dict[str, Counts] = field(default_factory=dict)
+    strict: Counts | None = None  # over the strict cores (entries above each threshold), when masks say
 
     @property
     def matrix(self) -> np.ndarray:
@@ -104,6 +108,16 @@ class OverlapResult:
         }
 
 
+def _intersections(packed: list[np.ndarray]) -> np.ndarray:
+    n = len(packed)
+    inter = np.zeros((n, n), dtype=np.int64)
+    for i in range(n):
+        inter[i, i] = popcount(packed[i])
+        for j in range(i + 1, n):
+            inter[i, j] = inter[j, i] = popcount_and(packed[i], packed[j])
+    return inter
+
+
 def compute_overlap(masks: list[MaskSet], labels: list[str]) -> OverlapResult:
     """Stream every tensor's packed bits once and count all pairwise intersections."""
     if len(masks) < 2:
@@ -113,18 +127,19 @@ def compute_overlap(masks: list[MaskSet], labels: list[str]) -> OverlapResult:
         m.check_fits(shapes, masks[0].path)
     n = len(masks)
     result = OverlapResult(labels, Counts(np.zeros((n, n), dtype=np.int64)))
+    if all(m.has_tie_bits for m in masks):  # METHODS §4: S over the strict cores too
+        result.strict = Counts(np.zeros((n, n), dtype=np.int64))
     layers: dict[str, Counts] = defaultdict(lambda: Counts(np.zeros((n, n), dtype=np.int64)))
     modules: dict[str, Counts] = defaultdict(lambda: Counts(np.zeros((n, n), dtype=np.int64)))
     for name, shape in shapes.items():
         packed = [m.packed(name) for m in masks]
-        inter = np.zeros((n, n), dtype=np.int64)
-        for i in range(n):
-            inter[i, i] = popcount(packed[i])
-            for j in range(i + 1, n):
-                inter[i, j] = inter[j, i] = popcount_and(packed[i], packed[j])
+        inter = _intersections(packed)
         numel = int(np.prod(shape, dtype=np.int64))
         result.whole.add(inter, numel)
         result.per_tensor[name] = Counts(inter, numel)
+        if result.strict is not None:
+            strict = [np.bitwise_and(p, np.invert(m.tie_packed(name))) for p, m in zip(packed, masks)]
+            result.strict.add(_intersections(strict), numel)
         layers[layer_key(name)].add(inter, numel)
         modules[module_of(name)].add(inter, numel)
     result.per_layer = dict(
@@ -194,6 +209,13 @@ def groups_document(
         "chance": chance.round(6).tolist(),
         "p_values": pval.tolist(),
         "groups": groups,
+        "strict": None
+        if result.strict is None
+        else {
+            "matrix": jaccard_matrix(result.strict.inter, np.diag(result.strict.inter)).round(6).tolist(),
+            "sizes": np.diag(result.strict.inter).tolist(),
+            "intersections": result.strict.inter.tolist(),
+        },
         "per_layer": {k: c.to_json(tasks) for k, c in result.per_layer.items()},
         "per_module": {k: c.to_json(tasks) for k, c in result.per_module.items()},
         "per_tensor": {k: c.to_json(tasks) for k, c in result.per_tensor.items()},

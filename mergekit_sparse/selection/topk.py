@@ -277,6 +277,8 @@ class TopK:
         self.n_cand = 0
         self.order: dict[str, int] = {}
         self.extra: dict[str, np.ndarray] = {}  # name -> sorted flat positions of chosen candidates
+        self.tie_extra: dict[str, np.ndarray] = {}  # the chosen candidates equal to the threshold
+        self.ties_at_hi = False
         self.radix: RadixTopK | None = None
         self._local = threading.local()  # per-thread scratch for `count`
         self._lock = threading.Lock()  # `count` may be called from several threads
@@ -371,6 +373,7 @@ class TopK:
         if lo_eq_out:
             keep[at_out] = False
         sure = idx[above]
+        self._local.sure_tie = idx[above & eq_hi]  # sure entries at hi: tie picks if hi is the threshold
         with self._lock:
             self.above += sure.size
             self._hi_eq_sure += hi_eq_sure
@@ -536,6 +539,11 @@ class TopK:
         self.ties = int(eq.size) + hi_run + (self._lo_eq_out if t == self.lo else 0)
         self.above_strict = self.above - hi_run + int(np.count_nonzero(vals > t))
         self.tie_picks = self.k - self.above_strict
+        self.ties_at_hi = t == self.hi  # the sure entries equal to hi are tie picks too
+        picked = np.flatnonzero(chosen_mask & (vals == t))
+        for tid in np.unique(tens[picked]):
+            at = picked[tens[picked] == tid]
+            self.tie_extra[names[int(tid)]] = np.sort(pos[at])
         chosen = np.flatnonzero(chosen_mask)  # in scan order: a tensor's positions ascending
         chosen_t, chosen_p = tens[chosen], pos[chosen]
         if np.any(chosen_t[1:] < chosen_t[:-1]):  # tensors counted at once by several threads: group them
@@ -561,6 +569,14 @@ class TopK:
         """The count pass's sure part of the chunk just observed (above hi), as ascending positions
         in the chunk; `extra` later holds the chosen candidates."""
         return self._sure
+
+    def preliminary_ties(self, n: int) -> np.ndarray:
+        """The sure entries of the chunk just observed that equal hi, as a boolean mask (scratch): the
+        tie picks among the sure ones should hi turn out to be the threshold (`ties_at_hi`)."""
+        mask = self._np_bool(n, "preliminary_ties")
+        mask[:] = False
+        mask[self._local.sure_tie] = True
+        return mask
 
     def preliminary(self, n: int) -> np.ndarray:
         """`sure_positions` as a boolean mask of the n-entry chunk (scratch, valid until the next `observe`)."""

@@ -21,6 +21,7 @@ from .writer import SafetensorsStream, check_output
 
 FORMAT_VERSION = 1
 META_KEY = "mergekit_sparse"
+TIE_PREFIX = "__ties__."  # the tie-pick bits of a tensor (optional, see MaskWriter)
 
 
 def pack(mask) -> np.ndarray:
@@ -81,9 +82,10 @@ class MaskSet:
                 f"tool's ({FORMAT_VERSION}); upgrade mergekit-sparse"
             )
         for name, shape in shapes.items():
-            info = infos.get(name)
-            if info is None or info.code != "U8" or info.numel != packed_size(shape):
-                raise CheckpointError(f"{path}: tensor '{name}' is missing or has the wrong packed size")
+            for stored in (name, TIE_PREFIX + name) if meta.get("tie_bits") else (name,):
+                info = infos.get(stored)
+                if info is None or info.code != "U8" or info.numel != packed_size(shape):
+                    raise CheckpointError(f"{path}: tensor '{stored}' is missing or has the wrong packed size")
         out = cls(path, shapes, meta)
         out._file = Checkpoint(path, infos, folder=None, headers={path: raw}, label=path.name)
         return out
@@ -95,6 +97,17 @@ class MaskSet:
     @property
     def names(self) -> list[str]:
         return list(self.shapes)
+
+    @property
+    def has_tie_bits(self) -> bool:
+        """Whether the file says which entries the tie rule picked (masks from `core`)."""
+        return bool(self.meta.get("tie_bits"))
+
+    def tie_packed(self, name: str) -> np.ndarray:
+        """The packed bits of the entries of `name` picked among ties at the threshold."""
+        if not self.has_tie_bits:
+            raise RuntimeError(f"{self.path} has no tie bits; this is a bug")
+        return self.packed(TIE_PREFIX + name)
 
     @property
     def tie_rule(self) -> str:
@@ -143,10 +156,22 @@ class MaskSet:
 
 
 class MaskWriter:
-    """Stream a mask set to disk tensor by tensor (header first, atomic rename at the end)."""
+    """Stream a mask set to disk tensor by tensor (header first, atomic rename at the end).
+
+    With `tie_bits`, every tensor is followed by `TIE_PREFIX + name`: the bits of the entries that the
+    METHODS §2 tie rule picked (equal to the threshold), so `overlap` can also report S over the
+    strict cores (§4); write them with `write_ties_packed` after each tensor's mask.
+    """
 
     def __init__(
-        self, out: Path, shapes: dict[str, tuple[int, ...]], meta: dict, *, force: bool = False, inputs: list[Path] = ()
+        self,
+        out: Path,
+        shapes: dict[str, tuple[int, ...]],
+        meta: dict,
+        *,
+        force: bool = False,
+        inputs: list[Path] = (),
+        tie_bits: bool = False,
     ):
         self.out = Path(out)
         check_output(self.out, list(inputs), force=force)
@@ -157,11 +182,16 @@ class MaskWriter:
             **meta,
             "shapes": {n: list(s) for n, s in shapes.items()},
         }
-        plan = [(n, "U8", (packed_size(s),)) for n, s in shapes.items()]
+        if tie_bits:
+            meta["tie_bits"] = True
+        plan = [
+            (x, "U8", (packed_size(s),)) for n, s in shapes.items() for x in ((n, TIE_PREFIX + n) if tie_bits else (n,))
+        ]
         self._atomic = AtomicPath(self.out, force=force, is_dir=False)
         self.meta = meta
         self._stream = SafetensorsStream(self._atomic.tmp, plan, {META_KEY: json.dumps(meta)}, reserve=2048)
         self._patches: list[tuple[str, np.ndarray]] = []
+        self._cleared: list[str] = []
 
     def write(self, name: str, mask) -> None:
         self.write_packed(name, pack(mask))
@@ -177,14 +207,26 @@ class MaskWriter:
         self.meta.update(fields)
         self._stream.set_metadata({META_KEY: json.dumps(self.meta)})
 
+    def write_ties_packed(self, name: str, packed: np.ndarray) -> None:
+        """The packed tie-pick bits of `name` (right after its mask)."""
+        self.write_packed(TIE_PREFIX + name, packed)
+
+    def clear_ties(self) -> None:
+        """Zero every tie tensor written so far (before the patches: the threshold was not where the
+        counting pass's preliminary tie bits assumed)."""
+        self._cleared = [TIE_PREFIX + n for n in self.shapes]
+
     def set_bits(self, name: str, positions: np.ndarray) -> None:
         """Also select these flat positions of `name` (applied to the file before it is committed)."""
         self._patches.append((name, np.asarray(positions, dtype=np.int64)))
 
     def _apply_patches(self) -> None:
-        if not self._patches:
+        if not self._patches and not self._cleared:
             return
         mm = np.memmap(self._atomic.tmp, dtype=np.uint8, mode="r+")
+        for name in self._cleared:
+            at = self._stream.data_start + self._stream.offsets[name]
+            mm[at : at + packed_size(self.shapes[name.removeprefix(TIE_PREFIX)])] = 0
         for name, pos in self._patches:
             pos = np.sort(pos)
             byte = pos // 8
