@@ -140,11 +140,12 @@ def main() -> None:
                     "-o",
                     str(work / "gallop" / "g.mask.safetensors"),
                 ],
+                lambda: json.loads((work / "gallop" / "g.json").read_text())["criteria"]["gallop"]["full_passes"],
             )
             runs.setdefault("read2", []).append(plain([base, *tasks[:2]], 1, threads))
             runs.setdefault("read4", []).append(plain([base, *tasks], 1, threads))
             runs.setdefault("readw", []).append(plain([base, *tasks[:2]], 1, threads, write=work / "floor.bin"))
-            runs.setdefault("readg", []).append(plain([base, str(grads)], 1, threads))
+            runs.setdefault("readg", []).append(plain([base, str(grads)], passes.get("gallop", 2), threads))
             if MERGEKIT.exists():
                 shutil.rmtree(work / "mk", ignore_errors=True)
                 runs.setdefault("mk", []).append(measure([str(MERGEKIT), str(cfg), str(work / "mk")], threads=threads))

@@ -77,6 +77,7 @@ class SelectionSummary:
     grad_quantiles: dict[str, dict] = field(default_factory=dict)  # selected / rest
     theta_quantiles: dict[str, dict] = field(default_factory=dict)
     ties: dict = field(default_factory=dict)  # METHODS §2: threshold, ties, tie_picks, p_strict, tie seed
+    full_passes: int = 2  # over (θ, g), the sampling pass aside: the counting pass and the selection pass
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -227,6 +228,7 @@ def select_sparse(
             grad_quantiles={"selected": hist_quantiles(h["g_sel"]), "rest": hist_quantiles(h["g_rest"])},
             theta_quantiles={"selected": hist_quantiles(h["t_sel"]), "rest": hist_quantiles(h["t_rest"])},
             ties=tie_summary(sel, total, seed=tie_seed, what="rho"),
+            full_passes=sel.full_passes + 1,
         )
     jac = {f"{a}~{b}": v / (2 * k - v) if 2 * k - v else 0.0 for (a, b), v in inter.items()}
     return GallopResult(summaries, jac, sample if sample_size else {})

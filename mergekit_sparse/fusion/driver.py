@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -40,7 +38,7 @@ from tqdm.auto import tqdm
 from ..analysis.cores import prepare_selectors
 from ..errors import NonFiniteError, OptionError
 from ..selection.keys import tie_hash
-from ..selection.passes import Buffers, Pass, chunk_ranges, nonfinite_error
+from ..selection.passes import Buffers, Pass, chunk_ranges, nonfinite_error, workers
 from ..selection.topk import PerTensorTopK, tie_summary
 from ..storage import atomic, dtypes
 from ..storage.checkpoint import Checkpoint
@@ -218,21 +216,9 @@ def _union(sets: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
     return srt[first], held
 
 
-MAX_WORKERS = 4
-
-
 def fusion_workers() -> int:
-    """Tensors fused at once: the thread count asked for (torch's, when torch is loaded; else
-    OMP_NUM_THREADS, else the CPUs available), at most MAX_WORKERS. Each worker runs single-threaded numpy,
-    so the process uses as many cores as a one-worker run of a multi-threaded library would."""
-    if "torch" in sys.modules:
-        n = sys.modules["torch"].get_num_threads()
-    else:
-        try:
-            n = int(os.environ.get("OMP_NUM_THREADS", ""))
-        except ValueError:
-            n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(MAX_WORKERS, n))
+    """Tensors fused at once (`selection.passes.workers`)."""
+    return workers()
 
 
 class _WindowMissed(Exception):

@@ -10,6 +10,9 @@ selection reads its inputs the same way and several selectors share every pass.
 
 from __future__ import annotations
 
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from enum import Enum
 from typing import TYPE_CHECKING, Protocol
 
@@ -23,8 +26,23 @@ if TYPE_CHECKING:
     from ..storage.checkpoint import Checkpoint
     from ..storage.scope import Scope
 
+MAX_WORKERS = 4
 BLOCK = 4096  # sample block (entries)
 SAMPLE_CAP = 1 << 22  # at most ~4 M sampled scores
+
+
+def workers() -> int:
+    """Threads to work with: the count asked for (torch's, when torch is loaded; else OMP_NUM_THREADS,
+    else the CPUs available), at most MAX_WORKERS. Each worker runs single-threaded numpy (which
+    releases the GIL), so the process uses as many cores as a multi-threaded library would."""
+    if "torch" in sys.modules:
+        n = sys.modules["torch"].get_num_threads()
+    else:
+        try:
+            n = int(os.environ.get("OMP_NUM_THREADS", ""))
+        except ValueError:
+            n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(MAX_WORKERS, n))
 
 
 def chunk_ranges(n: int, size: int = CHUNK) -> list[tuple[int, int]]:
@@ -144,7 +162,19 @@ def run_passes(
     `chunks(name, ranges)` yields (start, [scores for each selector]) per range; with `gathers`, it
     also takes `gather=True` and yields every range of the sampling pass at once, concatenated.
     `sources[i]` are the checkpoints behind selector i (named in a NaN error); `emit(i, name, start,
-    selector, chunk_len, n)` follows each chunk of the count pass (the selector holds its sure bits)."""
+    selector, chunk_len, n)` follows each chunk of the count pass (the selector holds its sure bits).
+    In full passes, selectors observe a chunk on `workers()` threads at once (each selector and its
+    `emit(i, …)` stay on one thread per chunk; chunks still arrive in scope order)."""
+    threads = min(workers(), len(selectors))
+    pool = ThreadPoolExecutor(threads) if threads > 1 else None
+    try:
+        _feed_passes(selectors, scope, chunks, sources, progress, desc, emit, sample_only, gathers, pool)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+
+
+def _feed_passes(selectors, scope, chunks, sources, progress, desc, emit, sample_only, gathers, pool) -> None:
     p = 0
     while kinds := {s.wants() for s in selectors} - {None}:
         p += 1
@@ -159,9 +189,9 @@ def run_passes(
             if not full and gathers:  # the sample blocks of a tensor in one go
                 items, weight = chunks(name, ranges, gather=True), {**weight, "blocks": len(ranges)}
             for start, scores in items:
-                for i, (sel, sc) in enumerate(zip(selectors, scores)):
-                    if sel.wants() is None:
-                        continue
+
+                def feed(i, start=start, scores=scores, n=n, name=name, weight=weight):
+                    sel, sc = selectors[i], scores[i]
                     counting = sel.wants() is Pass.COUNT
                     try:
                         sel.observe(name, start, sc, **weight)
@@ -169,5 +199,12 @@ def run_passes(
                         raise nonfinite_error(name, sources[i]) from None
                     if emit is not None and counting:
                         emit(i, name, start, sel, len(sc), n)
+
+                busy = [i for i, sel in enumerate(selectors) if sel.wants() is not None]
+                if pool is not None and full and len(busy) > 1:  # selectors are independent: one per worker
+                    list(pool.map(feed, busy))
+                else:
+                    for i in busy:
+                        feed(i)
         for sel in selectors:
             sel.end_pass()

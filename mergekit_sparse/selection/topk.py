@@ -205,6 +205,18 @@ class RadixTopK:
         return self.above
 
 
+def _by_tensor(tensor_ids: np.ndarray):
+    """(tensor id, indices into `tensor_ids` of that tensor) for every id present: one stable sort,
+    not a scan per tensor (a model has hundreds of tensors, a selection millions of entries)."""
+    if not tensor_ids.size:
+        return
+    order = np.argsort(tensor_ids, kind="stable")
+    ids = tensor_ids[order]
+    cuts = np.flatnonzero(ids[1:] != ids[:-1]) + 1
+    for part in np.split(order, cuts):
+        yield int(tensor_ids[part[0]]), part
+
+
 def topk_mask(scores, k: int, *, rank: int = 0, seed: int = 0) -> tuple:
     """Exact top-k of one in-memory tensor (of §2 rank `rank`), ties by the §2 hash:
     (torch mask, threshold, entries equal to the threshold, of them chosen)."""
@@ -348,6 +360,8 @@ class TopK:
         # numpy here: its single-threaded compare and flatnonzero beat torch's two-threaded ones 2-3x
         idx = np.flatnonzero(np.greater_equal(sn, self.lo, out=self._np_bool(sn.size)))
         vals = sn[idx]
+        if self.hi == self.lo and 0 < self.hi_cut < ALL:  # both bounds inside one run: the tie-heavy case
+            return self._count_in_run(name, start, idx, vals)
         above = vals > self.hi
         hi_eq_sure = lo_eq_out = 0
         eq_hi = vals == self.hi
@@ -387,6 +401,36 @@ class TopK:
                 a, b = self.n_cand, self.n_cand + c
                 self.cand_vals[a:b] = vals[keep]
                 self.cand_pos[a:b] = idx[keep] + start
+                self.cand_tensor[a:b] = t
+            self.n_cand += c
+        return sure
+
+    def _count_in_run(self, name: str, start: int, idx: np.ndarray, vals: np.ndarray) -> np.ndarray:
+        """`count` when both window bounds lie in the run of one value (millions of entries tie at the
+        threshold): entries above the run are sure; the run is hashed once and split by the two hash
+        cuts into sure, candidates and out, without a boolean array per class over the whole run."""
+        above = vals > self.hi
+        run = np.flatnonzero(vals == self.hi)
+        h = tie_hash(self.seed, self.ranks[name], idx[run] + start)
+        up = h < np.uint64(self.hi_cut)
+        inside = ~up & (h < np.uint64(self.lo_cut)) if self.lo_cut < ALL else ~up
+        sure_run, cand = run[up], run[inside]
+        above[sure_run] = True
+        sure = idx[above]
+        self._local.sure_tie = idx[sure_run]
+        with self._lock:
+            self.above += sure.size
+            self._hi_eq_sure += sure_run.size
+            self._lo_eq_out += run.size - sure_run.size - cand.size
+            if self.n_cand > CANDIDATE_CAP:
+                return sure
+            c = cand.size
+            if c and self.n_cand + c <= CANDIDATE_CAP:
+                t = self.order.setdefault(name, len(self.order))
+                self._grow(self.n_cand + c)
+                a, b = self.n_cand, self.n_cand + c
+                self.cand_vals[a:b] = self.hi
+                self.cand_pos[a:b] = idx[cand] + start
                 self.cand_tensor[a:b] = t
             self.n_cand += c
         return sure
@@ -526,10 +570,8 @@ class TopK:
         r = need - int(np.count_nonzero(chosen_mask))
         if r < eq.size:
             h = np.empty(eq.size, dtype=np.uint64)
-            eq_t = tens[eq]
-            for tid in np.unique(eq_t):
-                at = np.flatnonzero(eq_t == tid)
-                h[at] = tie_hash(self.seed, self.ranks[names[int(tid)]], pos[eq[at]])
+            for tid, at in _by_tensor(tens[eq]):
+                h[at] = tie_hash(self.seed, self.ranks[names[tid]], pos[eq[at]])
             chosen_mask[eq[smallest_hashes(h, r)]] = True
         else:
             chosen_mask[eq] = True
@@ -541,18 +583,11 @@ class TopK:
         self.tie_picks = self.k - self.above_strict
         self.ties_at_hi = t == self.hi  # the sure entries equal to hi are tie picks too
         picked = np.flatnonzero(chosen_mask & (vals == t))
-        for tid in np.unique(tens[picked]):
-            at = picked[tens[picked] == tid]
-            self.tie_extra[names[int(tid)]] = np.sort(pos[at])
-        chosen = np.flatnonzero(chosen_mask)  # in scan order: a tensor's positions ascending
-        chosen_t, chosen_p = tens[chosen], pos[chosen]
-        if np.any(chosen_t[1:] < chosen_t[:-1]):  # tensors counted at once by several threads: group them
-            o = np.argsort(chosen_t.astype(np.int16) if len(self.order) < 1 << 15 else chosen_t, kind="stable")
-            chosen_t, chosen_p = chosen_t[o], chosen_p[o]
-        cuts = np.flatnonzero(chosen_t[1:] != chosen_t[:-1]) + 1
-        for part_t, part_p in zip(np.split(chosen_t, cuts), np.split(chosen_p, cuts)):
-            if part_t.size:
-                self.extra[names[int(part_t[0])]] = np.sort(part_p)
+        for tid, at in _by_tensor(tens[picked]):
+            self.tie_extra[names[tid]] = np.sort(pos[picked[at]])
+        chosen = np.flatnonzero(chosen_mask)  # in scan order
+        for tid, at in _by_tensor(tens[chosen]):
+            self.extra[names[tid]] = np.sort(pos[chosen[at]])
         self._phase = "window"
         return True
 
