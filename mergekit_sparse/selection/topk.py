@@ -360,34 +360,28 @@ class TopK:
         # numpy here: its single-threaded compare and flatnonzero beat torch's two-threaded ones 2-3x
         idx = np.flatnonzero(np.greater_equal(sn, self.lo, out=self._np_bool(sn.size)))
         vals = sn[idx]
-        if self.hi == self.lo and 0 < self.hi_cut < ALL:  # both bounds inside one run: the tie-heavy case
+        if self.hi == self.lo and self.hi_cut < ALL:  # both bounds inside one run: the tie-heavy case
             return self._count_in_run(name, start, idx, vals)
         above = vals > self.hi
         hi_eq_sure = lo_eq_out = 0
-        eq_hi = vals == self.hi
+        run_hi = np.flatnonzero(vals == self.hi) if self.hi_cut > 0 else np.zeros(0, dtype=np.int64)
         if self.hi_cut >= ALL:  # the whole run of hi is sure
-            hi_eq_sure = int(np.count_nonzero(eq_hi))
-            above |= eq_hi
-        need_hi = eq_hi if 0 < self.hi_cut < ALL else None
-        need_lo = (vals == self.lo) & ~above if self.lo_cut < ALL else None
-        if need_hi is not None or need_lo is not None:  # only the bounds' runs are hashed
-            both = need_hi if need_lo is None else need_lo if need_hi is None else need_hi | need_lo
-            at = np.flatnonzero(both)
-            if at.size:
-                h = tie_hash(self.seed, self.ranks[name], idx[at] + start)
-                if need_hi is not None:
-                    up = need_hi[at] & (h < np.uint64(self.hi_cut))
-                    above[at[up]] = True
-                    hi_eq_sure = int(np.count_nonzero(up))
-                if need_lo is not None:
-                    out = need_lo[at] & ~above[at] & (h >= np.uint64(self.lo_cut))
-                    at_out = at[out]
-                    lo_eq_out = int(at_out.size)
+            sure_hi = run_hi
+        elif run_hi.size:  # the run's hash decides sure or candidate
+            sure_hi = run_hi[tie_hash(self.seed, self.ranks[name], idx[run_hi] + start) < np.uint64(self.hi_cut)]
+        else:
+            sure_hi = run_hi
+        above[sure_hi] = True
+        hi_eq_sure = sure_hi.size
         keep = ~above
-        if lo_eq_out:
-            keep[at_out] = False
+        if self.lo_cut < ALL and self.lo < self.hi:  # the run of lo: its hash decides candidate or out
+            run_lo = np.flatnonzero(vals == self.lo)
+            if run_lo.size:
+                out = run_lo[tie_hash(self.seed, self.ranks[name], idx[run_lo] + start) >= np.uint64(self.lo_cut)]
+                keep[out] = False
+                lo_eq_out = out.size
         sure = idx[above]
-        self._local.sure_tie = idx[above & eq_hi]  # sure entries at hi: tie picks if hi is the threshold
+        self._local.sure_tie = idx[sure_hi]  # sure entries at hi: tie picks if hi is the threshold
         with self._lock:
             self.above += sure.size
             self._hi_eq_sure += hi_eq_sure
