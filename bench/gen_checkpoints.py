@@ -54,7 +54,10 @@ def bf16_steps(w: torch.Tensor, g: torch.Generator, lo: int, hi: int, share: flo
     steps = torch.randint(lo, hi + 1, w.shape, generator=g, dtype=torch.int32)
     sign = torch.randint(0, 2, w.shape, generator=g, dtype=torch.int32) * 2 - 1
     move = torch.rand(w.shape, generator=g) < share
-    return (bits + torch.where(move, steps * sign, 0)).to(torch.int16).view(torch.bfloat16)
+    # steps move the magnitude (sign kept, never through zero into the NaN patterns, never past the largest finite)
+    mag = (bits & 0x7FFF) + torch.where(move, steps * sign, 0)
+    mag = mag.clamp(0, 0x7F7F)
+    return ((bits & 0x8000) | mag).to(torch.int16).view(torch.bfloat16)
 
 
 def tie_heavy_tensor(name: str, shape, seed: int, task: int | None, layers: int) -> torch.Tensor:

@@ -40,7 +40,10 @@ def bf16_steps(base: torch.Tensor, g: torch.Generator, moved: float = 0.45) -> t
     steps = torch.randint(1, 4, base.shape, generator=g, dtype=torch.int32)
     sign = torch.randint(0, 2, base.shape, generator=g, dtype=torch.int32) * 2 - 1
     move = torch.rand(base.shape, generator=g) < moved
-    return (bits + torch.where(move, steps * sign, 0)).to(torch.int16).view(torch.bfloat16)
+    # steps move the magnitude (sign kept, never through zero into the NaN patterns, never past the largest finite)
+    mag = (bits & 0x7FFF) + torch.where(move, steps * sign, 0)
+    mag = mag.clamp(0, 0x7F7F)
+    return ((bits & 0x8000) | mag).to(torch.int16).view(torch.bfloat16)
 
 
 @pytest.fixture(scope="module")
