@@ -184,14 +184,17 @@ class MaskWriter:
         }
         if tie_bits:
             meta["tie_bits"] = True
-        plan = [
-            (x, "U8", (packed_size(s),)) for n, s in shapes.items() for x in ((n, TIE_PREFIX + n) if tie_bits else (n,))
-        ]
+        # masks first, written in order; tie bits after them, written only where a chunk has some (the
+        # rest are holes: most tensors of most cores have no tie pick)
+        plan = [(n, "U8", (packed_size(s),)) for n, s in shapes.items()]
+        plan += [(TIE_PREFIX + n, "U8", (packed_size(s),)) for n, s in shapes.items()] if tie_bits else []
         self._atomic = AtomicPath(self.out, force=force, is_dir=False)
         self.meta = meta
         self._stream = SafetensorsStream(self._atomic.tmp, plan, {META_KEY: json.dumps(meta)}, reserve=2048)
         self._patches: list[tuple[str, np.ndarray]] = []
         self._cleared: list[str] = []
+        self._ties_written: list[str] = []
+        self._tie_bits = tie_bits
 
     def write(self, name: str, mask) -> None:
         self.write_packed(name, pack(mask))
@@ -208,13 +211,21 @@ class MaskWriter:
         self._stream.set_metadata({META_KEY: json.dumps(self.meta)})
 
     def write_ties_packed(self, name: str, packed: np.ndarray) -> None:
-        """The packed tie-pick bits of `name` (right after its mask)."""
-        self.write_packed(TIE_PREFIX + name, packed)
+        """The packed tie-pick bits of `name` (any time after the file is opened; all-zero bits are not
+        written at all)."""
+        packed = np.asarray(packed, dtype=np.uint8)
+        if not packed.any():  # (the hash spreads tie picks over a tensor: some byte of most pages is set)
+            return
+        try:
+            self._stream.write_at(TIE_PREFIX + name, [packed])
+        except OSError as e:
+            raise os_error(e, self.out) from None
+        self._ties_written.append(TIE_PREFIX + name)
 
     def clear_ties(self) -> None:
         """Zero every tie tensor written so far (before the patches: the threshold was not where the
         counting pass's preliminary tie bits assumed)."""
-        self._cleared = [TIE_PREFIX + n for n in self.shapes]
+        self._cleared = list(self._ties_written)
 
     def set_bits(self, name: str, positions: np.ndarray) -> None:
         """Also select these flat positions of `name` (applied to the file before it is committed)."""
@@ -239,6 +250,8 @@ class MaskWriter:
     def commit(self) -> Path:
         """Finish the file (patches applied) and put it in place."""
         try:
+            if self._tie_bits:
+                self._stream.leave_holes(TIE_PREFIX + n for n in self.shapes)
             self._stream.close()
             self._apply_patches()
             self._atomic.commit()

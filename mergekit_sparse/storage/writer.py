@@ -182,7 +182,14 @@ class SafetensorsStream:
         self._f.write(raw + b" " * (room - len(raw)))
         self._f.seek(pos)
 
+    def leave_holes(self, names) -> None:
+        """Tensors never written read as zeros: the file is extended over them at close (a sparse file
+        where the file system allows, so an all-zero tensor costs no I/O)."""
+        self._written.update(n for n in names if n in self._sizes)
+
     def close(self) -> None:
+        if not self._f.closed:
+            self._f.truncate(self.data_start + self.total)
         if self._next + len(self._written) != len(self._order):
             raise RuntimeError(
                 f"{self.path}: {len(self._order) - self._next - len(self._written)} tensors never written"
