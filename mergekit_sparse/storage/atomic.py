@@ -69,6 +69,27 @@ class AtomicPath:
             self.tmp.unlink()
 
 
+class Committable:
+    """A writer's `with` block: leaving it commits on success and discards on error (the writer defines
+    `commit()` and `discard()`, and callers may call them explicitly instead)."""
+
+    def commit(self):
+        raise NotImplementedError
+
+    def discard(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:
+            self.discard()
+        else:
+            self.commit()
+        return False
+
+
 def write_text(path: str | os.PathLike, text: str) -> Path:
     """Write `text` to `path` atomically (replacing what is there: callers check `--force` first)."""
     path = Path(path)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CheckpointError, MismatchError
-from .atomic import AtomicPath, os_error
+from .atomic import AtomicPath, Committable, os_error
 from .checkpoint import Checkpoint, read_header
 from .writer import SafetensorsStream, check_output
 
@@ -155,7 +155,7 @@ class MaskSet:
                 )
 
 
-class MaskWriter:
+class MaskWriter(Committable):
     """Stream a mask set to disk tensor by tensor (header first, atomic rename at the end).
 
     With `tie_bits`, every tensor is followed by `TIE_PREFIX + name`: the bits of the entries that the
@@ -267,17 +267,6 @@ class MaskWriter:
         """Drop the unfinished file (nothing is left behind)."""
         self._stream.abort()
         self._atomic.discard()
-
-    def __enter__(self) -> MaskWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        """Commit on success, discard on error."""
-        if exc_type is not None:
-            self.discard()
-        else:
-            self.commit()
-        return False
 
 
 def save_masks(out: Path, masks: dict, meta: dict, *, force: bool = False) -> Path:

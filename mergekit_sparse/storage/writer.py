@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import OptionError, OutputError
 from . import dtypes
-from .atomic import AtomicPath, os_error
+from .atomic import AtomicPath, Committable, os_error
 from .checkpoint import INDEX_NAME, SINGLE_NAME
 
 REFERENCE_FILES = (
@@ -214,7 +214,7 @@ class SafetensorsStream:
             self._f.flush()
 
 
-class CheckpointWriter:
+class CheckpointWriter(Committable):
     """Write a checkpoint tensor by tensor: a single file, or an HF folder (optionally sharded).
 
     Usage::
@@ -339,17 +339,6 @@ class CheckpointWriter:
             del mm
         except OSError as e:
             raise os_error(e, self.out) from None
-
-    def __enter__(self) -> CheckpointWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        """Commit on success, discard on error."""
-        if exc_type is not None:
-            self.discard()
-        else:
-            self.commit()
-        return False
 
     def discard(self) -> None:
         """Drop everything written so far (nothing is left behind)."""
