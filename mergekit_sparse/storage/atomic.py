@@ -62,6 +62,20 @@ class AtomicPath:
         else:
             os.replace(self.tmp, self.out)
 
+    def commit_after(self, finish) -> Path:
+        """Run `finish()` (which completes the temporary output), then commit; on any failure the
+        temporary output is removed, an OSError becoming the one-line output error."""
+        try:
+            finish()
+            self.commit()
+        except OSError as e:
+            self.discard()
+            raise os_error(e, self.out) from None
+        except BaseException:
+            self.discard()
+            raise
+        return self.out
+
     def discard(self) -> None:
         if self.tmp.is_dir():
             shutil.rmtree(self.tmp, ignore_errors=True)

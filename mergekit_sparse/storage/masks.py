@@ -249,19 +249,14 @@ class MaskWriter(Committable):
 
     def commit(self) -> Path:
         """Finish the file (patches applied) and put it in place."""
-        try:
+
+        def finish() -> None:
             if self._tie_bits:
                 self._stream.leave_holes(TIE_PREFIX + n for n in self.shapes)
             self._stream.close()
             self._apply_patches()
-            self._atomic.commit()
-        except OSError as e:
-            self._atomic.discard()
-            raise os_error(e, self.out) from None
-        except BaseException:
-            self._atomic.discard()
-            raise
-        return self.out
+
+        return self._atomic.commit_after(finish)
 
     def discard(self) -> None:
         """Drop the unfinished file (nothing is left behind)."""

@@ -348,7 +348,8 @@ class CheckpointWriter(Committable):
 
     def commit(self) -> Path:
         """Finish every file (index, reference files), validate, and put the output in place."""
-        try:
+
+        def finish() -> None:
             if not self._opened:  # an empty plan still yields a valid file
                 self._opened.append(SafetensorsStream(self._shard_path(0), [], {"format": "pt", **self.metadata}))
             for stream in self._opened:
@@ -357,14 +358,8 @@ class CheckpointWriter(Committable):
                 self._finish_folder()
             if self.validate is not None:
                 self.validate(self._atomic.tmp)
-            self._atomic.commit()
-        except OSError as e:
-            self._atomic.discard()
-            raise os_error(e, self.out) from None
-        except BaseException:
-            self._atomic.discard()
-            raise
-        return self.out
+
+        return self._atomic.commit_after(finish)
 
     def add_file(self, name: str, text: str) -> None:
         """A small text file to put in the output folder (written before the rename)."""
