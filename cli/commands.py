@@ -13,7 +13,7 @@ from .main import (
     emit,
     force_option,
     json_option,
-    labels_for,
+    open_base,
     pickle_option,
     progress_enabled,
     scope_options,
@@ -24,27 +24,42 @@ from .main import (
 
 @cli.command()
 @click.argument("checkpoint")
-@click.option("--base", help="Compare with this checkpoint: alignment and per-tensor relative delta norms.")
+@click.option(
+    "--base",
+    help="Compare with this checkpoint: alignment and per-tensor relative delta norms. `--base auto`: the "
+    "base the checkpoint records (metadata from `sparsemerge train`, or its model card's base_model).",
+)
+@scope_options
 @pickle_option
+@click.option("--force", is_flag=True, help="Use --base even when it contradicts the base the checkpoint records.")
 @json_option
-def inspect(checkpoint, base, allow_pickle, as_json):
+def inspect(checkpoint, base, include, exclude, allow_pickle, force, as_json):
     """Show a checkpoint's tensors, shapes, dtypes, parameter count, bytes and shards.
 
     CHECKPOINT is a .safetensors file, a Hugging Face model folder, or a cached Hub repo id.
 
     \b
-    Example:
+    Examples:
       sparsemerge inspect runs/math --base base/ --json
+      sparsemerge inspect runs/math --base auto --exclude 'embed'
     """
     from mergekit_sparse.analysis.describe import inspect_checkpoint, render_inspect
 
-    report = inspect_checkpoint(checkpoint, base=base, allow_pickle=allow_pickle)
+    report = inspect_checkpoint(
+        checkpoint, base=base, allow_pickle=allow_pickle, include=include, exclude=exclude, force=force
+    )
+    for w in report.get("base", {}).get("warnings", []):
+        warn(w)
     emit(report, as_json, render_inspect(report))
 
 
 @cli.command()
 @click.argument("tasks", nargs=-1, required=True)
-@click.option("--base", required=True, help="The pretrained checkpoint the tasks were fine-tuned from.")
+@click.option(
+    "--base",
+    help="The pretrained checkpoint the tasks were fine-tuned from. Default: found from the tasks' own "
+    "records (written by `sparsemerge train`) or their model cards' base_model.",
+)
 @spec_option(CoreSettings, "p", "--p", "percent")
 @spec_option(CoreSettings, "scope", "--scope", "scope_kind")
 @spec_option(CoreSettings, "tie_seed")
@@ -65,21 +80,25 @@ def core(tasks, base, percent, scope_kind, tie_seed, out_dir, include, exclude, 
     """Find each task's core region: the exact top-p % parameters by |θ_task − θ_base| (CPI-FT stage 1).
 
     Writes one mask file per task and core.json (counts, thresholds, per-layer shares, |Δ| quantiles,
-    settings). TASKS are fine-tuned checkpoints of BASE (files, folders or cached Hub ids).
+    settings). TASKS are fine-tuned checkpoints of BASE (files, folders or cached Hub ids), each
+    optionally named NAME=PATH (default name: the folder or file name).
 
     \b
-    Example:
+    Examples:
       sparsemerge core --base base/ runs/math runs/code --p 1 -o cores/
+      sparsemerge core math=exp_math/checkpoint-40 rev=exp_rev/checkpoint-40 --p 1
     """
     from mergekit_sparse.analysis.cores import compute_cores, write_core_json
-    from mergekit_sparse.storage.checkpoint import Checkpoint
+    from mergekit_sparse.storage.checkpoint import Checkpoint, split_task_specs
     from mergekit_sparse.storage.scope import align
     from mergekit_sparse.storage.writer import check_output
 
-    labels = labels_for(tasks)
-    base_ck = Checkpoint.open(base, allow_pickle=allow_pickle)
-    task_cks = [Checkpoint.open(t, allow_pickle=allow_pickle) for t in tasks]
+    labels, paths = split_task_specs(tasks)
+    task_cks = [Checkpoint.open(t, allow_pickle=allow_pickle) for t in paths]
+    base_ck = open_base(base, task_cks, force=force, allow_pickle=allow_pickle)
     scope = align([base_ck, *task_cks], include=include, exclude=exclude)
+    for w in scope.warnings:
+        warn(w)
     check_output(out_dir / "core.json", [base_ck.path, *[t.path for t in task_cks]], force=force)
     summaries = compute_cores(
         base_ck,
@@ -115,7 +134,11 @@ def core(tasks, base, percent, scope_kind, tie_seed, out_dir, include, exclude, 
 
 @cli.command()
 @click.argument("tasks", nargs=-1, required=True)
-@click.option("--base", help="Pretrained checkpoint: core regions are computed from |θ_task − θ_base|.")
+@click.option(
+    "--base",
+    help="Pretrained checkpoint: core regions are computed from |θ_task − θ_base|. Default: found from the "
+    "tasks' own records (written by `sparsemerge train`) or their model cards' base_model.",
+)
 @spec_option(CoreSettings, "p", "--p", "percent")
 @spec_option(CoreSettings, "scope", "--scope", "scope_kind")
 @spec_option(
@@ -123,7 +146,11 @@ def core(tasks, base, percent, scope_kind, tie_seed, out_dir, include, exclude, 
     "tie_seed",
     help="Seed of the tie hash: of the cores' threshold ties and of max-delta conflicts with equal |Δ|.",
 )
-@click.option("--masks", multiple=True, help="Core mask files instead of --p, one per task in order (repeatable).")
+@click.option(
+    "--masks",
+    multiple=True,
+    help="Core mask files instead of --p, one per task in order (repeatable; NAME=PATH accepted).",
+)
 @click.option(
     "-o",
     "--output",
@@ -172,9 +199,14 @@ def fuse(
 ):
     """Fuse fine-tuned checkpoints: SLERP everything, then write back each task's core region (CPI-FT stage 3).
 
+    TASKS are fine-tuned checkpoints (files, folders or cached Hub ids), each optionally named
+    NAME=PATH. Without --base, the pretrained model is the one the tasks record (`sparsemerge train`
+    writes it into their metadata) or name in their model card (base_model:).
+
     \b
-    Example (two task models, cores = top 1 % of |Δ| against the base):
-      sparsemerge fuse a.safetensors b.safetensors --base base.safetensors --p 1
+    Examples (two task models, cores = top 1 % of |Δ| against the base):
+      sparsemerge fuse a.safetensors b.safetensors --p 1
+      sparsemerge fuse a.safetensors b.safetensors --base base.safetensors --p 1 -o fused.safetensors
     """
     from mergekit_sparse.fusion.api import fuse_checkpoints
 
@@ -200,6 +232,10 @@ def fuse(
         tie_seed=tie_seed,
     )
     c = data["counts"]
+    if not base and data["settings"]["base"]:
+        click.echo(f"base: {data['settings']['base']['path']} ({data['settings']['base_found']})", err=True)
+    for w in data["settings"]["scope"].get("missing_buffers", {}):
+        warn(f"buffer '{w}' is missing from some inputs; copied from the fusion base when it has it")
     for label, t in c.get("ties", {}).items():
         if t.get("warning"):
             warn(f"{label}: {t['warning']}")

@@ -97,7 +97,8 @@ def eval_(model, tasks, out, batch_size, limit, max_new_tokens, strip, case_sens
     "runs",
     multiple=True,
     metavar="NAME=TABLE:TASK",
-    help="A fine-tuned run: its accuracy table and the task it was trained on (repeatable).",
+    help="A fine-tuned run: its accuracy table and the task it was trained on, or the tasks of a run trained "
+    "on several (TABLE:TASK_A,TASK_B; fused and CPI-FT models) (repeatable).",
 )
 @click.option(
     "--seq",
@@ -125,6 +126,7 @@ def forget(vanilla, runs, seqs, metrics, out, html_out, force, as_json):
     \b
     Example:
       sparsemerge forget --vanilla base_acc.json --run full=full_acc.json:math --run gallop=g_acc.json:math
+      sparsemerge forget --vanilla base_acc.json --run fused=fused_acc.json:math,code
     """
     from mergekit_sparse.errors import OptionError
     from mergekit_sparse.evaluation.forget import forget_report
@@ -154,7 +156,7 @@ def forget(vanilla, runs, seqs, metrics, out, html_out, force, as_json):
     for name, r in doc["runs"].items():
         fr = "n/a" if r["forget_ratio"] is None else f"{r['forget_ratio']:.3f}"
         lines.append(
-            f"{name:<16} {r['trained']:<12} {r['id_accuracy']:>7.3f} {r['ood_accuracy'] or 0:>8.3f} "
+            f"{name:<16} {_names(r['trained']):<12} {r['id_accuracy']:>7.3f} {r['ood_accuracy'] or 0:>8.3f} "
             f"{fr:>7} {r['collapse_rate']:>6.2f} ({r['collapse_count']})"
         )
     for name, s in doc["sequential"].items():
@@ -162,3 +164,7 @@ def forget(vanilla, runs, seqs, metrics, out, html_out, force, as_json):
     if doc["runs"]:
         lines.append(f"mean forget ratio: {doc['mean_forget_ratio']}")
     emit(doc, as_json, "\n".join(lines))
+
+
+def _names(trained) -> str:
+    return trained if isinstance(trained, str) else ",".join(trained)

@@ -6,6 +6,7 @@ Heavy modules (torch, transformers, plotly) are imported inside commands, so `--
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -57,8 +58,15 @@ def cli():
     """
 
 
+def is_main_process() -> bool:
+    """False on every rank but 0 under torchrun: one process prints (the others' output would repeat it)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def emit(data: dict, as_json: bool, text: str) -> None:
-    """Print either the JSON document or the human summary."""
+    """Print either the JSON document or the human summary (rank 0 alone under torchrun)."""
+    if not is_main_process():
+        return
     if as_json:
         click.echo(json.dumps(data, indent=2, default=str))
     else:
@@ -66,14 +74,23 @@ def emit(data: dict, as_json: bool, text: str) -> None:
 
 
 def warn(message: str) -> None:
-    """A warning on stderr (never mixed into --json output)."""
+    """A warning on stderr (never mixed into --json output; rank 0 alone under torchrun)."""
+    if not is_main_process():
+        return
     click.echo(f"warning: {message}", err=True)
 
 
-def labels_for(paths) -> list[str]:
-    from mergekit_sparse.storage.checkpoint import task_labels
+def open_base(base, task_cks, *, force: bool = False, allow_pickle: bool = False):
+    """The base checkpoint: `--base` (checked against the tasks' records), or found per METHODS §9, which
+    the console is told."""
+    from mergekit_sparse.storage.base import resolve_base
+    from mergekit_sparse.storage.checkpoint import Checkpoint
 
-    return task_labels(paths)
+    given = Checkpoint.open(base, allow_pickle=allow_pickle) if base else None
+    ck, how = resolve_base(task_cks, given, force=force, allow_pickle=allow_pickle)
+    if given is None:
+        click.echo(f"base: {ck.path} ({how})", err=True)
+    return ck
 
 
 def json_option(f):

@@ -15,17 +15,22 @@ from .main import (
     emit,
     force_option,
     json_option,
-    labels_for,
+    open_base,
     pickle_option,
     progress_enabled,
     scope_options,
     spec_option,
+    warn,
 )
 
 
 @cli.command()
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("--base", help="Treat INPUTS as task checkpoints and compute their cores against BASE first.")
+@click.option(
+    "--base",
+    help="Treat INPUTS as task checkpoints and compute their cores against BASE first. Task checkpoints "
+    "without --base: the base they record (or name in their model card) is used.",
+)
 @spec_option(CoreSettings, "p", "--p", "percent", help="Core size in % (with --base).")
 @spec_option(CoreSettings, "tie_seed", help="Seed of the cores' tie hash (with --base).")
 @spec_option(OverlapSettings, "tau")
@@ -74,7 +79,8 @@ def overlap(
 ):
     """Measure how tasks' core regions overlap (Jaccard) and group the tasks (CPI-FT stage 2).
 
-    INPUTS are mask files from `sparsemerge core`, or task checkpoints when --base is given.
+    INPUTS are mask files from `sparsemerge core` (*.mask.safetensors), or task checkpoints (their base
+    given with --base or found from their records); each optionally named NAME=PATH.
 
     \b
     Examples:
@@ -82,30 +88,35 @@ def overlap(
       sparsemerge overlap --base base/ runs/math runs/code runs/chat --p 1 --order input
     """
     from mergekit_sparse.analysis.overlap import compute_overlap, group_tasks, groups_document
+    from mergekit_sparse.storage.checkpoint import split_task_specs
     from mergekit_sparse.storage.masks import MaskSet
     from mergekit_sparse.storage.writer import check_output
 
-    labels = labels_for(inputs)
-    check_output(out, list(inputs), force=force)
+    labels, paths = split_task_specs(inputs)
+    are_masks = all(str(p).endswith(".mask.safetensors") for p in paths)
+    check_output(out, list(paths), force=force)
     if html_out:
-        check_output(html_out, list(inputs), force=force)
+        check_output(html_out, list(paths), force=force)
     settings = {
         "inputs": list(inputs),
         "base": base,
-        "p": percent if base else None,
+        "p": percent if not are_masks else None,
         "tau": tau,
         "order": order,
         "seed": seed,
     }
     with tempfile.TemporaryDirectory() as tmp:
-        if base:
+        if base or not are_masks:
             from mergekit_sparse.analysis.cores import compute_cores
             from mergekit_sparse.storage.checkpoint import Checkpoint
             from mergekit_sparse.storage.scope import align
 
-            base_ck = Checkpoint.open(base, allow_pickle=allow_pickle)
-            tasks = [Checkpoint.open(t, allow_pickle=allow_pickle) for t in inputs]
+            tasks = [Checkpoint.open(t, allow_pickle=allow_pickle) for t in paths]
+            base_ck = open_base(base, tasks, force=force, allow_pickle=allow_pickle)
+            settings["base"] = base_ck.sources()
             scope = align([base_ck, *tasks], include=include, exclude=exclude)
+            for w in scope.warnings:
+                warn(w)
             mask_dir = save_masks or Path(tmp)
             summaries = compute_cores(
                 base_ck,
@@ -119,8 +130,6 @@ def overlap(
                 tie_seed=tie_seed,
             )
             paths = [s.mask_path for s in summaries]
-        else:
-            paths = list(inputs)
         masks = [MaskSet.load(p) for p in paths]
         result = compute_overlap(masks, labels)
     groups = group_tasks(result.matrix, labels, tau=tau, order=order, seed=seed)

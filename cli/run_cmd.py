@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .main import cli, emit, json_option
+from .main import cli, emit, json_option, warn
 
 
 @cli.command("run")
@@ -45,6 +45,9 @@ def run_cmd(config, out, dry_run, as_json):
     from mergekit_sparse.pipeline.run import render_summary, run_pipeline
 
     summary = run_pipeline(cfg, root, log=lambda m: click.echo(m, err=True))
+    for name, m in summary["metrics"].items():
+        if m.get("warning"):
+            warn(f"{name}: {m['warning']}")
     emit(summary, as_json, render_summary(summary) + f"\nrun folder: {root}")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# content fingerprints are cached per file (METHODS §3): in a folder of the test run, never the user's
+os.environ["SPARSEMERGE_CACHE_DIR"] = tempfile.mkdtemp(prefix="sparsemerge-cache-")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 torch.set_num_threads(1)
 

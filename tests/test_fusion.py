@@ -217,7 +217,8 @@ def _empty_masks(planted, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        ([], "fuse needs core regions: give --base BASE"),
+        ([], "no base found"),
+        ([], "or give --masks"),
         (["--base", "{base}", "--omega", "1.5"], "Invalid value for '--omega'"),
         (["--base", "{base}", "--weights", "1,x"], "must be comma-separated numbers"),
         (["--base", "{base}", "--weights", "1,1,1"], "--weights needs 2 non-negative numbers"),

@@ -59,8 +59,8 @@ def world(tmp_path, planted, tiny_base, tiny_tasks):
     torch.save({"a.w": torch.ones(2, 3)}, tmp_path / "pickle.bin")
     w["pickle"] = str(tmp_path / "pickle.bin")
     sd = load_file(planted["a"])
-    save_file({"a.w": sd["a.w"], "b.w": sd["b.w"]}, tmp_path / "noint.safetensors")
-    w["names"] = str(tmp_path / "noint.safetensors")
+    save_file({"b.w": sd["b.w"], "n.steps": sd["n.steps"]}, tmp_path / "nofloat.safetensors")
+    w["names"] = str(tmp_path / "nofloat.safetensors")  # a missing buffer is only a warning (METHODS §1)
     save_file({**sd, "b.w": torch.ones(2, 3)}, tmp_path / "shape.safetensors")
     w["shape"] = str(tmp_path / "shape.safetensors")
     save_file({**sd, "a.w": torch.ones(2, 3, dtype=torch.int32)}, tmp_path / "intdtype.safetensors")
@@ -98,7 +98,7 @@ MATRIX = [
     ("header is a JSON list", "inspect {list_header}", "header is JSON but not an object"),
     ("index weight_map is a list", "inspect {list_index}", "not a valid index"),
     ("pickled weights", "core --base {pickle} {a} --p 50 -o {out}", "refusing pickled weights"),
-    ("mismatched names", "core --base {base} {names} --p 50 -o {out}", "'n.steps' is in"),
+    ("mismatched names", "core --base {base} {names} --p 50 -o {out}", "'a.w' is in"),
     ("mismatched shapes", "fuse {a} {shape} --base {base} --p 50 -o {out_st}", "shape mismatch for 'b.w'"),
     ("mismatched dtypes", "core --base {base} {dtype} --p 50 -o {out}", "dtype mismatch for 'a.w'"),
     ("Inf weights", "fuse {inf} {b} --base {base} --p 50 -o {out_st}", "tensor 'a.w' in"),

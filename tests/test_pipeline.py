@@ -184,3 +184,37 @@ def test_config_and_cli_reject_out_of_range_values_with_the_same_message(tmp_pat
         message = line.split(f"config.{section}.{key}: ", 1)[1]
         assert message in r_cli.output, (message, r_cli.output)
         assert "out of range" in message
+
+
+def test_run_on_the_users_own_model_with_user_ood_tasks_gives_defined_forget_ratios(tmp_path):
+    """Own base, own tasks, own OOD test file (relative paths: the config's folder), no builtin name."""
+    import shutil
+
+    from mergekit_sparse.builtin import builtin_model
+    from mergekit_sparse.builtin.tasks import jsonl, split
+
+    shutil.copytree(builtin_model(), tmp_path / "mine")
+    (tmp_path / "data").mkdir()
+    for name, builtin in (("my_caesar", "caesar"), ("my_sub", "sub"), ("my_add", "add")):
+        tr, te = split(builtin, n_train=32, n_test=4, seed=0)
+        (tmp_path / "data" / f"{name}.train.jsonl").write_text(jsonl(tr))
+        (tmp_path / "data" / f"{name}.test.jsonl").write_text(jsonl(te))
+    cfg = {
+        **SHORT,
+        "base": "mine",
+        "tasks": {
+            t: {"train": f"data/{t}.train.jsonl", "test": f"data/{t}.test.jsonl"} for t in ("my_caesar", "my_sub")
+        },
+        "ood_tasks": {"my_add": {"test": "data/my_add.test.jsonl"}, "rev": "builtin"},
+    }
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
+    r = CliRunner().invoke(cli, ["run", str(tmp_path / "p.yaml"), "-o", str(tmp_path / "run"), "--json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert set(summary["vanilla"]) == {"my_caesar", "my_sub", "my_add", "rev"} and summary["vanilla"]["my_add"] > 0
+    assert summary["metrics"] and all(m["forget_ratio"] is not None for m in summary["metrics"].values())
+    # a user task named like a builtin one is an error, not a silent swap for the builtin
+    cfg["tasks"] = {"caesar": cfg["tasks"]["my_caesar"], "my_sub": cfg["tasks"]["my_sub"]}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
+    r = CliRunner().invoke(cli, ["run", str(tmp_path / "p.yaml"), "--dry-run"])
+    assert r.exit_code == 1 and "the name of a builtin task" in r.output, r.output

@@ -346,7 +346,8 @@ def test_torchrun_two_processes_match_one_process(tiny_base, rev_data, tmp_path)
             "2",
             "--master-port",
             "29533",
-            str(cli_exe),
+            "-m",  # the launch line the README shows: torchrun ... -m mergekit_sparse train ...
+            "mergekit_sparse",
             *common,
             "-o",
             str(tmp_path / "two"),
@@ -357,6 +358,7 @@ def test_torchrun_two_processes_match_one_process(tiny_base, rev_data, tmp_path)
         timeout=300,
     )
     assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("trained 6 steps") == 1, two.stdout  # rank 0 alone prints
     a = load_file(tmp_path / "one" / "model.safetensors")
     b = load_file(tmp_path / "two" / "model.safetensors")
     assert json.loads((tmp_path / "two" / "train.json").read_text())["world_size"] == 2

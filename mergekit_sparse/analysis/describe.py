@@ -8,14 +8,22 @@ import numpy as np
 
 from ..selection.keys import CHUNK
 from ..selection.passes import chunk_ranges
+from ..storage.base import resolve_base
 from ..storage.checkpoint import Checkpoint
-from ..storage.scope import align
+from ..storage.modelcard import architecture
+from ..storage.scope import align, name_filter
 
 
-def inspect_checkpoint(spec: str, *, base: str | None = None, allow_pickle: bool = False) -> dict:
+def inspect_checkpoint(
+    spec: str, *, base: str | None = None, allow_pickle: bool = False, include=(), exclude=(), force: bool = False
+) -> dict:
     """A JSON-able description: tensors (shape, dtype, numel), totals, shards; with `base`, per-tensor
-    relative delta norms ‖θ − θ_base‖ / ‖θ_base‖ over the aligned scope."""
+    relative delta norms ‖θ − θ_base‖ / ‖θ_base‖ over the aligned scope. `base="auto"` finds the base the
+    checkpoint records (METHODS §9). Parameters count floating tensors; integer/bool buffers and a tied
+    head stored as a duplicate of the embedding (an alias, METHODS §1) are listed apart."""
     ck = Checkpoint.open(spec, allow_pickle=allow_pickle)
+    keep = name_filter(include, exclude)
+    infos = [i for i in ck.infos.values() if keep(i.name)]
     tensors = [
         {
             "name": i.name,
@@ -24,22 +32,34 @@ def inspect_checkpoint(spec: str, *, base: str | None = None, allow_pickle: bool
             "numel": i.numel,
             "file": i.file.name,
         }
-        for i in ck.infos.values()
+        for i in infos
     ]
     report = {
         "path": str(ck.path),
         "tensors": tensors,
-        "parameters": ck.numel,
-        "bytes": ck.nbytes,
+        "parameters": sum(i.numel for i in infos if i.is_float),
+        "buffers": sum(i.numel for i in infos if not i.is_float),
+        "bytes": sum(i.nbytes for i in infos),
+        "tied_embedding": ck.tied_embedding,
+        "stored_aliases": sorted(ck.aliases),
+        "architecture": architecture(ck.config),
         "shards": [f.name for f in ck.files],
         "header_sha256": ck.fingerprint(),
         "has_config": bool(ck.folder and (ck.folder / "config.json").is_file()),
     }
     if base is not None:
-        b = Checkpoint.open(base, allow_pickle=allow_pickle)
-        scope = align([b, ck])
+        given = None if base == "auto" else Checkpoint.open(base, allow_pickle=allow_pickle)
+        b, how = resolve_base([ck], given, force=force, allow_pickle=allow_pickle)
+        scope = align([b, ck], include=include, exclude=exclude)
         rel = {name: relative_delta_norm(b, ck, name) for name in scope.names}
-        report["base"] = {"path": str(b.path), "aligned": True, "scope": scope.to_json(), "relative_delta_norm": rel}
+        report["base"] = {
+            "path": str(b.path),
+            "found": how,
+            "aligned": True,
+            "scope": scope.to_json(),
+            "relative_delta_norm": rel,
+            "warnings": scope.warnings,
+        }
     return report
 
 
@@ -75,14 +95,22 @@ def render_inspect(report: dict) -> str:
         if t["name"] in rel:
             line += f"  {rel[t['name']]:.3g}"
         lines.append(line)
+    buffers = f" (+ {report['buffers']:,} in integer buffers)" if report.get("buffers") else ""
     lines.append(
-        f"{len(report['tensors'])} tensors, {report['parameters']:,} parameters, "
+        f"{len(report['tensors'])} tensors, {report['parameters']:,} parameters{buffers}, "
         f"{_fmt_bytes(report['bytes'])} in {len(report['shards'])} shard(s): {', '.join(report['shards'])}"
     )
+    if report.get("tied_embedding"):
+        stored = report.get("stored_aliases")
+        lines.append(
+            f"tied: the output head is the embedding {report['tied_embedding']}"
+            + (f" ({', '.join(stored)} stored as a duplicate, read as an alias)" if stored else "")
+        )
     if "base" in report:
         diffs = report["base"]["scope"]["dtype_differences"]
         lines.append(
-            f"aligned with {report['base']['path']}: {report['base']['scope']['tensors']} tensors in scope"
+            f"aligned with {report['base']['path']} ({report['base']['found']}): "
+            f"{report['base']['scope']['tensors']} tensors in scope"
             + (f", {len(diffs)} with different dtypes" if diffs else "")
         )
     return "\n".join(lines)

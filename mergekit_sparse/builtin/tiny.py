@@ -31,6 +31,7 @@ def tiny_llama_config(
     kv_heads: int = 2,
     intermediate: int | None = None,
     max_positions: int = 128,
+    tied: bool = False,
 ):
     from transformers import LlamaConfig
 
@@ -42,7 +43,7 @@ def tiny_llama_config(
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         max_position_embeddings=max_positions,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,

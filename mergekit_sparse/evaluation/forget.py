@@ -7,15 +7,20 @@ from .metrics import load_accuracy_table, mean, run_metrics, sequential
 
 
 def forget_report(vanilla_path: str, runs: dict[str, str], seqs: dict[str, str], *, metric=None) -> dict:
-    """runs: name -> "TABLE:TASK"; seqs: "A:B" -> "AFTER_A,AFTER_B"."""
+    """runs: name -> "TABLE:TASK" or "TABLE:TASK_A,TASK_B" (a run trained on several tasks: fused, CPI-FT,
+    multi-task; METHODS §8); seqs: "A:B" -> "AFTER_A,AFTER_B"."""
     vanilla = load_accuracy_table(vanilla_path, metric=metric)
     doc = {"vanilla": {"path": vanilla_path, "accuracy": vanilla}, "runs": {}, "sequential": {}, "warnings": []}
     for name, spec in runs.items():
         table_path, sep, trained = spec.rpartition(":")
-        if not sep or not table_path:
-            raise OptionError(f"--run {name}={spec!r} should look like NAME=TABLE.json:TRAINED_TASK")
+        tasks = [t.strip() for t in trained.split(",")]
+        if not sep or not table_path or not all(tasks):
+            raise OptionError(
+                f"--run {name}={spec!r} should look like NAME=TABLE.json:TRAINED_TASK (or :TASK_A,TASK_B for a "
+                "run trained on several tasks)"
+            )
         table = load_accuracy_table(table_path, metric=metric)
-        r = run_metrics(vanilla, table, trained)
+        r = run_metrics(vanilla, table, tasks[0] if len(tasks) == 1 else tasks)
         r["accuracy"] = table
         r["path"] = table_path
         if "warning" in r:

@@ -11,8 +11,10 @@ from pathlib import Path
 
 from ..errors import OptionError
 from ..storage import dtypes
-from ..storage.checkpoint import Checkpoint, task_labels
+from ..storage.base import BASE_KEY, record_for, resolve_base
+from ..storage.checkpoint import Checkpoint, split_task_spec, split_task_specs
 from ..storage.masks import MaskSet
+from ..storage.modelcard import write_card
 from ..storage.scope import align
 from ..storage.writer import parse_size
 from .driver import fuse
@@ -73,18 +75,25 @@ def fuse_checkpoints(
     comma-separated string (one per task, then one for a separate `onto`); `omega` is the two-model
     shorthand SLERP(θ_b, θ_a, ω). Returns {"output", "settings", "counts", "checked"}.
     """
-    if not base and not masks:
-        raise OptionError(
-            "fuse needs core regions: give --base BASE (cores = top --p % of |Δ|) or --masks "
-            "M1 M2 ... from `sparsemerge core`"
-        )
     if conflict not in POLICIES:
         raise OptionError(f"--conflict {conflict!r} is not one of {', '.join(POLICIES)}")
     if not masks and not (isinstance(percent, (int, float)) and math.isfinite(percent) and 0 < percent <= 100):
         raise OptionError(f"--p {percent!r} is out of range; give a percentage in (0, 100], e.g. --p 1")
-    labels = list(labels) if labels else task_labels(tasks)
-    task_cks = [Checkpoint.open(t, allow_pickle=allow_pickle) for t in tasks]
-    base_ck = Checkpoint.open(base, allow_pickle=allow_pickle) if base else None
+    names, paths = split_task_specs(tasks)
+    if masks and len(masks) != len(paths):
+        raise OptionError(f"--masks needs one mask file per task: {len(paths)} tasks, {len(masks)} masks")
+    labels = list(labels) if labels else names
+    masks = [split_task_spec(m)[1] for m in masks]
+    task_cks = [Checkpoint.open(t, allow_pickle=allow_pickle) for t in paths]
+    base_ck, base_how = Checkpoint.open(base, allow_pickle=allow_pickle) if base else None, None
+    if base_ck is not None or not masks or conflict == "max-delta":  # cores or |Δ| need θ⁰ (METHODS §9)
+        base_ck, base_how = resolve_base(
+            task_cks,
+            base_ck,
+            force=force,
+            allow_pickle=allow_pickle,
+            hint=" (cores = top --p % of |Δ|), or give --masks M1 M2 ... from `sparsemerge core`",
+        )
     if onto is None:
         onto_ck, onto_idx = task_cks[-1], len(task_cks) - 1
     else:
@@ -109,6 +118,7 @@ def fuse_checkpoints(
     settings = {
         "tasks": [c.sources() for c in task_cks],
         "base": base_ck.sources() if base_ck else None,
+        "base_found": base_how,
         "onto": onto_ck.sources(),
         "p": None if masks else percent,
         "core_scope": "per-tensor" if per_tensor else "global",
@@ -142,5 +152,12 @@ def fuse_checkpoints(
         check=check,
         settings=settings,
         tie_seed=tie_seed,
+        metadata=record_for(base_ck, out, spec=base) if base_ck is not None else None,
+        card=write_card(
+            record_for(base_ck, out, spec=base)[BASE_KEY] if base_ck is not None else None,
+            "CPI-FT fusion",
+            {k: settings[k] for k in ("p", "core_scope", "weights", "omega", "conflict", "tie_seed")}
+            | {"tasks": labels, "masks": list(masks)},
+        ),
     )
     return {"output": str(out), "settings": settings, "counts": report.to_json(), "checked": bool(check and folder)}

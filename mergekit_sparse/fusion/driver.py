@@ -91,6 +91,7 @@ def fuse(
     check: bool = False,
     settings: dict | None = None,
     tie_seed: int = 0,
+    card: str | None = None,
 ) -> FuseReport:
     """Fuse `tasks` onto `onto` and stream the result to `out` (file or HF folder, like `onto`).
 
@@ -181,6 +182,8 @@ def fuse(
             record = json.dumps({"settings": settings or {}, "counts": job.report.to_json()}, indent=2)
             if folder:
                 writer.add_file("fuse.json", record)
+                if card:
+                    writer.add_file("README.md", card)
         if not folder:
             atomic.write_text(Path(f"{out}.fuse.json"), record)
         return job.report

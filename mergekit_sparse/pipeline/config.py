@@ -7,7 +7,10 @@ A config is YAML or JSON. Top-level keys and their sections (all optional but `t
     output: PATH                    the run folder (the CLI's -o overrides it)
     seed: INT
     tasks: {NAME: builtin | {train: PATH, test: PATH}}     the fine-tuning tasks
-    ood_tasks: [NAME, ...]          builtin tasks evaluated for forgetting (default: the pretraining mix)
+    ood_tasks: [NAME, ...] | {NAME: builtin | {test: PATH}}
+                                    tasks evaluated for forgetting only (default: the builtin pretraining
+                                    mix with the builtin base; none with your own base, where the suite
+                                    is your tasks: each run's OOD tasks are the others, METHODS §8)
     data: {train: INT, test: INT}   sizes of generated builtin tasks
     probe: TRAIN                    per-task full fine-tunes (CPI-FT stage 1; the full-FT baseline)
     core: {p: FLOAT, scope: global | per-tensor}
@@ -60,7 +63,7 @@ TOP = {
     "output": Spec(str),
     "seed": Spec(int),
     "tasks": dict,
-    "ood_tasks": list,
+    "ood_tasks": (list, dict),
 }
 _TRAIN = {k: defaults(TrainConfig)[k] for k in TRAIN_KEYS}
 # the pipeline's own defaults where they differ from the commands' (declared ranges are never overridden)
@@ -112,7 +115,8 @@ def _check(raw: dict, problems: list[str]) -> None:
                     problems.append(f"{where}: {why}")
             elif value is not None and not isinstance(value, spec):
                 problems.append(
-                    f"{where}: expected a {'mapping' if spec is dict else 'list'}, got {type(value).__name__}"
+                    f"{where}: expected a {'mapping' if spec is dict else 'list or mapping'}, "
+                    f"got {type(value).__name__}"
                 )
         else:
             problems.append(f"{where}: unknown key (known: {', '.join([*TOP, *SECTIONS])})")
@@ -147,24 +151,54 @@ def validate(raw: dict, *, base_dir: Path) -> dict:
                         f"config.tasks.{name}: no builtin task of that name (builtin: {', '.join(ALL_TASKS)})"
                     )
             elif isinstance(spec, dict) and set(spec) == {"train", "test"}:
+                if name in ALL_TASKS:
+                    problems.append(
+                        f"config.tasks.{name}: {name!r} is the name of a builtin task; give your task another "
+                        f"name (e.g. my_{name}) so results cannot be mixed up"
+                    )
                 for part in ("train", "test"):
                     if not isinstance(spec[part], str) or not (base_dir / spec[part]).is_file():
                         problems.append(f"config.tasks.{name}.{part}: file {spec[part]!r} not found")
+                    else:  # relative paths are the config folder's, where they were checked
+                        spec[part] = str(base_dir / spec[part])
             else:
                 problems.append(f"config.tasks.{name}: expected 'builtin' or {{train: PATH, test: PATH}}")
     ood = cfg.get("ood_tasks")
+    cfg["ood_files"] = {}
     if ood is None:
-        cfg["ood_tasks"] = [t for t in PRETRAIN_TASKS if t not in (tasks or {})]
-    elif isinstance(ood, list):
-        for t in ood:
-            if t not in ALL_TASKS:
-                problems.append(f"config.ood_tasks: {t!r} is not a builtin task")
-    if (
-        isinstance(cfg.get("base"), str)
-        and cfg["base"] != "builtin"
-        and not (base_dir / cfg["base"] / "config.json").is_file()
-    ):
-        problems.append(f"config.base: {cfg['base']!r} is not a model folder (no config.json)")
+        own_base = isinstance(cfg.get("base"), str) and cfg["base"] != "builtin"
+        cfg["ood_tasks"] = [] if own_base else [t for t in PRETRAIN_TASKS if t not in (tasks or {})]
+    elif isinstance(ood, (list, dict)):
+        entries = ood.items() if isinstance(ood, dict) else ((t, "builtin") for t in ood)
+        names = []
+        for t, spec in entries:
+            if not isinstance(t, str):
+                problems.append(f"config.ood_tasks: task names must be strings, found {t!r}")
+            elif spec == "builtin":
+                if t not in ALL_TASKS:
+                    problems.append(
+                        f"config.ood_tasks: {t!r} is not a builtin task (builtin: {', '.join(ALL_TASKS)}); "
+                        "give your own as {name: {test: PATH}}"
+                    )
+                names.append(t)
+            elif isinstance(spec, dict) and set(spec) == {"test"} and isinstance(spec["test"], str):
+                if t in ALL_TASKS:
+                    problems.append(f"config.ood_tasks.{t}: the name of a builtin task; name your task otherwise")
+                elif isinstance(tasks, dict) and t in tasks:
+                    problems.append(f"config.ood_tasks.{t}: already a fine-tuning task (it is OOD for the others)")
+                elif not (base_dir / spec["test"]).is_file():
+                    problems.append(f"config.ood_tasks.{t}.test: file {spec['test']!r} not found")
+                else:
+                    cfg["ood_files"][t] = str(base_dir / spec["test"])
+                names.append(t)
+            else:
+                problems.append(f"config.ood_tasks.{t}: expected 'builtin' or {{test: PATH}}")
+        cfg["ood_tasks"] = names
+    if isinstance(cfg.get("base"), str) and cfg["base"] != "builtin":
+        if not (base_dir / cfg["base"] / "config.json").is_file():
+            problems.append(f"config.base: {cfg['base']!r} is not a model folder (no config.json)")
+        else:
+            cfg["base"] = str(base_dir / cfg["base"])
     if problems:
         raise DataError("invalid pipeline config:\n  " + "\n  ".join(problems))
     return cfg

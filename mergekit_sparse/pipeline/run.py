@@ -93,7 +93,9 @@ def _data_stage(run: Run, base: Path) -> tuple[dict, dict]:
     outputs = []
     for t in eval_names:
         spec = cfg["tasks"].get(t, "builtin")
-        if spec == "builtin":
+        if t in cfg.get("ood_files", {}):  # the user's own OOD task: a test file only
+            test_paths[t] = Path(cfg["ood_files"][t])
+        elif spec == "builtin":
             train_paths[t], test_paths[t] = d / f"{t}.train.jsonl", d / f"{t}.test.jsonl"
             outputs += [train_paths[t], test_paths[t]]
         else:
@@ -101,7 +103,7 @@ def _data_stage(run: Run, base: Path) -> tuple[dict, dict]:
 
     def make():
         for t in eval_names:
-            if cfg["tasks"].get(t, "builtin") == "builtin":
+            if cfg["tasks"].get(t, "builtin") == "builtin" and t not in cfg.get("ood_files", {}):
                 tr, te = split(t, n_train=cfg["data"]["train"], n_test=cfg["data"]["test"], seed=cfg["seed"])
                 atomic.write_text(train_paths[t], jsonl(tr))
                 atomic.write_text(test_paths[t], jsonl(te))

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import CheckpointError
-from . import dtypes
+from ..errors import CheckpointError, MismatchError
+from . import dtypes, modelcard
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 INDEX_NAME = "model.safetensors.index.json"
@@ -160,8 +160,11 @@ class Checkpoint:
         headers: dict[Path, bytes],
         label: str,
         pickled: dict | None = None,
+        metadata: dict | None = None,
     ):
         self.path = path
+        # the safetensors metadata of the (first) weight file: string keys and values only
+        self.metadata = {k: v for k, v in (metadata or {}).items() if isinstance(k, str) and isinstance(v, str)}
         self.folder = folder  # HF folder with config/tokenizer, or None for a bare file
         self.label = label
         self.infos = dict(sorted(infos.items()))
@@ -169,6 +172,53 @@ class Checkpoint:
         self._pickled = pickled
         self._maps: dict[Path, mmap.mmap] = {}
         self._lock = threading.Lock()
+        self._content: str | None = None
+        # the folder's config.json (for a bare file: its folder's, when it is the folder's one model)
+        self.config = modelcard.read_config(self.folder if self.folder is not None else _sole_model_folder(path))
+        # tied weights (METHODS §1): the embedding the output head is tied to (None: untied or unknown),
+        # and the heads stored anyway, read as aliases of it (hidden from `infos`)
+        self.tied_embedding: str | None = None
+        self.aliases: dict[str, TensorInfo] = {}
+        flag = modelcard.tie_flag(self.config)
+        if flag is not False and self.config is not None:
+            self._tie(modelcard.embedding_name(self.infos), explicit=flag is True)
+
+    def _tie(self, embedding: str | None, *, explicit: bool, other: Checkpoint | None = None) -> None:
+        """Read every stored head that the embedding ties as an alias of it (hidden from `infos`); a head
+        stored with other values is an error when the tie is explicit, an ordinary untied head otherwise."""
+        if embedding is None or embedding not in self.infos:
+            return
+        emb = self.infos[embedding]
+        self.tied_embedding = embedding
+        for head in modelcard.HEAD_NAMES:
+            info = self.infos.get(head)
+            if info is None or info.shape != emb.shape:
+                continue  # not stored, or not this embedding's head (another architecture's name)
+            if self._same_values(head, embedding):
+                self.aliases[head] = self.infos.pop(head)
+            elif not explicit:
+                self.tied_embedding = None  # the config does not say, and the stored head differs: untied
+            else:
+                why = f"{other.path} ties it" if other is not None else "its config ties the head to the embedding"
+                raise MismatchError(
+                    f"{self.path}: '{head}' is stored with values that differ from '{embedding}', but {why} "
+                    "(tie_word_embeddings); the head was trained untied: set tie_word_embeddings to false in "
+                    "config.json if that is intended, or drop the stale head"
+                )
+
+    def _same_values(self, a: str, b: str) -> bool:
+        ia, ib = self.infos[a], self.infos[b]
+        if ia.code == ib.code:
+            return bool(np.array_equal(self.array(a), self.array(b)))
+        return bool(np.array_equal(self.float32(a), self.float32(b)))
+
+    def adopt_ties(self, other: Checkpoint) -> None:
+        """Take `other`'s tied weights when this checkpoint's own config does not say (a bare file next to a
+        tied base): a stored head identical to this checkpoint's embedding becomes an alias; a different one is
+        an error naming both."""
+        if modelcard.tie_flag(self.config) is not None or other.tied_embedding is None:
+            return
+        self._tie(other.tied_embedding, explicit=True, other=other)
 
     # -- opening ------------------------------------------------------------------------------
     @classmethod
@@ -180,8 +230,9 @@ class Checkpoint:
                 if not allow_pickle:
                     raise _pickle_refusal(path)
                 return cls._from_pickles([path], path, folder=None)
-            infos, _, raw = read_header(path)
-            return cls(path, infos, folder=None, headers={path: raw}, label=path.name.removesuffix(".safetensors"))
+            infos, meta, raw = read_header(path)
+            label = path.name.removesuffix(".safetensors")
+            return cls(path, infos, folder=None, headers={path: raw}, label=label, metadata=meta)
         if path.is_dir():
             return cls._open_folder(path, allow_pickle)
         if re.fullmatch(r"[\w.\-]+/[\w.\-]+", str(spec)) and not str(spec).startswith("."):
@@ -213,8 +264,10 @@ class Checkpoint:
             )
         infos: dict[str, TensorInfo] = {}
         headers: dict[Path, bytes] = {}
+        metadata = None
         for file in files:
-            file_infos, _, raw = read_header(file)
+            file_infos, meta, raw = read_header(file)
+            metadata = meta if metadata is None else metadata
             headers[file] = raw
             for name, info in file_infos.items():
                 if name in infos:
@@ -222,7 +275,7 @@ class Checkpoint:
                         f"{folder}: tensor '{name}' appears in two shards ({infos[name].file.name}, {file.name})"
                     )
                 infos[name] = info
-        return cls(folder, infos, folder=folder, headers=headers, label=label)
+        return cls(folder, infos, folder=folder, headers=headers, label=label, metadata=metadata)
 
     @classmethod
     def _from_pickles(cls, files: list[Path], path: Path, folder: Path | None) -> Checkpoint:
@@ -261,6 +314,15 @@ class Checkpoint:
             for f in self.files:
                 h.update(f.read_bytes())
         return h.hexdigest()
+
+    def content_fingerprint(self) -> str:
+        """The METHODS §3 content fingerprint (`storage.fingerprint`): computed once per checkpoint, and
+        cached per file in the user's cache folder."""
+        if self._content is None:
+            from .fingerprint import content_fingerprint
+
+            self._content = content_fingerprint(self)
+        return self._content
 
     def content_sha256(self) -> str:
         """sha256 over every weight file's bytes (a full read): identifies the parameter values."""
@@ -341,6 +403,14 @@ class Checkpoint:
         return f"Checkpoint({str(self.path)!r}, tensors={len(self.infos)}, params={self.numel})"
 
 
+def _sole_model_folder(path: Path) -> Path | None:
+    """The folder of a bare `.safetensors` file when the file is that folder's one model (its config and
+    card describe it), else None."""
+    folder = path.parent
+    models = [f for f in folder.glob("*.safetensors") if not f.name.endswith(".mask.safetensors")]
+    return folder if models == [path] or path.name == SINGLE_NAME else None
+
+
 def _shards_from_index(index: Path) -> list[Path]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -398,17 +468,47 @@ def task_label(spec) -> str:
     return name or str(spec)
 
 
-def task_labels(specs) -> list[str]:
-    """Display names for several tasks; duplicates are an error (they would overwrite each other's outputs)."""
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+
+
+def split_task_spec(spec) -> tuple[str, str]:
+    """(name, path) of one task argument: `NAME=PATH` names it (an existing path containing `=` stays a
+    path); otherwise the name is the path's folder or file name."""
+    text = str(spec)
+    if "=" in text and not Path(text).exists():
+        name, path = text.split("=", 1)
+        if not NAME_RE.fullmatch(name) or name in (".", ".."):
+            from ..errors import OptionError
+
+            raise OptionError(
+                f"task name {name!r} in {text!r} is not a valid name: use letters, digits and . _ + - "
+                "(no path separators), e.g. math=exp_math/checkpoint-40"
+            )
+        if not path:
+            from ..errors import OptionError
+
+            raise OptionError(f"{text!r} names a task but gives no path after '='")
+        return name, path
+    return task_label(text), text
+
+
+def split_task_specs(specs) -> tuple[list[str], list[str]]:
+    """(names, paths) for several task arguments; two tasks with one name are an error (their outputs would
+    collide) that suggests NAME=PATH."""
     from ..errors import OptionError
 
-    labels = [task_label(s) for s in specs]
+    pairs = [split_task_spec(s) for s in specs]
     seen: dict[str, str] = {}
-    for spec, label in zip(specs, labels):
+    for spec, (label, _) in zip(specs, pairs):
         if label in seen:
             raise OptionError(
-                f"two inputs have the task name '{label}' ({seen[label]} and {spec}); "
-                "rename one of them so their outputs do not collide"
+                f"two inputs have the task name '{label}' ({seen[label]} and {spec}); name them with "
+                f"NAME=PATH, e.g. {label}_a={seen[label]} {label}_b={spec}"
             )
         seen[label] = str(spec)
-    return labels
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def task_labels(specs) -> list[str]:
+    """Display names for several tasks (see `split_task_specs`)."""
+    return split_task_specs(specs)[0]

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from ..errors import MismatchError, OptionError
 from .checkpoint import Checkpoint
+from .modelcard import HEAD_NAMES
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,8 @@ class Scope:
     shapes: dict[str, tuple[int, ...]]
     copied: tuple[str, ...] = ()  # in the checkpoints but not selected (ints, excluded)
     dtype_differences: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # integer/bool buffers some inputs lack (METHODS §1: a warning; copied from the fusion base when it has them)
+    missing_buffers: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # each tensor's rank for the tie hash (METHODS §2): its 0-based position among every floating
     # tensor of the first checkpoint (the base), sorted, whatever the include/exclude patterns say
     ranks: dict[str, int] = field(default_factory=dict)
@@ -42,7 +45,16 @@ class Scope:
             "parameters": self.numel(),
             "copied": list(self.copied),
             "dtype_differences": {k: list(v) for k, v in self.dtype_differences.items()},
+            "missing_buffers": {k: list(v) for k, v in self.missing_buffers.items()},
         }
+
+    @property
+    def warnings(self) -> list[str]:
+        return [
+            f"buffer '{name}' is missing from {', '.join(paths)}; it is not a parameter (never selected) and is "
+            "copied from the fusion base when the base has it"
+            for name, paths in self.missing_buffers.items()
+        ]
 
 
 def _prod(shape: tuple[int, ...]) -> int:
@@ -80,18 +92,33 @@ def align(checkpoints: list[Checkpoint], *, include=(), exclude=(), allow_empty:
     """
     keep = name_filter(include, exclude)
     first = checkpoints[0]
+    tied = next((c for c in checkpoints if c.tied_embedding), None)
+    if tied is not None:  # a bare file beside a tied model: its stored head is an alias too (METHODS §1)
+        for c in checkpoints:
+            c.adopt_ties(tied)
     all_names = sorted(set().union(*(c.infos for c in checkpoints)))
     shapes: dict[str, tuple[int, ...]] = {}
-    copied, dtype_diff = [], {}
+    copied, dtype_diff, missing_buffers = [], {}, {}
     for name in all_names:
         if not keep(name):
             copied.append(name)
             continue
         owners = [c for c in checkpoints if name in c.infos]
         if len(owners) != len(checkpoints):
-            missing = next(c for c in checkpoints if name not in c.infos)
+            lacking = [c for c in checkpoints if name not in c.infos]
+            if not owners[0].infos[name].is_float:  # an integer buffer (position_ids): METHODS §1
+                missing_buffers[name] = tuple(str(c.path) for c in lacking)
+                copied.append(name)
+                continue
+            missing = lacking[0]
+            why = ""
+            if missing.tied_embedding and name in HEAD_NAMES:
+                why = (
+                    f" ({missing.path} ties the head to '{missing.tied_embedding}' but {owners[0].path} stores "
+                    "it with other values: it was trained untied)"
+                )
             raise MismatchError(
-                f"tensor '{name}' is in {owners[0].path} but missing from {missing.path}; "
+                f"tensor '{name}' is in {owners[0].path} but missing from {missing.path}{why}; "
                 f"exclude it with --exclude '{re.escape(name)}' if that is intended"
             )
         infos = [c.infos[name] for c in checkpoints]
@@ -121,4 +148,4 @@ def align(checkpoints: list[Checkpoint], *, include=(), exclude=(), allow_empty:
     missing = [n for n in shapes if n not in ranks]  # a floating tensor the first checkpoint lacks: cannot be
     if missing:
         raise RuntimeError(f"tensors {missing[:3]} in scope have no rank; this is a bug")
-    return Scope(shapes, tuple(copied), dtype_diff, ranks)
+    return Scope(shapes, tuple(copied), dtype_diff, missing_buffers=missing_buffers, ranks=ranks)

@@ -5,29 +5,42 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import CheckpointError
+from ..storage import modelcard
 
 
-def load_model(folder: str | Path, *, dtype=None):
-    """(model, tokenizer) from an HF folder; the tokenizer must be in the folder."""
+def model_folder(spec: str | Path):
+    """(folder, checkpoint) of a model given as a folder or a cached Hub id, the same way every command takes
+    one; a bare .safetensors file has no config or tokenizer, and causal-LM work needs both."""
+    from ..storage.checkpoint import Checkpoint
+
+    ck = Checkpoint.open(spec)  # validates the weights with our clear errors first; resolves Hub ids
+    if ck.folder is None or ck.config is None:
+        raise CheckpointError(
+            f"{spec}: not a model folder (no config.json); training, gradients and evaluation need a "
+            "Hugging Face folder (or a cached Hub id) with its config and tokenizer"
+        )
+    if not modelcard.is_causal_lm(ck.config):
+        raise CheckpointError(
+            f"{spec}: the architecture is {modelcard.architecture(ck.config)}, not a causal language model; "
+            "train, retrain, gradients and eval need a *ForCausalLM model (inspect, core, overlap, fuse and "
+            "gallop work on any architecture)"
+        )
+    return ck.folder, ck
+
+
+def load_model(spec: str | Path, *, dtype=None):
+    """(model, tokenizer) from an HF folder or cached Hub id; the tokenizer must be in the folder."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise CheckpointError(
-            f"{folder}: not a model folder (no config.json); training, gradients and "
-            "evaluation need a Hugging Face folder with its config and tokenizer"
-        )
-    from ..storage.checkpoint import Checkpoint
-
-    Checkpoint.open(folder)  # validates the weights with our clear errors first
+    folder, _ = model_folder(spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(
-            f"{folder}: cannot load the tokenizer ({type(e).__name__}); the folder needs "
+            f"{spec}: cannot load the tokenizer ({type(e).__name__}); the folder needs "
             "tokenizer.json / tokenizer_config.json"
         ) from None
     try:
@@ -36,9 +49,14 @@ def load_model(folder: str | Path, *, dtype=None):
         )
     except Exception as e:  # noqa: BLE001 - transformers raises many types for unusable folders
         raise CheckpointError(
-            f"{folder}: transformers cannot build a causal LM from this folder "
+            f"{spec}: transformers cannot build a causal LM from this folder "
             f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); remote code is never run"
         ) from None
+    if tokenizer.eos_token_id is None:
+        raise CheckpointError(
+            f"{spec}: the tokenizer has no end-of-sequence token, which training and generation need to end a "
+            "response; set eos_token in tokenizer_config.json"
+        )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     torch.manual_seed(0)
@@ -52,9 +70,7 @@ def load_for_training(folder: str | Path):
     entry survives the float32 round trip bit for bit, and updates are not rounded away between steps."""
     import torch
 
-    from ..storage.checkpoint import Checkpoint
-
-    ck = Checkpoint.open(folder)
+    _, ck = model_folder(folder)
     codes = [i.code for i in ck.infos.values() if i.is_float]
     stored = max(set(codes), key=codes.count) if codes else "F32"
     from ..storage import dtypes
@@ -63,3 +79,21 @@ def load_for_training(folder: str | Path):
     compute = torch.float32 if stored in ("BF16", "F16") and not torch.cuda.is_available() else None
     model, tok = load_model(folder, dtype=compute)
     return model, tok, stored_dtype
+
+
+def saved_state(model) -> dict:
+    """The state dict as `save_pretrained` stores it (METHODS §1): a tied head is an alias of the embedding
+    and is left out (the config's `tie_word_embeddings` re-ties it on load); untied heads stay."""
+    sd = model.state_dict()
+    keys = getattr(model, "_tied_weights_keys", None) or {}
+    aliases = set(keys) if isinstance(keys, (dict, list, tuple, set)) else set()
+    kept: dict = {}
+    owners: dict = {}
+    for name in sorted(sd, key=lambda n: (n in aliases, n)):  # aliases last: the embedding owns the storage
+        t = sd[name]
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)) if t.numel() else None
+        if key is not None and key in owners and name in aliases:
+            continue
+        owners.setdefault(key, name)
+        kept[name] = t
+    return dict(sorted(kept.items()))

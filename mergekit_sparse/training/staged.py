@@ -15,12 +15,12 @@ import torch
 
 from ..analysis.overlap import load_groups
 from ..errors import MismatchError, OptionError
-from ..storage import atomic
-from ..storage.checkpoint import Checkpoint
+from ..storage import atomic, modelcard
+from ..storage.base import BASE_KEY, base_of, record_for
 from ..storage.masks import MaskSet
 from ..storage.writer import check_output
 from .data import balanced_sample, file_sha256, read_jsonl
-from .models import load_for_training
+from .models import load_for_training, model_folder
 from .trainer import TrainConfig, train
 
 
@@ -57,11 +57,15 @@ def run_train(
 ) -> dict:
     """Full fine-tuning (no mask) or masked training of one task."""
     cfg.check()
-    check_output(out, [Path(model_dir), Path(data)] + ([Path(mask)] if mask else []), force=force)
+    folder, start_ck = model_folder(model_dir)
+    check_output(out, [folder, Path(data)] + ([Path(mask)] if mask else []), force=force)
     records = read_jsonl(data)
-    model, tok, stored = load_for_training(model_dir)
+    model, tok, stored = load_for_training(folder)
     masks = model_masks(model, MaskSet.load(mask), model_dir) if mask else None
     record = {"model": str(model_dir), "data": str(data), "data_sha256": file_sha256(data), "mask": mask}
+    base = record_for(start_ck, out, spec=model_dir)  # METHODS §9: the model this one is fine-tuned from
+    method = "masked fine-tuning" if mask else "full fine-tuning"
+    card = modelcard.write_card(base[BASE_KEY], method, {"config": cfg.__dict__, **record})
     return train(
         model,
         tok,
@@ -69,11 +73,13 @@ def run_train(
         cfg=cfg,
         masks=masks,
         out=out,
-        reference=Path(model_dir),
+        reference=folder,
         force=force,
         progress=progress,
         record=record,
         save_dtype=stored,
+        metadata=base,
+        card=card,
     )
 
 
@@ -108,19 +114,25 @@ def retrain(
         check_output(out, [Path(model_dir)], force=force)
     check_output(out / "retrain.json", [Path(model_dir)], force=True)
     out.mkdir(parents=True, exist_ok=True)
+    current, start_ck = model_folder(model_dir)
     plan = {
         "model": str(model_dir),
-        "model_header_sha256": Checkpoint.open(model_dir).fingerprint(),
+        "model_fingerprint": start_ck.content_fingerprint(),  # a re-fused model means every stage reruns
         "groups": groups,
         "groups_file": str(groups_path),
         "masks": {t: str(p) for t, p in mask_paths.items()},
+        "masks_sha256": {t: file_sha256(p) for t, p in mask_paths.items()},  # re-cored masks too
         "data": {t: {"path": data[t], "sha256": file_sha256(data[t])} for t in tasks},
         "per_task": per_task,
         "fraction": fraction,
         "config": cfg.__dict__,
     }
     stages = []
-    current = Path(model_dir)
+    # the retrained model is a multi-task fine-tune of the fused model's own base (θ⁰) when it records one
+    root, _ = base_of(start_ck)
+    root_spec = None
+    if root is None:
+        root, root_spec = start_ck, model_dir
     for k, group in enumerate(groups, 1):
         stage_dir = out / f"stage-{k}"
         stage_plan = {"stage": k, "group": group, "start": str(current), "plan": plan}
@@ -152,6 +164,12 @@ def retrain(
             progress=progress,
             record={"stage": k, "group": group},
             save_dtype=stored,
+            metadata=record_for(root, stage_dir, spec=root_spec),
+            card=modelcard.write_card(
+                record_for(root, stage_dir, spec=root_spec)[BASE_KEY],
+                "CPI-FT staged retraining",
+                {"stage": k, "group": group, "frozen_tasks": [t for g in groups[: k - 1] for t in g], **plan},
+            ),
         )
         frozen_ok = all(torch.equal(p[~trainable[n]], before[n][~trainable[n]]) for n, p in model.named_parameters())
         frozen_count = sum(int((~m).sum()) for m in trainable.values())

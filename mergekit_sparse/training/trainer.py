@@ -24,6 +24,7 @@ from ..storage import atomic
 from ..storage.atomic import AtomicPath
 from ..storage.writer import CheckpointWriter
 from .data import IGNORE, collate, encode, token_loss_sum
+from .models import saved_state
 from .optim import MaskedAdamW, make_optimizer
 
 
@@ -85,7 +86,7 @@ def save_model(
 ) -> None:
     """Stream the model's state dict out as an HF folder with the reference's config and tokenizer;
     `dtype` casts floating tensors (a model trained in float32 saved back as bf16)."""
-    sd = model.state_dict()
+    sd = saved_state(model)
     if dtype is not None:
         sd = {n: t.to(dtype) if t.is_floating_point() else t for n, t in sd.items()}
     plan = [(n, t.dtype, tuple(t.shape)) for n, t in sorted(sd.items())]
@@ -118,6 +119,8 @@ def train(
     progress: bool = False,
     record: dict | None = None,
     save_dtype=None,
+    metadata: dict | None = None,
+    card: str | None = None,
 ) -> dict:
     """Train `model` in place and save it to `out` (floating tensors cast to `save_dtype` when given);
     returns a summary (also written to out/train.json).
@@ -218,11 +221,12 @@ def train(
             out,
             reference=reference,
             force=force,
-            metadata={"trained_by": "mergekit-sparse"},
+            metadata={"trained_by": "mergekit-sparse", **(metadata or {})},
             dtype=save_dtype,
             extra_files={
                 "train.json": json.dumps(summary, indent=2, default=str),
                 "train_log.jsonl": (work / "log.jsonl").read_text(),
+                **({"README.md": card} if card else {}),
             },
         )
         shutil.rmtree(work, ignore_errors=True)
@@ -245,7 +249,7 @@ def _snapshot(work: Path, model, opt: MaskedAdamW, step: int) -> None:
 
     snap = AtomicPath(work / "snapshot", force=True, is_dir=True)
     try:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, snap.tmp / "model.safetensors")
+        save_file({k: v.contiguous() for k, v in saved_state(model).items()}, snap.tmp / "model.safetensors")
         torch.save(opt.state_dict(), snap.tmp / "optimizer.pt")
         (snap.tmp / "step.json").write_text(json.dumps({"step": step}))
         snap.commit()
@@ -271,7 +275,7 @@ def _load_snapshot(work: Path, model, opt: MaskedAdamW) -> None:
     snap = work / "snapshot"
     with torch.no_grad():
         sd = load_file(snap / "model.safetensors")
-        for n, t in model.state_dict().items():
+        for n, t in saved_state(model).items():
             t.copy_(sd[n])
     opt.load_state_dict(torch.load(snap / "optimizer.pt", weights_only=True))
 
