@@ -112,6 +112,19 @@ def test_forget_cli_json_and_report(tmp_path):
     assert_renders(html, "forget-report", tmp_path, figures=2)
 
 
+def test_forget_scores_a_run_trained_on_several_tasks(tmp_path):
+    """METHODS §8: a fused / CPI-FT run's ID accuracy is the mean over its tasks, OOD every other task."""
+    v = table(tmp_path, "vanilla", VANILLA)
+    fused = table(tmp_path, "fused", {"a": 0.9, "b": 0.7, "c": 0.25})
+    r = CliRunner().invoke(cli, ["forget", "--vanilla", v, "--run", f"fused={fused}:a,b", "--json"])
+    assert r.exit_code == 0, r.output
+    run = json.loads(r.stdout)["runs"]["fused"]
+    assert run["trained"] == ["a", "b"] and run["id_accuracy"] == pytest.approx(0.8) and run["ood_tasks"] == 1
+    assert run["forget_ratio"] == pytest.approx(max(0.0, (VANILLA["c"] - 0.25) / VANILLA["c"]))
+    r = CliRunner().invoke(cli, ["forget", "--vanilla", v, "--run", f"fused={fused}:a,b"])
+    assert "a,b" in r.output
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -135,6 +135,20 @@ def test_tied_model_through_core_overlap_fuse_retrain_eval(tied, tmp_path):
     assert "caesar" in json.loads((tmp_path / "acc.json").read_text())["tasks"]
 
 
+def test_tied_model_through_gradients_gallop_and_masked_training(tied, tmp_path):
+    g, m = tmp_path / "g.safetensors", tmp_path / "m.mask.safetensors"
+    sm("gradients", "--model", tied.base, "--data", tied.data["caesar"], "-o", g)
+    assert "lm_head.weight" not in header(g)  # the head's gradient is the embedding's (one parameter)
+    sm("gallop", "--params", tied.base, "--grads", g, "--rho", 5, "-o", m)
+    sm("train", "--model", tied.base, "--data", tied.data["caesar"], "--mask", m, "--steps", 2, "-o", tmp_path / "t")
+    assert_clean_tied_model(tmp_path / "t")
+    before, after = load_file(tied.base / "model.safetensors"), load_file(tmp_path / "t" / "model.safetensors")
+    mask = MaskSet.load(m)
+    for n in mask.names:  # every unselected entry bit-identical, the tied embedding included
+        keep = ~mask.bool(n)
+        assert torch.equal(before[n][keep].view(torch.int16), after[n][keep].view(torch.int16)), n
+
+
 def test_fuse_without_base_equals_fuse_with_base(tied, tmp_path):
     a, b = tied.tasks
     sm("fuse", a, b, "--p", 1, "-o", tmp_path / "found", "--no-check")

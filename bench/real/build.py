@@ -9,9 +9,10 @@ bf16 one; every figure measured on it says so. Loading needs `gguf` and `acceler
 gguf accelerate` in the dev environment); transformers' `save_pretrained` refuses a GGUF-loaded
 model, so its state dict is copied into a fresh `LlamaForCausalLM` first.
 
-Each task is fine-tuned by `sparsemerge train` (AdamW, lr 1e-4, batch 4), then re-saved with
-`save_pretrained` (a tied model's duplicated `lm_head.weight` in `train`'s output is dropped; the
-models issue fixes `train` itself). Everything lands in one cache folder outside the repository,
+Each task is fine-tuned by `sparsemerge train` (AdamW, lr 1e-4, batch 4), which stores the tied model
+as `save_pretrained` does and records its base (metadata and model card), so `core` and `fuse` find
+the base by themselves. (Fine-tunes built before that re-saved `train`'s output with
+`save_pretrained` to drop a duplicated `lm_head.weight`, and carry no record.) Everything lands in one cache folder outside the repository,
 shared by every benchmark and study: `$SPARSEMERGE_BENCH_CACHE`, default
 `~/.cache/mergekit-sparse/bench`. A rerun reuses what is there.
 """
@@ -94,26 +95,6 @@ def build_base(root: Path) -> Path:
     return base
 
 
-def resave(folder: Path) -> None:
-    """Re-save a `train` output with save_pretrained (drops a tied model's duplicated head)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
-    tmp = folder.with_name(folder.name + ".resave")
-    model.save_pretrained(tmp)
-    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
-        if (folder / f).is_file():
-            (tmp / f).write_bytes((folder / f).read_bytes())
-    for f in folder.iterdir():
-        if f.suffix == ".json" and not (tmp / f.name).exists():
-            (tmp / f.name).write_bytes(f.read_bytes())
-    old = folder.with_name(folder.name + ".old")
-    folder.rename(old)
-    tmp.rename(folder)
-    subprocess.run(["rm", "-rf", str(old)], check=True)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tasks", nargs="+", default=["add", "rev", "caps", "last"])
@@ -162,7 +143,6 @@ def main() -> None:
             check=True,
             env=env,
         )
-        resave(out)
         print(f"fine-tuned {name}: {out} ({time.perf_counter() - t:.0f} s)")
 
 

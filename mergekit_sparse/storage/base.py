@@ -22,9 +22,10 @@ def record_for(base: Checkpoint, out: Path, spec: str | None = None) -> dict[str
         spec = base.label
     where = str(spec) if spec is not None and _looks_like_hub_id(spec) and not Path(spec).exists() else None
     if where is None:
-        target = Path(base.path).resolve()
-        rel = os.path.relpath(target, out_folder.resolve())
-        where = rel if rel.split(os.sep)[:4].count("..") < 4 else str(target)
+        target, here = Path(base.path).resolve(), out_folder.resolve()
+        shared = os.path.commonpath([target, here]) != os.path.commonpath([target, Path(target.anchor)])
+        # relative when the two share a folder below the root (a tree moved as a whole still finds it)
+        where = os.path.relpath(target, here) if shared else str(target)
     return {BASE_KEY: where, FINGERPRINT_KEY: base.content_fingerprint()}
 
 
