@@ -99,7 +99,12 @@ def core(tasks, base, percent, scope_kind, tie_seed, out_dir, include, exclude, 
     scope = align([base_ck, *task_cks], include=include, exclude=exclude)
     for w in scope.warnings:
         warn(w)
-    check_output(out_dir / "core.json", [base_ck.path, *[t.path for t in task_cks]], force=force)
+    check_output(
+        out_dir / "core.json",
+        [base_ck.path, *base_ck.files, *[p for t in task_cks for p in (t.path, *t.files)]],
+        force=force,
+        side_files=[out_dir / f"{label}.mask.safetensors" for label in labels],
+    )
     summaries = compute_cores(
         base_ck,
         task_cks,
@@ -208,8 +213,11 @@ def fuse(
       sparsemerge fuse a.safetensors b.safetensors --p 1
       sparsemerge fuse a.safetensors b.safetensors --base base.safetensors --p 1 -o fused.safetensors
     """
+    from mergekit_sparse.errors import OptionError
     from mergekit_sparse.fusion.api import fuse_checkpoints
 
+    if masks and click.get_current_context().get_parameter_source("percent") == click.core.ParameterSource.COMMANDLINE:
+        raise OptionError("--p and --masks both give the cores; give one (masks from `sparsemerge core` or --p)")
     data = fuse_checkpoints(
         list(tasks),
         base=base,

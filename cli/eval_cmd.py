@@ -134,9 +134,11 @@ def forget(vanilla, runs, seqs, metrics, out, html_out, force, as_json):
 
     if not runs and not seqs:
         raise OptionError("give at least one --run NAME=TABLE:TASK or --seq A:B=AFTER_A,AFTER_B")
-    for p in (out, html_out):
-        if p:
-            check_output(p, [], force=force)
+    tables = [vanilla] + [s.rpartition(":")[0] for s in parse_pairs(runs, "--run").values()]
+    tables += [t for s in parse_pairs(seqs, "--seq").values() for t in s.split(",")]
+    if out or html_out:
+        main_out, *rest = [p for p in (out, html_out) if p]
+        check_output(main_out, [Path(t) for t in tables if t], force=force, side_files=rest)
     metric: dict | str | None = None
     for m in metrics:
         if "=" in m:

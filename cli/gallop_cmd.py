@@ -80,10 +80,17 @@ def gradients(model, data, fraction, seed, batch_size, max_len, out, force, as_j
     show_default=True,
     help="Entries sampled for the report's density plot.",
 )
+@click.option(
+    "--force-grads",
+    is_flag=True,
+    help="Use a --grads file that `sparsemerge gradients` did not write (no gradient metadata).",
+)
 @scope_options
 @force_option
 @json_option
-def gallop(params, grads, rho, criterion, tie_seed, seed, out, html_out, sample, include, exclude, force, as_json):
+def gallop(
+    params, grads, rho, criterion, tie_seed, seed, out, html_out, sample, force_grads, include, exclude, force, as_json
+):
     """Select the sparse trainable set: exact top-ρ % of the GaLLoP score |g| / (|θ| + ε) (or a baseline).
 
     \b
@@ -91,15 +98,21 @@ def gallop(params, grads, rho, criterion, tie_seed, seed, out, html_out, sample,
       sparsemerge gallop --params base/ --grads grads.safetensors --rho 1 --html gallop.html
     """
     from mergekit_sparse.analysis.gallop import CRITERIA, check_gradients_fit, select_sparse
+    from mergekit_sparse.errors import OptionError
     from mergekit_sparse.storage.checkpoint import Checkpoint
     from mergekit_sparse.storage.scope import align
     from mergekit_sparse.storage.writer import check_output
 
-    p_ck, g_ck = Checkpoint.open(params), Checkpoint.open(grads)
+    p_ck, g_ck = Checkpoint.open(params).start_fingerprint(), Checkpoint.open(grads).start_fingerprint()
+    if g_ck.metadata.get("kind") != "mean_gradient" and not force_grads:
+        raise OptionError(
+            f"{grads} has no gradient metadata (kind: mean_gradient): it looks like a model, not gradients from "
+            "`sparsemerge gradients`; pass --force-grads to use it anyway"
+        )
     scope = align([p_ck, g_ck], include=include, exclude=exclude)
-    check_output(out, [p_ck.path, g_ck.path], force=force)
-    if html_out:
-        check_output(html_out, [p_ck.path, g_ck.path], force=force)
+    summary_path = Path(f"{out}".removesuffix(".mask.safetensors").removesuffix(".safetensors") + ".json")
+    sides = [summary_path] + ([html_out] if html_out else [])
+    check_output(out, [p_ck.path, *p_ck.files, g_ck.path], force=force, side_files=sides)
     warning = check_gradients_fit(p_ck, g_ck)
     if warning:
         click.echo(warning, err=True)
@@ -119,14 +132,13 @@ def gallop(params, grads, rho, criterion, tie_seed, seed, out, html_out, sample,
         sample_size=sample if html_out else 0,
         force=force,
         progress=progress_enabled(),
-        sources={"params": p_ck.sources(), "grads": g_ck.sources()},
+        sources=lambda: {"params": p_ck.sources(), "grads": g_ck.sources()},
         tie_seed=tie_seed,
     )
     tie_warning = res.summaries[criterion].ties.get("warning")
     if tie_warning:
         click.echo(f"warning: {tie_warning}", err=True)
     doc = {"rho": rho, "main": criterion, "mask": str(out), "warning": warning, **res.to_json()}
-    summary_path = Path(f"{out}".removesuffix(".mask.safetensors").removesuffix(".safetensors") + ".json")
     atomic.write_json(summary_path, doc)
     if html_out:
         from mergekit_sparse.reports.gallop import write_gallop_report

@@ -5,7 +5,6 @@ Heavy modules (torch, transformers, plotly) are imported inside commands, so `--
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -15,13 +14,37 @@ from mergekit_sparse.errors import SparseMergeError
 
 
 class Group(click.Group):
-    """Turns the library's user errors into one `Error:` line and exit code 1 (no traceback)."""
+    """Turns the library's user errors into one `Error:` line and exit code 1 (no traceback), and click's
+    usage errors into one `Error:` line and exit code 2 (no usage dump: `--help` shows it)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, False, **extra)
+        except click.UsageError as e:
+            if type(e).__name__ == "NoArgsIsHelpError" and e.ctx is not None:  # bare `sparsemerge`: the help
+                click.echo(e.ctx.get_help())
+                sys.exit(0)
+            where = e.ctx.command_path if e.ctx is not None else prog_name or "sparsemerge"
+            message = " ".join(e.format_message().split())
+            click.echo(f"Error: {message} (see `{where} --help`)", err=True)
+            sys.exit(2)
+        except click.ClickException as e:
+            click.echo(f"Error: {' '.join(e.format_message().split())}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("Error: aborted", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except SparseMergeError as e:
-            click.echo(f"Error: {e}", err=True)
+            from mergekit_sparse.analysis.describe import printable
+
+            click.echo(f"Error: {printable(e)}", err=True)
             ctx.exit(1)
 
     ORDER = (
@@ -68,7 +91,9 @@ def emit(data: dict, as_json: bool, text: str) -> None:
     if not is_main_process():
         return
     if as_json:
-        click.echo(json.dumps(data, indent=2, default=str))
+        from mergekit_sparse.storage.atomic import dumps
+
+        click.echo(dumps(data))
     else:
         click.echo(text)
 

@@ -94,9 +94,12 @@ def overlap(
 
     labels, paths = split_task_specs(inputs)
     are_masks = all(str(p).endswith(".mask.safetensors") for p in paths)
-    check_output(out, list(paths), force=force)
-    if html_out:
-        check_output(html_out, list(paths), force=force)
+    given_p = click.get_current_context().get_parameter_source("percent") == click.core.ParameterSource.COMMANDLINE
+    if are_masks and given_p:
+        from mergekit_sparse.errors import OptionError
+
+        raise OptionError("--p sizes cores computed from task checkpoints; mask files already are cores: drop --p")
+    check_output(out, list(paths), force=force, side_files=[html_out] if html_out else [])
     settings = {
         "inputs": list(inputs),
         "base": base,
@@ -113,7 +116,6 @@ def overlap(
 
             tasks = [Checkpoint.open(t, allow_pickle=allow_pickle) for t in paths]
             base_ck = open_base(base, tasks, force=force, allow_pickle=allow_pickle)
-            settings["base"] = base_ck.sources()
             scope = align([base_ck, *tasks], include=include, exclude=exclude)
             for w in scope.warnings:
                 warn(w)
@@ -130,6 +132,7 @@ def overlap(
                 tie_seed=tie_seed,
             )
             paths = [s.mask_path for s in summaries]
+            settings["base"] = base_ck.sources()
         masks = [MaskSet.load(p) for p in paths]
         result = compute_overlap(masks, labels)
     groups = group_tasks(result.matrix, labels, tau=tau, order=order, seed=seed)

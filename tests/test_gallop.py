@@ -47,7 +47,7 @@ def test_masks_equal_naive_for_each_criterion_with_ties_and_zero_gradients(tmp_p
         "c.w": torch.full((5, 5), 0.25),
     }
     save_file(params, tmp_path / "p.safetensors")
-    save_file(grads, tmp_path / "g.safetensors")
+    save_file(grads, tmp_path / "g.safetensors", metadata={"kind": "mean_gradient"})
     p, gr = Checkpoint.open(tmp_path / "p.safetensors"), Checkpoint.open(tmp_path / "g.safetensors")
     scope = align([p, gr])
     res = select_sparse(p, gr, scope, rho=30, criteria=[criterion], main=criterion, out=tmp_path / "m.mask.safetensors")
@@ -174,7 +174,7 @@ def test_gallop_cli_report_renders_and_grads_for_another_model_are_refused(tiny_
         ],
     )
     assert r.exit_code == 0 and "warning:" in r.output and "scores mix two models" in r.output
-    save_file({"w": torch.zeros(3)}, tmp_path / "other.safetensors")
+    save_file({"w": torch.zeros(3)}, tmp_path / "other.safetensors", metadata={"kind": "mean_gradient"})
     r = CliRunner().invoke(
         cli,
         [

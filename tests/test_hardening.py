@@ -69,7 +69,7 @@ def world(tmp_path, planted, tiny_base, tiny_tasks):
     w["inf"] = str(tmp_path / "inf.safetensors")
     grads = {k: torch.zeros_like(v) for k, v in load_file(Path(tiny_base) / "model.safetensors").items()}
     grads["model.norm.weight"][0] = float("nan")
-    save_file(grads, tmp_path / "nan_grads.safetensors")
+    save_file(grads, tmp_path / "nan_grads.safetensors", metadata={"kind": "mean_gradient"})
     w["nan_grads"] = str(tmp_path / "nan_grads.safetensors")
     from mergekit_sparse.storage.masks import save_masks
 
@@ -84,6 +84,60 @@ def world(tmp_path, planted, tiny_base, tiny_tasks):
     w["exists"] = str(tmp_path / "exists")
     w["out"] = str(tmp_path / "out")
     w["out_st"] = str(tmp_path / "out.safetensors")
+    # headers the reference safetensors parser refuses (METHODS §1: one Error line each)
+    one = {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}
+    headers = {
+        "neg_dim": {"a.w": {**one, "shape": [-2, -3]}},
+        "huge_dim": {"a.w": {**one, "shape": [2**63, 1]}},
+        "float_dim": {"a.w": {**one, "shape": [2.0, 3]}},
+        "overlap": {"a.w": one, "b.w": one},
+        "gap": {"a.w": {**one, "data_offsets": [8, 32]}},
+        "meta_map": {"__metadata__": {"x": 1}, "a.w": one},
+    }
+    for name, header in headers.items():
+        raw = json.dumps(header).encode()
+        (tmp_path / f"{name}.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + b"\0" * 48)
+        w[name] = str(tmp_path / f"{name}.safetensors")
+    dup = b'{"a.w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "a.w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}'
+    (tmp_path / "dup.safetensors").write_bytes(len(dup).to_bytes(8, "little") + dup + b"\0" * 8)
+    w["dup"] = str(tmp_path / "dup.safetensors")
+    deep = b"[" * 100_000 + b"]" * 100_000
+    (tmp_path / "deep.safetensors").write_bytes(len(deep).to_bytes(8, "little") + deep)
+    w["deep"] = str(tmp_path / "deep.safetensors")
+    os.mkfifo(tmp_path / "fifo.safetensors")
+    w["fifo"] = str(tmp_path / "fifo.safetensors")
+    for name, index in (
+        ("int_index", {"weight_map": {"x": 1}}),
+        ("stale_index", {"weight_map": {"nope.weight": "model.safetensors"}}),
+        ("deep_index", None),
+    ):
+        shutil.copytree(tiny_base, tmp_path / name)
+        text = json.dumps(index) if index else "[" * 100_000 + "]" * 100_000
+        (tmp_path / name / "model.safetensors.index.json").write_text(text)
+        w[name] = str(tmp_path / name)
+    (tmp_path / "latin1.jsonl").write_bytes('{"prompt": "caf\xe9", "response": "x"}\n'.encode("latin-1"))
+    w["latin1"] = str(tmp_path / "latin1.jsonl")
+    (tmp_path / "surrogate.jsonl").write_text('{"prompt": "\\ud800", "response": "x"}\n')
+    w["surrogate"] = str(tmp_path / "surrogate.jsonl")
+    (tmp_path / "nested.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    w["nested"] = str(tmp_path / "nested.jsonl")
+    (tmp_path / "long.jsonl").write_text(json.dumps({"prompt": "x" * (2 << 20), "response": "y"}) + "\n")
+    w["long"] = str(tmp_path / "long.jsonl")
+    (tmp_path / "empty_resp.jsonl").write_text('{"prompt": "", "response": ""}\n')
+    w["empty_resp"] = str(tmp_path / "empty_resp.jsonl")
+    (tmp_path / "bool_answer.jsonl").write_text('{"prompt": "q", "choices": ["a", "b"], "answer": true}\n')
+    w["bool_answer"] = str(tmp_path / "bool_answer.jsonl")
+    (tmp_path / "truncating.jsonl").write_text('{"prompt": "a long prompt here", "response": "zz"}\n')
+    w["truncating"] = str(tmp_path / "truncating.jsonl")
+    (tmp_path / "lm_number.json").write_text(json.dumps({"results": {"a": 0.5}}))
+    w["lm_number"] = str(tmp_path / "lm_number.json")
+    (tmp_path / "no_accuracy.json").write_text(json.dumps({"tasks": {"a": {"correct": 3}}}))
+    w["no_accuracy"] = str(tmp_path / "no_accuracy.json")
+    (tmp_path / "groups_mixed.json").write_text(json.dumps({"tasks": ["a", "b"], "groups": ["a", ["b"]]}))
+    w["groups_mixed"] = str(tmp_path / "groups_mixed.json")
+    big = {k: v * 1e5 for k, v in load_file(planted["a"]).items() if v.is_floating_point()}
+    save_file(big, tmp_path / "big.safetensors")
+    w["big"] = str(tmp_path / "big.safetensors")
     return w
 
 
@@ -108,7 +162,7 @@ MATRIX = [
         "fuse {a} {b} --masks {other_mask} --masks {other_mask} --conflict last -o {out_st}",
         "does not fit",
     ),
-    ("gradients for another model", "gallop --params {tiny} --grads {a} --rho 5 -o {out_st}", "missing from"),
+    ("a model given as gradients", "gallop --params {tiny} --grads {a} --rho 5 -o {out_st}", "no gradient metadata"),
     ("p out of range", "core --base {base} {a} --p 101 -o {out}", "Invalid value for '--p'"),
     ("p not a number", "fuse {a} {b} --base {base} --p x -o {out_st}", "Invalid value for '--p'"),
     ("rho out of range", "gallop --params {tiny} --grads {tiny} --rho 0 -o {out_st}", "Invalid value for '--rho'"),
@@ -125,6 +179,47 @@ MATRIX = [
     ("malformed JSONL", "gradients --model {tiny} --data {bad_jsonl} -o {out_st}", "bad.jsonl:3: not valid JSON"),
     ("malformed JSONL (train)", "train --model {tiny} --data {bad_jsonl} -o {out}", "bad.jsonl:3: not valid JSON"),
     ("training data for eval", "eval --model {tiny} --task t={bad_jsonl} -o {out_st}", "bad.jsonl:3"),
+    ("negative dimensions", "inspect {neg_dim}", "malformed"),
+    ("a 2^63 dimension", "inspect {huge_dim}", "offsets span"),
+    ("a non-integer dimension", "inspect {float_dim}", "malformed"),
+    ("overlapping data offsets", "inspect {overlap}", "overlaps the tensor before it"),
+    ("a gap between tensors", "inspect {gap}", "after a gap"),
+    ("metadata not a string map", "inspect {meta_map}", "must map strings to strings"),
+    ("a tensor named twice", "inspect {dup}", "appears twice"),
+    ("a deeply nested header", "inspect {deep}", "nested deeper"),
+    ("a FIFO named .safetensors", "inspect {fifo}", "not a regular file"),
+    ("weight_map values not strings", "inspect {int_index}", "not a valid index"),
+    ("an index naming a tensor its shard lacks", "inspect {stale_index}", "is in no shard"),
+    ("a deeply nested index", "inspect {deep_index}", "nested deeper"),
+    ("shard size NaN", "fuse {math} {code} --base {tiny} --p 5 --shard-size nanGB -o {out}", "positive, finite size"),
+    ("weights NaN", "fuse {a} {b} --base {base} --p 50 --weights nan,1 -o {out_st}", "finite"),
+    ("omega NaN", "fuse {a} {b} --base {base} --omega nan -o {out_st}", "not a finite number"),
+    ("JSONL not UTF-8", "train --model {tiny} --data {latin1} -o {out}", "latin1.jsonl:1: not UTF-8"),
+    ("JSONL lone surrogate", "train --model {tiny} --data {surrogate} -o {out}", "lone surrogate"),
+    ("JSONL nested brackets", "train --model {tiny} --data {nested} -o {out}", "nested deeper"),
+    ("JSONL line over the cap", "train --model {tiny} --data {long} -o {out}", "longer than 1024 KiB"),
+    ("empty prompt and response", "train --model {tiny} --data {empty_resp} -o {out}", "is empty"),
+    ("a bool as a choice index", "eval --model {tiny} --task t={bool_answer} -o {out_st}", "index into choices"),
+    ("eval task file missing", "eval --model {tiny} --task t={missing} -o {out_st}", "not found"),
+    ("eval task file a folder", "eval --model {tiny} --task t={empty_dir} -o {out_st}", "a folder, not a file"),
+    (
+        "every response truncated",
+        "gradients --model {tiny} --data {truncating} --max-len 4 -o {out_st}",
+        "every gradient entry is zero",
+    ),
+    ("lm-eval entry a number", "forget --vanilla {lm_number} --run x={lm_number}:a", "not a mapping of metrics"),
+    ("accuracy table without accuracy", "forget --vanilla {no_accuracy} --run x={no_accuracy}:a", "no 'accuracy'"),
+    (
+        "groups mixing strings and lists",
+        "retrain --model {tiny} --groups {groups_mixed} --masks {out} --data a={bad_jsonl} -o {out}",
+        "groups must be lists",
+    ),
+    ("--p with --masks", "fuse {a} {b} --masks {other_mask} --masks {other_mask} --p 5 -o {out_st}", "--p and --masks"),
+    (
+        "float16 overflow",
+        "fuse {a} {big} --base {base} --p 50 --dtype float16 -o {out_st}",
+        "into Inf",
+    ),
 ]
 
 

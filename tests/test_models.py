@@ -11,21 +11,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from click.testing import CliRunner
+from helpers import one_error_line, sm
 from safetensors.torch import load_file, save_file
 
 from mergekit_sparse.builtin.tasks import generate, jsonl
 from mergekit_sparse.builtin.tiny import build_tiny_llama
-from mergekit_sparse.cli.main import cli
 from mergekit_sparse.storage.checkpoint import Checkpoint
 from mergekit_sparse.storage.masks import MaskSet
-
-
-def sm(*args, ok: bool = True):
-    r = CliRunner().invoke(cli, [str(a) for a in args])
-    if ok:
-        assert r.exit_code == 0, r.output
-    return r
 
 
 def header(path: Path) -> dict:
@@ -53,14 +45,6 @@ def assert_clean_tied_model(folder: Path) -> None:
     model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-
-
-def one_error_line(r, *needles: str) -> None:
-    assert r.exit_code == 1, r.output
-    lines = [ln for ln in r.output.splitlines() if ln.strip()]
-    assert lines[-1].startswith("Error:") and "Traceback" not in r.output, r.output
-    for needle in needles:
-        assert needle in lines[-1], r.output
 
 
 @pytest.fixture(scope="module")

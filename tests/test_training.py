@@ -213,23 +213,10 @@ def test_train_resumes_from_a_snapshot_to_the_same_weights(tiny_base, rev_data, 
     cfg = TrainConfig(steps=12, lr=3e-3, batch_size=4, save_every=5, seed=3)
     run_train(str(tiny_base), str(rev_data), tmp_path / "straight", cfg=cfg)
     # interrupted run: a work folder with a step-5 snapshot, as the loop leaves it when killed at step 7
-    import mergekit_sparse.training.trainer as T
+    from helpers import interrupted_at_step
 
-    calls = {"n": 0}
-    real = T.MaskedAdamW.step
-
-    def dying_step(self, **kw):
-        calls["n"] += 1
-        if calls["n"] == 8:
-            raise KeyboardInterrupt
-        return real(self, **kw)
-
-    T.MaskedAdamW.step = dying_step
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            run_train(str(tiny_base), str(rev_data), tmp_path / "resumed", cfg=cfg)
-    finally:
-        T.MaskedAdamW.step = real
+    with interrupted_at_step(8), pytest.raises(KeyboardInterrupt):
+        run_train(str(tiny_base), str(rev_data), tmp_path / "resumed", cfg=cfg)
     assert (tmp_path / "resumed.work" / "snapshot").is_dir() and not (tmp_path / "resumed").exists()
     run_train(str(tiny_base), str(rev_data), tmp_path / "resumed", cfg=cfg)
     a = load_file(tmp_path / "straight" / "model.safetensors")

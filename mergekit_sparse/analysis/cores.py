@@ -154,16 +154,18 @@ def compute_cores(
         "tie_seed": tie_seed,
         "percent": percent,
         "scope": "per-tensor" if per_tensor else "global",
-        "base": base.sources(),
+        "base": {"path": str(base.path)},  # the content fingerprints are filled in at commit (METHODS §3)
         "total": scope.numel(),
     }
+    for ck in (base, *tasks):  # hashed on a second thread while the passes read the same pages
+        ck.start_fingerprint()
 
     def open_writers():
         return [
             MaskWriter(
                 out_dir / f"{label}.mask.safetensors",
                 scope.shapes,
-                {**meta_common, "task": label, "selected": sel.k, "sources": [base.sources(), t.sources()]},
+                {**meta_common, "task": label, "selected": sel.k, "sources": [{"path": str(t.path)}]},
                 force=force,
                 inputs=[base.path, t.path],
                 tie_bits=True,
@@ -244,6 +246,8 @@ def compute_cores(
         for w, sel in zip(writers, selectors):
             ties = {k: v for k, v in tie_summary(sel, scope.numel(), seed=tie_seed).items() if k != "warning"}
             w.update_meta(threshold=sel.threshold, selected=sel.k, ties=ties)
+        for w, t in zip(writers, tasks):
+            w.update_meta(base=base.sources(), sources=[base.sources(), t.sources()])
             w.commit()
     except BaseException:
         for w in writers:

@@ -86,12 +86,18 @@ def _fmt_bytes(n: int) -> str:
     return str(n)
 
 
+def printable(text: str) -> str:
+    """`text` with control characters (terminal escape sequences among them) shown as escapes, so a tensor
+    name cannot move the cursor or recolour the terminal."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in str(text))
+
+
 def render_inspect(report: dict) -> str:
     rel = report.get("base", {}).get("relative_delta_norm", {})
     width = max((len(t["name"]) for t in report["tensors"]), default=10)
     lines = [f"{'tensor':<{width}}  {'dtype':<9} {'shape':<18} {'params':>12}" + ("  rel Δ" if rel else "")]
     for t in report["tensors"]:
-        line = f"{t['name']:<{width}}  {t['dtype']:<9} {t['shape']!s:<18} {t['numel']:>12,}"
+        line = f"{printable(t['name']):<{width}}  {t['dtype']:<9} {t['shape']!s:<18} {t['numel']:>12,}"
         if t["name"] in rel:
             line += f"  {rel[t['name']]:.3g}"
         lines.append(line)

@@ -153,7 +153,7 @@ def select_sparse(
                 for k, v in tie_summary(sels[criteria.index(main)], total, seed=tie_seed, what="rho").items()
                 if k != "warning"
             },
-            "sources": sources or {},
+            "sources": {} if callable(sources) else (sources or {}),
         }
         writer = MaskWriter(out, scope.shapes, meta, force=force, inputs=[params.path, grads.path])
     counts = {c: defaultdict(int) for c in criteria}
@@ -207,6 +207,8 @@ def select_sparse(
             sizes_layer[layer_key(name)] += n
             sizes_module[module_of(name)] += n
         if writer is not None:
+            if callable(sources):  # provenance known once the fingerprints (hashed meanwhile) are done
+                writer.update_meta(sources=sources())
             writer.commit()
     except BaseException as e:
         if writer is not None:
@@ -239,10 +241,14 @@ def check_gradients_fit(params: Checkpoint, grads: Checkpoint) -> str | None:
     from ..storage.checkpoint import read_header
 
     meta = read_header(grads.files[0])[1] if grads.files else {}
-    recorded = meta.get("model_sha256")
-    if recorded and recorded != (actual := params.content_sha256()):
+    if meta.get("model_fingerprint"):  # the content fingerprint (METHODS §3), cached and hashed meanwhile
+        recorded, actual = meta["model_fingerprint"], params.content_fingerprint()
+    else:  # gradient files written before fingerprints: the whole-file sha256
+        recorded = meta.get("model_sha256")
+        actual = params.content_sha256() if recorded else None
+    if recorded and recorded != actual:
         return (
-            f"warning: {grads.path} was computed at a model with sha256 {recorded[:12]}…, but "
-            f"{params.path} has sha256 {actual[:12]}…; the scores mix two models"
+            f"warning: {grads.path} was computed at a model with fingerprint {recorded[-12:]}, but "
+            f"{params.path} has {actual[-12:]}; the scores mix two models"
         )
     return None

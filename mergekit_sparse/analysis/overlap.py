@@ -63,7 +63,7 @@ class Counts:
 
     def to_json(self, tasks: list[str]) -> dict:
         return {
-            "jaccard": jaccard_matrix(self.inter, np.diag(self.inter)).round(6).tolist(),
+            "jaccard": jaccard_matrix(self.inter, np.diag(self.inter)).tolist(),
             "sizes": np.diag(self.inter).tolist(),
             "numel": self.total,
         }
@@ -202,17 +202,17 @@ def groups_document(
         "tau": tau,
         "order": order,
         "seed": seed,
-        "matrix": result.matrix.round(6).tolist(),
+        "matrix": result.matrix.tolist(),
         "sizes": result.sizes.tolist(),
         "numel": result.whole.total,
         "intersections": result.whole.inter.tolist(),
-        "chance": chance.round(6).tolist(),
+        "chance": chance.tolist(),
         "p_values": pval.tolist(),
         "groups": groups,
         "strict": None
         if result.strict is None
         else {
-            "matrix": jaccard_matrix(result.strict.inter, np.diag(result.strict.inter)).round(6).tolist(),
+            "matrix": jaccard_matrix(result.strict.inter, np.diag(result.strict.inter)).tolist(),
             "sizes": np.diag(result.strict.inter).tolist(),
             "intersections": result.strict.inter.tolist(),
         },
@@ -239,6 +239,13 @@ def load_groups(path) -> dict:
         raise DataError(f"{path}: not a groups file from `sparsemerge overlap` ({type(e).__name__})") from None
     if not isinstance(tasks, list) or not isinstance(groups, list):
         raise DataError(f"{path}: not a groups file from `sparsemerge overlap` (tasks and groups must be lists)")
+    from ..storage.checkpoint import is_safe_name
+
+    if not all(isinstance(g, list) for g in groups) or not all(is_safe_name(t) for t in tasks):
+        raise DataError(
+            f"{path}: groups must be lists of task names, and task names letters, digits and . _ + - only "
+            "(they name mask files and stage folders)"
+        )
     flat = [t for g in groups for t in g]
     if sorted(flat) != sorted(tasks):
         raise MismatchError(f"{path}: the groups do not partition the tasks {tasks}")

@@ -112,13 +112,20 @@ def choice_accuracy(model, tokenizer, records: list[dict], *, progress: bool = F
 
 
 def task_kind(path: Path) -> str:
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
+    """ "choice" when the first record has choices, else "generate" (a missing or bad file is left to
+    `read_jsonl`, which names the problem and the line)."""
+    from ..training.data import MAX_LINE_BYTES
+
+    if not Path(path).is_file():
+        return "generate"
+    with open(path, "rb") as f:
+        while raw := f.readline(MAX_LINE_BYTES + 1):
+            if raw.strip():
                 try:
-                    return "choice" if "choices" in json.loads(line) else "generate"
-                except ValueError:
-                    return "generate"  # read_jsonl reports the bad line
+                    rec = json.loads(raw.decode("utf-8")) if len(raw) <= MAX_LINE_BYTES else None
+                except (ValueError, RecursionError):
+                    return "generate"
+                return "choice" if isinstance(rec, dict) and "choices" in rec else "generate"
     return "generate"
 
 

@@ -93,15 +93,26 @@ def load_accuracy_table(path: str | Path, *, metric: dict[str, str] | str | None
     by default the first of LM_EVAL_DEFAULT_METRICS that the task reports.
     """
     path = Path(path)
+    from ..storage.checkpoint import json_depth
+
     try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+        text = path.read_bytes().decode("utf-8")
+        if json_depth(text) > 64:
+            raise DataError(f"{path}: nested deeper than 64 levels; not an accuracy table")
+        doc = json.loads(text)
+    except (OSError, ValueError, RecursionError) as e:
         raise DataError(f"{path}: cannot read an accuracy table ({type(e).__name__})") from None
     if isinstance(doc, dict) and isinstance(doc.get("tasks"), dict):  # ours
-        table = {t: v["accuracy"] if isinstance(v, dict) else v for t, v in doc["tasks"].items()}
+        table = {}
+        for t, v in doc["tasks"].items():
+            if isinstance(v, dict) and "accuracy" not in v:
+                raise DataError(f"{path}: task '{t}' has no 'accuracy' (expected `sparsemerge eval` output)")
+            table[t] = v["accuracy"] if isinstance(v, dict) else v
     elif isinstance(doc, dict) and isinstance(doc.get("results"), dict):  # lm-eval
         table = {}
         for task, res in doc["results"].items():
+            if not isinstance(res, dict):
+                raise DataError(f"{path}: results['{task}'] is {type(res).__name__}, not a mapping of metrics")
             want = metric.get(task) if isinstance(metric, dict) else metric
             keys = [want] if want else [k for k in LM_EVAL_DEFAULT_METRICS if k in res]
             if not keys or keys[0] not in res:
@@ -117,6 +128,6 @@ def load_accuracy_table(path: str | Path, *, metric: dict[str, str] | str | None
             "or an lm-evaluation-harness results file with 'results')"
         )
     for t, v in table.items():
-        if not isinstance(v, (int, float)) or not 0 <= v <= 1:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
             raise DataError(f"{path}: accuracy of '{t}' is {v!r}; expected a number in [0, 1]")
     return {t: float(v) for t, v in table.items()}

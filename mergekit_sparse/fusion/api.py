@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..errors import OptionError
+from ..errors import MismatchError, OptionError
 from ..storage import dtypes
 from ..storage.base import BASE_KEY, record_for, resolve_base
 from ..storage.checkpoint import Checkpoint, split_task_spec, split_task_specs
@@ -43,6 +43,32 @@ def _weights(omega: float | None, weights, n_models: int, onto_idx: int | None) 
     if not all(math.isfinite(x) for x in w):
         raise OptionError(f"--weights {weights!r} must be finite numbers")
     return w
+
+
+def _check_masks_match(mask_sets: list[MaskSet], task_cks: list[Checkpoint], labels: list[str]) -> None:
+    """Each core mask must be the one its task's checkpoint was cored from (METHODS §3: its recorded task
+    fingerprint), so masks given in another order than the tasks are an error, not a silent swap."""
+    recorded = []
+    for m in mask_sets:
+        src = m.meta.get("sources")
+        ok = m.meta.get("criterion") == "delta" and isinstance(src, list) and len(src) == 2
+        recorded.append(src[1].get("fingerprint") if ok and isinstance(src[1], dict) else None)
+    if not any(recorded):
+        return  # masks written before fingerprints, or not cores: nothing to match them by
+    prints = [c.content_fingerprint() for c in task_cks]
+    for i, (m, fp) in enumerate(zip(mask_sets, recorded)):
+        if fp is None or fp == prints[i]:
+            continue
+        other = next((j for j, p in enumerate(prints) if p == fp), None)
+        if other is not None:
+            raise MismatchError(
+                f"mask {m.path} was made for task {labels[other]} ({task_cks[other].path}) but is given for task "
+                f"{labels[i]} ({task_cks[i].path}); give --masks in the order of the tasks"
+            )
+        raise MismatchError(
+            f"mask {m.path} was made from {m.meta['sources'][1].get('path')}, not from task {labels[i]} "
+            f"({task_cks[i].path}, whose content differs); recompute the cores with `sparsemerge core`"
+        )
 
 
 def fuse_checkpoints(
@@ -100,6 +126,8 @@ def fuse_checkpoints(
         onto_ck = Checkpoint.open(onto, allow_pickle=allow_pickle)
         same = [i for i, c in enumerate(task_cks) if c.path.resolve() == onto_ck.path.resolve()]
         onto_idx = same[0] if same else None
+        if same:
+            onto_ck = task_cks[onto_idx]  # one checkpoint, read (and fingerprinted) once
     n_models = len(task_cks) + (onto_idx is None)
     if n_models < 2:
         raise OptionError("fuse needs at least two models: give two or more tasks, or --onto a separate model")
@@ -109,17 +137,17 @@ def fuse_checkpoints(
         if len(masks) != len(task_cks):
             raise OptionError(f"--masks needs one mask file per task: {len(task_cks)} tasks, {len(masks)} masks")
         mask_sets = [MaskSet.load(m) for m in masks]
+        _check_masks_match(mask_sets, task_cks, labels)
     cks = [c for c in [base_ck, onto_ck] if c is not None] + task_cks
     scope = align(cks, include=include, exclude=exclude)
     folder = onto_ck.folder is not None
     out = Path(out) if out else Path("fused" if folder else "fused.safetensors")
     if not folder and out.suffix != ".safetensors":
         raise OptionError(f"output {out} should end in .safetensors (the fusion base is a single file)")
+    for ck in {c.path.resolve(): c for c in cks}.values():  # hashed on second threads while the passes read the pages
+        ck.start_fingerprint()
     settings = {
-        "tasks": [c.sources() for c in task_cks],
-        "base": base_ck.sources() if base_ck else None,
         "base_found": base_how,
-        "onto": onto_ck.sources(),
         "p": None if masks else percent,
         "core_scope": "per-tensor" if per_tensor else "global",
         "masks": [str(m) for m in masks],
@@ -132,6 +160,18 @@ def fuse_checkpoints(
         "scope": scope.to_json(),
         "tie_seed": tie_seed,
     }
+    provenance: dict = {}
+
+    def full_settings() -> dict:  # the inputs' content fingerprints, known once hashed (METHODS §3)
+        if not provenance:
+            provenance.update(
+                tasks=[c.sources() for c in task_cks],
+                base=base_ck.sources() if base_ck else None,
+                onto=onto_ck.sources(),
+            )
+        return {**provenance, **settings}
+
+    card_settings = {k: settings[k] for k in ("p", "core_scope", "weights", "omega", "conflict", "tie_seed")}
     report = fuse(
         task_cks,
         labels,
@@ -150,14 +190,18 @@ def fuse_checkpoints(
         force=force,
         progress=progress,
         check=check,
-        settings=settings,
+        settings=full_settings,
         tie_seed=tie_seed,
-        metadata=record_for(base_ck, out, spec=base) if base_ck is not None else None,
-        card=write_card(
+        metadata=(lambda: record_for(base_ck, out, spec=base)) if base_ck is not None else None,
+        card=lambda: write_card(
             record_for(base_ck, out, spec=base)[BASE_KEY] if base_ck is not None else None,
             "CPI-FT fusion",
-            {k: settings[k] for k in ("p", "core_scope", "weights", "omega", "conflict", "tie_seed")}
-            | {"tasks": labels, "masks": list(masks)},
+            card_settings | {"tasks": labels, "masks": list(masks)},
         ),
     )
-    return {"output": str(out), "settings": settings, "counts": report.to_json(), "checked": bool(check and folder)}
+    return {
+        "output": str(out),
+        "settings": full_settings(),
+        "counts": report.to_json(),
+        "checked": bool(check and folder),
+    }

@@ -25,7 +25,6 @@ depend on the worker count.
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -111,7 +110,8 @@ def fuse(
             "or choose --conflict last or --conflict mean"
         )
     inputs = [c.path for c in tasks] + [onto.path] + ([base.path] if base else [])
-    check_output(out, inputs, force=force)  # fail before any pass, not after
+    side = [] if onto.folder is not None else [Path(f"{out}.fuse.json")]
+    check_output(out, inputs, force=force, side_files=side)  # fail before any pass, not after
     others = [i for i in range(len(tasks)) if i != onto_is_task]
     n_w = len(tasks) + (0 if onto_is_task is not None else 1)
     weights = list(weights) if weights else [1.0] * n_w
@@ -155,6 +155,7 @@ def fuse(
 
     def write(counting: bool) -> FuseReport:
         job.start(counting)
+        meta = metadata() if callable(metadata) else metadata  # (callables: fingerprints hashed meanwhile)
         # tensors are independent when cores come from mask files or the counting pass, so several
         # workers may fuse at once (the fallback's selection pass stays on one worker)
         workers = fusion_workers() if counting or masks is not None else 1
@@ -163,7 +164,7 @@ def fuse(
             plan,
             folder=folder,
             shard_bytes=shard_bytes,
-            metadata=metadata,
+            metadata=meta,
             reference=onto.folder,
             inputs=inputs,
             force=force,
@@ -179,11 +180,12 @@ def fuse(
                     label: tie_summary(sel, scope.numel(), seed=tie_seed) for label, sel in zip(labels, selectors)
                 }
             job.report.tie_seed = tie_seed
-            record = json.dumps({"settings": settings or {}, "counts": job.report.to_json()}, indent=2)
+            done = settings() if callable(settings) else settings
+            record = atomic.dumps({"settings": done or {}, "counts": job.report.to_json()})
             if folder:
                 writer.add_file("fuse.json", record)
                 if card:
-                    writer.add_file("README.md", card)
+                    writer.add_file("README.md", card() if callable(card) else card)
         if not folder:
             atomic.write_text(Path(f"{out}.fuse.json"), record)
         return job.report
@@ -232,6 +234,17 @@ GRAM_BLOCK = 1 << 18  # entries per Gram-matrix step: measured fastest of 2^15..
 CACHE_BYTES = 256 << 20  # a tensor whose fold models fit in this much float32 is converted once, not twice
 
 
+F16_OVERFLOW = 65520.0  # float16 rounds |x| >= 65520 to Inf
+
+
+def _check_f16_range(name: str, values: np.ndarray) -> None:
+    if values.size and float(np.max(np.abs(values))) >= F16_OVERFLOW:
+        raise OptionError(
+            f"--dtype float16 would turn values of '{name}' (|x| up to {float(np.max(np.abs(values))):.4g}) into Inf "
+            "(float16 ends at 65504); use --dtype bfloat16 or float32"
+        )
+
+
 class _Fusion:
     """The streaming fusion of one output, tensor by tensor (state shared by the chunks and the patching).
 
@@ -270,7 +283,10 @@ class _Fusion:
             if name not in scope.shapes:
                 with self.lock:
                     self.report.copied_tensors.append(name)
-                writer.write(name, dtypes.convert(self.onto.array(name), self.onto.infos[name].code, out_code))
+                raw, code = self.onto.array(name), self.onto.infos[name].code
+                if out_code == "F16" and dtypes.is_float(code) and code != "F16":
+                    _check_f16_range(name, dtypes.to_float32(raw.reshape(-1), code))
+                writer.write(name, dtypes.convert(raw, code, out_code))
             else:
                 writer.write_chunks(name, self.tensor(name, out_code))
             with self.lock:
@@ -420,6 +436,8 @@ class _Fusion:
             if out_code == "F32":
                 yield fused
             else:
+                if out_code == "F16":
+                    _check_f16_range(name, fused)
                 yield dtypes.from_float32(
                     fused,
                     out_code,

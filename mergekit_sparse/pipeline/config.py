@@ -45,6 +45,7 @@ from ..settings import (
     defaults,
     specs,
 )
+from ..storage.checkpoint import is_safe_name
 
 TRAIN_KEYS = tuple(n for n in specs(TrainConfig) if n not in ("seed", "sparse_below"))  # seed: the run's
 SECTIONS: dict[str, dict[str, Spec]] = {
@@ -145,6 +146,12 @@ def validate(raw: dict, *, base_dir: Path) -> dict:
         if len(tasks) < (2 if cfg["kind"] == "cpi-ft" else 1):
             problems.append(f"config.tasks: {cfg['kind']} needs at least {2 if cfg['kind'] == 'cpi-ft' else 1} tasks")
         for name, spec in tasks.items():
+            if not is_safe_name(name):
+                problems.append(
+                    f"config.tasks: {name!r} is not a valid task name (it names folders in the run folder): use "
+                    "letters, digits and . _ + - only, no path separators or '..'"
+                )
+                continue
             if spec == "builtin":
                 if name not in ALL_TASKS:
                     problems.append(
@@ -172,8 +179,8 @@ def validate(raw: dict, *, base_dir: Path) -> dict:
         entries = ood.items() if isinstance(ood, dict) else ((t, "builtin") for t in ood)
         names = []
         for t, spec in entries:
-            if not isinstance(t, str):
-                problems.append(f"config.ood_tasks: task names must be strings, found {t!r}")
+            if not is_safe_name(t):
+                problems.append(f"config.ood_tasks: {t!r} is not a valid task name (letters, digits and . _ + - only)")
             elif spec == "builtin":
                 if t not in ALL_TASKS:
                     problems.append(
@@ -236,16 +243,56 @@ def load_yaml(text: str):
     return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
 
 
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_NODES = 100_000  # after YAML aliases are expanded: plain anchors pass, an alias bomb does not
+
+
+def expanded_size(doc, budget: int = MAX_CONFIG_NODES) -> int:
+    """Nodes of `doc` counted as if every alias were copied out (what validating or printing it walks),
+    stopping once past `budget`."""
+    count, stack = 0, [doc]
+    while stack and count <= budget:
+        node = stack.pop()
+        count += 1
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return count
+
+
 def load_config(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: config file not found")
-    text = path.read_text()
+    data = path.read_bytes()
+    if len(data) > MAX_CONFIG_BYTES:
+        raise DataError(f"{path}: {len(data)} bytes is too large for a pipeline config")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 (byte {e.start}); save the config as UTF-8") from None
+    from ..storage.checkpoint import json_depth
+
+    if json_depth(text) > 32:
+        raise DataError(f"{path}: nested deeper than 32 levels; a config is a few levels deep")
     try:
         if path.suffix in (".yaml", ".yml"):
             raw = load_yaml(text)
         else:
             raw = json.loads(text)
     except Exception as e:  # noqa: BLE001 - YAML and JSON raise different types
-        raise DataError(f"{path}: cannot parse the config ({str(e).splitlines()[0]})") from None
-    return validate(raw or {}, base_dir=path.parent)
+        mark = getattr(e, "problem_mark", None)
+        where = (
+            f"{path}:{mark.line + 1}" if mark is not None else f"{path}:{e.lineno}" if hasattr(e, "lineno") else path
+        )
+        reason = getattr(e, "problem", None) or getattr(e, "msg", None) or str(e).splitlines()[0]
+        raise DataError(f"{where}: cannot parse the config ({str(reason)[:200]})") from None
+    if expanded_size(raw) > MAX_CONFIG_NODES:
+        raise DataError(
+            f"{path}: the config expands to more than {MAX_CONFIG_NODES:,} values (YAML aliases repeated inside "
+            "each other); write the values out"
+        )
+    return validate(raw or {}, base_dir=path.parent.absolute())

@@ -38,11 +38,37 @@ def _sha_path(p: Path) -> str:
     return h.hexdigest()
 
 
+def _inputs(cfg: dict) -> list[Path]:
+    """The files a run reads from outside its folder: the base and the user's task files."""
+    paths = [] if cfg.get("base", "builtin") == "builtin" else [Path(cfg["base"])]
+    for spec in cfg.get("tasks", {}).values():
+        if isinstance(spec, dict):
+            paths += [Path(spec["train"]), Path(spec["test"])]
+    return paths + [Path(p) for p in cfg.get("ood_files", {}).values()]
+
+
+def check_run_folder(root: Path, inputs: list[Path]) -> None:
+    """A run folder is new, empty, or a run folder already (it has `.stages/`): never a folder of the user's
+    own files, which a run would overwrite (summary.json, report.html), nor an input or inside one."""
+    from ..errors import OutputError
+    from ..storage.writer import check_output
+
+    if root.exists() and not root.is_dir():
+        raise OutputError(f"run folder {root} is a file; choose a folder")
+    check_output(root, inputs, force=True)
+    if root.is_dir() and not (root / ".stages").is_dir() and any(root.iterdir()):
+        raise OutputError(
+            f"{root} holds files and is not a run folder (no .stages/); a run would overwrite them: choose a new "
+            "or empty folder"
+        )
+
+
 class Run:
     """The run folder and its stage records."""
 
     def __init__(self, root: Path, cfg: dict, *, log: Callable[[str], None] = print):
         self.root, self.cfg, self.log = Path(root), cfg, log
+        check_run_folder(self.root, _inputs(cfg))
         self.keys: dict[str, str] = {}
         self.done: list[tuple[str, str]] = []  # (stage, "ran" | "skipped")
         (self.root / ".stages").mkdir(parents=True, exist_ok=True)

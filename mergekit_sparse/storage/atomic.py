@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -124,6 +125,25 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
+def finite(doc):
+    """`doc` with every NaN/±Inf float replaced by None: JSON has no such numbers (Python would write the
+    invalid tokens NaN and -Infinity). Floats keep their full precision."""
+    if isinstance(doc, float):
+        return doc if math.isfinite(doc) else None
+    if isinstance(doc, dict):
+        return {k: finite(v) for k, v in doc.items()}
+    if isinstance(doc, (list, tuple)):
+        return [finite(v) for v in doc]
+    if hasattr(doc, "item") and hasattr(doc, "dtype") and getattr(doc, "ndim", 1) == 0:  # numpy scalars
+        return finite(doc.item())
+    return doc
+
+
+def dumps(doc, *, indent: int | None = 2, **kw) -> str:
+    """Valid JSON for any document the tool writes (see `finite`; paths and other objects as strings)."""
+    return json.dumps(finite(doc), indent=indent, default=str, allow_nan=False, **kw)
+
+
 def write_json(path: str | os.PathLike, doc, *, indent: int | None = 2) -> Path:
     """`doc` as JSON at `path`, atomically (non-JSON values such as paths are written as strings)."""
-    return write_text(path, json.dumps(doc, indent=indent, default=str) + "\n")
+    return write_text(path, dumps(doc, indent=indent) + "\n")

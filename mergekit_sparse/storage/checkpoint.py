@@ -14,6 +14,7 @@ import json
 import mmap
 import os
 import re
+import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,10 +65,75 @@ class TensorInfo:
         return dtypes.is_float(self.code)
 
 
-def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], bytes]:
-    """Parse and validate a safetensors header: (tensors, metadata, raw header bytes)."""
+MAX_DIMS = 16
+MAX_JSON_DEPTH = 64
+
+
+def _no_duplicates(pairs):
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise _Duplicate(dup)
+    return dict(pairs)
+
+
+class _Duplicate(ValueError):
+    pass
+
+
+def json_depth(text: str | bytes) -> int:
+    """The nesting depth of a JSON text, by scanning brackets outside strings (before parsing it: the
+    parser would recurse that deep)."""
+    depth = deepest = 0
+    in_str = esc = False
+    for ch in text.decode("utf-8", "replace") if isinstance(text, bytes) else text:
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def load_json(raw: str | bytes, where, *, what: str = "the file", max_depth: int = MAX_JSON_DEPTH):
+    """Parse JSON with the checks the reference safetensors parser makes: no duplicate keys, bounded depth;
+    any problem is a CheckpointError naming `where` (and `what` in it)."""
+    if json_depth(raw) > max_depth:
+        raise CheckpointError(f"{where}: {what} is JSON nested deeper than {max_depth} levels; the file is corrupt")
     try:
-        size = path.stat().st_size
+        return json.loads(raw, object_pairs_hook=_no_duplicates)
+    except _Duplicate as e:
+        raise CheckpointError(f"{where}: the key {str(e)!r} appears twice in {what}; the file is corrupt") from None
+    except (ValueError, RecursionError):
+        raise CheckpointError(f"{where}: {what} is not valid JSON; the file is corrupt") from None
+
+
+def _is_index(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], bytes]:
+    """Parse and validate a safetensors header: (tensors, metadata, raw header bytes).
+
+    The checks are the reference implementation's: a regular file; a JSON object without duplicate
+    keys; metadata a map of strings; per tensor a known dtype, a shape of non-negative integers and two
+    integer offsets whose span is the shape's byte size; tensors laid out back to back from offset 0 with
+    no overlap, inside the file.
+    """
+    try:
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"{path}: not a regular file (a FIFO, device or socket); give a .safetensors file")
+        size = st.st_size
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
@@ -82,29 +148,42 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], byte
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})") from e
     try:
-        header = json.loads(raw)
-    except ValueError:
-        raise CheckpointError(f"{path}: safetensors header is not valid JSON; the file is corrupt") from None
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path}: safetensors header is not UTF-8 JSON; the file is corrupt") from None
+    header = load_json(raw, path, what="safetensors header")
     if not isinstance(header, dict):
         raise CheckpointError(
             f"{path}: safetensors header is JSON but not an object (found {type(header).__name__}); the file is corrupt"
         )
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: the header's __metadata__ must map strings to strings; the file is corrupt")
     infos: dict[str, TensorInfo] = {}
-    data_size, end_max = size - 8 - n, 0
+    data_size = size - 8 - n
+    spans = []
     for name, entry in header.items():
+        ok = (
+            isinstance(entry, dict)
+            and isinstance(entry.get("shape"), list)
+            and isinstance(entry.get("data_offsets"), list)
+        )
+        ok = ok and all(_is_index(d) and d >= 0 for d in entry["shape"]) and len(entry["shape"]) <= MAX_DIMS
+        ok = ok and len(entry["data_offsets"]) == 2 and all(_is_index(o) and o >= 0 for o in entry["data_offsets"])
         try:
-            code = entry["dtype"]
-            itemsize = dtypes.itemsize(code)
-            shape = tuple(int(s) for s in entry["shape"])
-            begin, end = (int(o) for o in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
+            itemsize = dtypes.itemsize(entry["dtype"]) if ok and isinstance(entry.get("dtype"), str) else None
+        except (KeyError, ValueError):
+            itemsize = None
+        if itemsize is None:
             raise CheckpointError(
                 f"{path}: header entry for '{name}' is malformed or has an unknown dtype "
-                f"({entry.get('dtype') if isinstance(entry, dict) else entry!r})"
-            ) from None
-        info = TensorInfo(name, shape, code, path, 8 + n + begin)
-        if end - begin != info.numel * itemsize or begin < 0:
+                f"(dtype, a shape of non-negative integers and two integer data_offsets are required; found "
+                f"{str(entry)[:120]})"
+            )
+        shape = tuple(entry["shape"])
+        begin, end = entry["data_offsets"]
+        info = TensorInfo(name, shape, entry["dtype"], path, 8 + n + begin)
+        if end - begin != info.numel * itemsize or end < begin:
             raise CheckpointError(
                 f"{path}: header says '{name}' is {entry['dtype']}{list(shape)} "
                 f"({info.numel * itemsize} bytes) but its offsets span {end - begin} bytes; "
@@ -115,8 +194,14 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], byte
                 f"{path}: '{name}' ends at byte {end} but the file holds only {data_size} "
                 "data bytes; the file is truncated (re-download or re-save it)"
             )
-        end_max = max(end_max, end)
+        spans.append((begin, end, name))
         infos[name] = info
+    at = 0
+    for begin, end, name in sorted(spans):
+        if begin != at:
+            what = "overlaps the tensor before it" if begin < at else f"starts at byte {begin}, after a gap"
+            raise CheckpointError(f"{path}: tensor '{name}' {what} (offsets must be back to back); the file is corrupt")
+        at = end
     return infos, metadata, raw
 
 
@@ -173,6 +258,7 @@ class Checkpoint:
         self._maps: dict[Path, mmap.mmap] = {}
         self._lock = threading.Lock()
         self._content: str | None = None
+        self._hasher: threading.Thread | None = None
         # the folder's config.json (for a bare file: its folder's, when it is the folder's one model)
         self.config = modelcard.read_config(self.folder if self.folder is not None else _sole_model_folder(path))
         # tied weights (METHODS §1): the embedding the output head is tied to (None: untied or unknown),
@@ -235,8 +321,13 @@ class Checkpoint:
             return cls(path, infos, folder=None, headers={path: raw}, label=label, metadata=meta)
         if path.is_dir():
             return cls._open_folder(path, allow_pickle)
-        if re.fullmatch(r"[\w.\-]+/[\w.\-]+", str(spec)) and not str(spec).startswith("."):
-            return cls._open_folder(_resolve_hub(str(spec)), allow_pickle, label=str(spec))
+        if path.exists():
+            raise CheckpointError(f"{path}: not a regular file (a FIFO, device or socket); give a .safetensors file")
+        text = str(spec)
+        online = text.startswith("hf://")  # the user asked for the Hub: a download is allowed
+        repo = text.removeprefix("hf://")
+        if re.fullmatch(r"[\w.\-]+/[\w.\-]+", repo) and not repo.startswith("."):
+            return cls._open_folder(_resolve_hub(repo, online=online), allow_pickle, label=repo)
         raise CheckpointError(
             f"{spec}: no such file or folder (expected a .safetensors file, a model "
             "folder, or a Hub repo id such as org/name)"
@@ -246,8 +337,9 @@ class Checkpoint:
     def _open_folder(cls, folder: Path, allow_pickle: bool, label: str | None = None) -> Checkpoint:
         label = label or folder.name
         index = folder / INDEX_NAME
+        weight_map = None
         if index.is_file():
-            files = _shards_from_index(index)
+            files, weight_map = _shards_from_index(index)
         elif (folder / SINGLE_NAME).is_file():
             files = [folder / SINGLE_NAME]
         else:
@@ -275,6 +367,13 @@ class Checkpoint:
                         f"{folder}: tensor '{name}' appears in two shards ({infos[name].file.name}, {file.name})"
                     )
                 infos[name] = info
+        if weight_map is not None:
+            for name, shard in weight_map.items():
+                if name not in infos or infos[name].file.name != shard:
+                    where = f"is in {infos[name].file.name}" if name in infos else "is in no shard"
+                    raise CheckpointError(
+                        f"{index}: the index puts '{name}' in {shard}, but it {where}; the index is stale or corrupt"
+                    )
         return cls(folder, infos, folder=folder, headers=headers, label=label, metadata=metadata)
 
     @classmethod
@@ -316,13 +415,36 @@ class Checkpoint:
         return h.hexdigest()
 
     def content_fingerprint(self) -> str:
-        """The METHODS §3 content fingerprint (`storage.fingerprint`): computed once per checkpoint, and
-        cached per file in the user's cache folder."""
+        """The METHODS §3 content fingerprint (`storage.fingerprint`): computed once per checkpoint (on the
+        thread `start_fingerprint` started, when it did), and cached per file in the user's cache folder."""
         if self._content is None:
+            if self._hasher is not None:
+                self._hasher.join()
+                self._hasher = None
+                if isinstance(self._content, BaseException):
+                    error, self._content = self._content, None
+                    raise error
+                return self._content
             from .fingerprint import content_fingerprint
 
             self._content = content_fingerprint(self)
         return self._content
+
+    def start_fingerprint(self) -> Checkpoint:
+        """Hash the content on a second thread while the command's passes read the same pages (hashlib
+        releases the GIL); `content_fingerprint()` waits for it. Returns self."""
+        if self._content is None and self._hasher is None:
+            from .fingerprint import content_fingerprint
+
+            def run() -> None:
+                try:
+                    self._content = content_fingerprint(self)
+                except BaseException as e:  # noqa: BLE001 - raised again by content_fingerprint()
+                    self._content = e
+
+            self._hasher = threading.Thread(target=run, name=f"fingerprint {self.label}", daemon=True)
+            self._hasher.start()
+        return self
 
     def content_sha256(self) -> str:
         """sha256 over every weight file's bytes (a full read): identifies the parameter values."""
@@ -332,7 +454,9 @@ class Checkpoint:
         return h.hexdigest()
 
     def sources(self) -> dict:
-        return {"path": str(self.path), "header_sha256": self.fingerprint()}
+        """Provenance: the path and the content fingerprint (METHODS §3; the header hash is kept beside it,
+        but every fine-tune of one architecture shares it)."""
+        return {"path": str(self.path), "fingerprint": self.content_fingerprint(), "header_sha256": self.fingerprint()}
 
     # -- data ---------------------------------------------------------------------------------
     def _info(self, name: str) -> TensorInfo:
@@ -411,37 +535,54 @@ def _sole_model_folder(path: Path) -> Path | None:
     return folder if models == [path] or path.name == SINGLE_NAME else None
 
 
-def _shards_from_index(index: Path) -> list[Path]:
+def _shards_from_index(index: Path) -> tuple[list[Path], dict[str, str]]:
+    """(shard files, weight map) of an index, checked: the shards lie in the model folder (or, for a Hub
+    cache snapshot, are its links into the cache's own blobs/) and exist."""
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (ValueError, KeyError, TypeError):
-        weight_map = None
-    if not isinstance(weight_map, dict):
-        raise CheckpointError(f"{index}: not a valid index (expected JSON with a 'weight_map' object)")
-    folder = index.parent.resolve()
+        if index.stat().st_size > MAX_HEADER_BYTES:
+            raise CheckpointError(f"{index}: {index.stat().st_size} bytes is too large for an index")
+        doc = load_json(index.read_bytes(), index, what="the index")
+    except OSError as e:
+        raise CheckpointError(f"{index}: cannot read ({e.strerror})") from None
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v for v in weight_map.values()):
+        raise CheckpointError(
+            f"{index}: not a valid index (expected a 'weight_map' object of tensor -> shard file name)"
+        )
+    folder = index.parent
+    roots = [folder.resolve()]
+    if folder.parent.name == "snapshots":  # the Hub cache: snapshot files are links into ../../blobs
+        roots.append((folder.parent.parent / "blobs").resolve())
     files = []
     for shard in sorted(set(weight_map.values())):
-        file = (folder / shard).resolve()
-        if folder not in file.parents:
+        parts = Path(shard).parts
+        if Path(shard).is_absolute() or ".." in parts or len(parts) != 1:
             raise CheckpointError(f"{index}: shard '{shard}' points outside the model folder; refusing it")
+        file = folder / shard
+        target = file.resolve()
+        if not any(root == target.parent or root in target.parents for root in roots):
+            raise CheckpointError(f"{index}: shard '{shard}' links outside the model folder; refusing it")
         if not file.is_file():
             raise CheckpointError(f"{index}: shard '{shard}' listed in the index is missing from {folder}")
         files.append(file)
-    return files
+    return files, weight_map
 
 
-def _resolve_hub(repo_id: str) -> Path:
-    """Resolve a Hub repo id to a local snapshot folder (cache first; honours HF_HUB_OFFLINE)."""
+def _resolve_hub(repo_id: str, *, online: bool = False) -> Path:
+    """Resolve a Hub repo id to a local snapshot folder: from the cache; from the network only when the user
+    asked for the Hub (`hf://org/name`) and HF_HUB_OFFLINE is not set. A mistyped local path that looks like
+    `org/name` is an error, never a request."""
     from huggingface_hub import snapshot_download
 
     patterns = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt", "*.jinja"]
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
-    except Exception:  # noqa: BLE001 - not cached: try the network unless offline
-        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+    except Exception:  # noqa: BLE001 - not cached
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        if not online or offline:
+            why = "while HF_HUB_OFFLINE is set" if online else f"(to download it from the Hub, pass hf://{repo_id})"
             raise CheckpointError(
-                f"{repo_id}: not a local path, and not in the Hugging Face cache while "
-                "HF_HUB_OFFLINE is set; download it first or give a local path"
+                f"{repo_id}: no such local file or folder, and not in the Hugging Face cache {why}"
             ) from None
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
@@ -469,6 +610,12 @@ def task_label(spec) -> str:
 
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+
+
+def is_safe_name(name) -> bool:
+    """A name that becomes a file or folder name (task, stage, label): letters, digits and . _ + - only,
+    not starting with a dot or dash (so never `..`, an absolute path or a separator), at most 128 characters."""
+    return isinstance(name, str) and NAME_RE.fullmatch(name) is not None
 
 
 def split_task_spec(spec) -> tuple[str, str]:

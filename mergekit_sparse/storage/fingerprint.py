@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 
 ALGORITHM = "sha256-tensors-v1"
@@ -58,13 +59,17 @@ def _cached(file: Path) -> tuple[dict | None, Path | None, dict]:
 def _store(entry: Path | None, ident: dict, tensors: dict) -> None:
     if entry is None:
         return
-    from .atomic import write_json
-
+    # a temporary name of this process and thread (two threads may hash one file), then a rename
+    tmp = entry.with_name(f".{entry.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
-        write_json(entry, {"algorithm": ALGORITHM, "ident": ident, "tensors": tensors})
-    except OSError:
-        pass  # a read-only or full cache folder only costs the next run a re-hash
+        tmp.write_text(json.dumps({"algorithm": ALGORITHM, "ident": ident, "tensors": tensors}))
+        os.replace(tmp, entry)
+    except OSError:  # a read-only or full cache folder only costs the next run a re-hash
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def tensor_digests(ck) -> dict[str, str]:

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CheckpointError, MismatchError
-from .atomic import AtomicPath, Committable, os_error
+from .atomic import AtomicPath, Committable, dumps, os_error
 from .checkpoint import Checkpoint, read_header
 from .writer import SafetensorsStream, check_output
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: sources carry content fingerprints (METHODS §3); tie_rule, tie_seed, tie bits
 META_KEY = "mergekit_sparse"
 TIE_PREFIX = "__ties__."  # the tie-pick bits of a tensor (optional, see MaskWriter)
 
@@ -76,7 +76,14 @@ class MaskSet:
                 f"{path}: not a mergekit-sparse mask file (no '{META_KEY}' metadata); "
                 "create masks with `sparsemerge core` or `sparsemerge gallop`"
             ) from None
-        if meta.get("format_version", 0) > FORMAT_VERSION:
+        version = meta.get("format_version", 0) if isinstance(meta, dict) else None
+        if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+            raise CheckpointError(f"{path}: mask metadata has format_version {version!r}; expected an integer")
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for s in shapes.values() for d in s):
+            raise CheckpointError(
+                f"{path}: mask metadata has a malformed shape; expected lists of non-negative integers"
+            )
+        if version > FORMAT_VERSION:
             raise CheckpointError(
                 f"{path}: mask format version {meta['format_version']} is newer than this "
                 f"tool's ({FORMAT_VERSION}); upgrade mergekit-sparse"
@@ -190,7 +197,7 @@ class MaskWriter(Committable):
         plan += [(TIE_PREFIX + n, "U8", (packed_size(s),)) for n, s in shapes.items()] if tie_bits else []
         self._atomic = AtomicPath(self.out, force=force, is_dir=False)
         self.meta = meta
-        self._stream = SafetensorsStream(self._atomic.tmp, plan, {META_KEY: json.dumps(meta)}, reserve=2048)
+        self._stream = SafetensorsStream(self._atomic.tmp, plan, {META_KEY: dumps(meta, indent=None)}, reserve=2048)
         self._patches: list[tuple[str, np.ndarray]] = []
         self._cleared: list[str] = []
         self._ties_written: list[str] = []
@@ -208,7 +215,7 @@ class MaskWriter(Committable):
     def update_meta(self, **fields) -> None:
         """Metadata known only once the data is written (the threshold): rewritten before commit."""
         self.meta.update(fields)
-        self._stream.set_metadata({META_KEY: json.dumps(self.meta)})
+        self._stream.set_metadata({META_KEY: dumps(self.meta, indent=None)})
 
     def write_ties_packed(self, name: str, packed: np.ndarray) -> None:
         """The packed tie-pick bits of `name` (any time after the file is opened; all-zero bits are not

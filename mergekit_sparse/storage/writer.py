@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -38,16 +39,54 @@ REFERENCE_FILES = (
 )
 
 
-def check_output(out: Path, inputs: list[Path], *, force: bool) -> None:
-    """Refuse to overwrite an input, to write inside an input folder, or an existing output without force."""
-    out_r = out.resolve()
+def _input_paths(inputs) -> list[tuple[Path, Path]]:
+    """(as given, resolved) for every input and, for a folder, every file in it resolved (a Hub cache
+    snapshot's files are links into its blobs: writing over a blob would change the input too)."""
+    out = []
     for p in inputs:
-        p_r = Path(p).resolve()
-        if out_r == p_r or p_r in out_r.parents or out_r in p_r.parents:
-            raise OutputError(f"output {out} would overwrite or nest inside the input {p}; choose another -o path")
-    if out.exists() and not force:
-        raise OutputError(f"output {out} already exists; pass --force to replace it or choose another -o path")
-    parent = out_r.parent
+        p = Path(p)
+        out.append((p, p.resolve()))
+        if p.is_dir():
+            try:
+                files = [f for f in p.iterdir() if f.is_symlink()]
+            except OSError:
+                files = []
+            out += [(p, f.resolve()) for f in files]
+    return out
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    return a == b or b in a.parents or a in b.parents
+
+
+def check_output(out: Path, inputs: list[Path], *, force: bool, side_files=(), scratch=()) -> None:
+    """The one output discipline, before anything is written: the output, its side files (`side_files`,
+    e.g. OUT.fuse.json) and the command's scratch folders (`scratch`, e.g. OUT.work) are compared, resolved
+    through symbolic links, with every input and with each other: none may be, contain, or lie inside an
+    input; no output is written through a symbolic link; an existing output or side file needs `force`."""
+    outputs = [Path(out), *map(Path, side_files)]
+    ins = _input_paths(inputs)
+    seen: dict[Path, Path] = {}
+    for o in [*outputs, *map(Path, scratch)]:
+        if o.is_symlink():
+            raise OutputError(
+                f"output {o} is a symbolic link (to {os.readlink(o)}); refusing to write through it: remove the "
+                "link or choose another -o path"
+            )
+        o_r = o.resolve()
+        for given, p_r in ins:
+            if _overlaps(o_r, p_r):
+                raise OutputError(
+                    f"output {o} would overwrite or nest inside the input {given}; choose another -o path"
+                )
+        for other_r, other in seen.items():
+            if _overlaps(o_r, other_r):
+                raise OutputError(f"two outputs of this command are one path ({other} and {o}); give different paths")
+        seen[o_r] = o
+    for o in outputs:
+        if (o.exists() or o.is_symlink()) and not force:
+            raise OutputError(f"output {o} already exists; pass --force to replace it or choose another -o path")
+    parent = Path(out).resolve().parent
     if not parent.exists():
         try:
             parent.mkdir(parents=True)
@@ -423,6 +462,6 @@ def parse_size(text: str) -> int:
         value = float(t) * mult
     except ValueError:
         raise OptionError(f"shard size {text!r} is not a size; use e.g. 5GB or 500MB") from None
-    if value <= 0:
-        raise OptionError(f"shard size {text!r} must be positive")
+    if not math.isfinite(value) or value < 1:
+        raise OptionError(f"shard size {text!r} must be a positive, finite size such as 5GB")
     return int(value)

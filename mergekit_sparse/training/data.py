@@ -15,6 +15,7 @@ import torch
 from ..errors import DataError
 
 IGNORE = -100
+MAX_LINE_BYTES = 1 << 20  # one JSONL record
 
 
 def read_jsonl(path: str | Path, *, kind: str = "train") -> list[dict]:
@@ -25,23 +26,57 @@ def read_jsonl(path: str | Path, *, kind: str = "train") -> list[dict]:
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: data file not found")
+        what = "a folder, not a file" if path.is_dir() else "not found"
+        raise DataError(f"{path}: data file {what}")
+    from ..storage.checkpoint import json_depth
+
     records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        n = 0
+        while True:
+            raw = f.readline(MAX_LINE_BYTES + 1)  # a cap before anything is decoded, parsed or tokenised
+            if not raw:
+                break
+            n += 1
+            if len(raw) > MAX_LINE_BYTES:
+                raise DataError(
+                    f"{path}:{n}: the line is longer than {MAX_LINE_BYTES // 1024} KiB; records are one example each "
+                    "(split long documents into several lines)"
+                )
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{n}: not UTF-8 (byte {e.start}); save the file as UTF-8") from None
             if not line.strip():
                 continue
+            if json_depth(line) > 16:
+                raise DataError(f"{path}:{n}: JSON nested deeper than 16 levels; a record is a flat object")
             try:
                 rec = json.loads(line)
             except ValueError as e:
                 raise DataError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-            problem = _check_record(rec, kind)
+            problem = _check_record(rec, kind) or _check_text(rec)
             if problem:
                 raise DataError(f"{path}:{n}: {problem}")
             records.append(rec)
     if not records:
         raise DataError(f"{path}: no records (the file is empty)")
     return records
+
+
+def _check_text(rec) -> str | None:
+    """Strings must be encodable text (a lone surrogate escape such as "\\ud800" is not) and a response
+    must say something (an empty one has no token to learn or to match)."""
+    for key, value in rec.items():
+        for s in value if isinstance(value, list) else [value]:
+            if isinstance(s, str):
+                try:
+                    s.encode("utf-8")
+                except UnicodeEncodeError:
+                    return f"field {key!r} holds a lone surrogate (an invalid \\u escape); it is not text"
+    if rec.get("response") == "" or rec.get("text") == "":
+        return "the response (or text) is empty: there is nothing to learn or to match"
+    return None
 
 
 def _check_record(rec, kind: str) -> str | None:
@@ -54,6 +89,7 @@ def _check_record(rec, kind: str) -> str | None:
             and rec["choices"]
             and all(isinstance(c, str) for c in rec["choices"])
             and isinstance(rec.get("answer"), int)
+            and not isinstance(rec["answer"], bool)  # true is not an index
             and 0 <= rec["answer"] < len(rec["choices"])
         ):
             return 'expected {"prompt": str, "choices": [str, ...], "answer": index into choices}'

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import NonFiniteError, OptionError
+from ..errors import DataError, NonFiniteError, OptionError
 from ..storage.checkpoint import Checkpoint
 from ..storage.writer import CheckpointWriter
 from .data import collate, encode, file_sha256, read_jsonl, seeded_subset
@@ -78,6 +78,7 @@ def compute_gradients(
         "kind": "mean_gradient",
         "model": str(model_dir),
         "model_sha256": ck.content_sha256(),
+        "model_fingerprint": ck.content_fingerprint(),
         "data": str(data),
         "data_sha256": file_sha256(data),
         "fraction": str(fraction),
@@ -91,6 +92,11 @@ def compute_gradients(
 
     check_output(out, [ck.path, Path(data)], force=force)
     grads = mean_gradient(model, tokenizer, records, indices, batch_size=batch_size, max_len=max_len, progress=progress)
+    if all(not bool(g.any()) for g in grads.values()):
+        raise DataError(
+            f"every gradient entry is zero: no sampled example of {data} kept a response token within --max-len "
+            f"{max_len} (or the loss does not depend on the weights); raise --max-len or check the data"
+        )
     names = sorted(n for n in grads if n in ck.infos)
     plan = [(n, torch.float32, tuple(grads[n].shape)) for n in names]
     with CheckpointWriter(out, plan, folder=False, metadata=meta, inputs=[ck.path], force=force) as w:

@@ -58,11 +58,21 @@ def run_train(
     """Full fine-tuning (no mask) or masked training of one task."""
     cfg.check()
     folder, start_ck = model_folder(model_dir)
-    check_output(out, [folder, Path(data)] + ([Path(mask)] if mask else []), force=force)
+    # the trainer's scratch folder OUT.work is an output too: it must not be (or hold) the input
+    inputs = [folder, *start_ck.files, Path(data)] + ([Path(mask)] if mask else [])
+    check_output(out, inputs, force=force, scratch=[Path(f"{out}.work")])
     records = read_jsonl(data)
     model, tok, stored = load_for_training(folder)
     masks = model_masks(model, MaskSet.load(mask), model_dir) if mask else None
-    record = {"model": str(model_dir), "data": str(data), "data_sha256": file_sha256(data), "mask": mask}
+    record = {
+        "model": str(model_dir),
+        # the resume key (METHODS §3): a replaced model, data or mask file starts over, never resumes
+        "model_fingerprint": start_ck.content_fingerprint(),
+        "data": str(data),
+        "data_sha256": file_sha256(data),
+        "mask": mask,
+        "mask_sha256": file_sha256(mask) if mask else None,
+    }
     base = record_for(start_ck, out, spec=model_dir)  # METHODS §9: the model this one is fine-tuned from
     method = "masked fine-tuning" if mask else "full fine-tuning"
     card = modelcard.write_card(base[BASE_KEY], method, {"config": cfg.__dict__, **record})
@@ -107,12 +117,19 @@ def retrain(
     for t, p in mask_paths.items():
         if not p.is_file():
             raise OptionError(f"no core mask for task '{t}': expected {p} (from `sparsemerge core`)")
+        made_for = MaskSet.load(p).meta.get("task")
+        if made_for is not None and made_for != t:
+            raise MismatchError(f"{p} is the core of task '{made_for}', not of '{t}'; the masks folder is mixed up")
     records = {t: read_jsonl(data[t]) for t in tasks}
     out = Path(out)
+    inputs = [Path(model_dir), Path(groups_path), *mask_paths.values(), *map(Path, data.values())]
+    check_output(out, inputs, force=True)  # never inside, around or through an input, ours or not
     ours = out.is_dir() and any(p.name.startswith("stage-") or p.name == "retrain.json" for p in out.iterdir())
     if out.exists() and not ours:  # a folder of ours is resumed, anything else protected
-        check_output(out, [Path(model_dir)], force=force)
-    check_output(out / "retrain.json", [Path(model_dir)], force=True)
+        check_output(out, inputs, force=force)
+    check_output(
+        out / "retrain.json", inputs, force=True, scratch=[out / f"stage-{k}.work" for k in range(1, len(groups) + 1)]
+    )
     out.mkdir(parents=True, exist_ok=True)
     current, start_ck = model_folder(model_dir)
     plan = {

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -155,6 +156,13 @@ def train(
     start = _resume_point(work, settings)  # read-only on every rank, then one writer
     if start:
         _load_snapshot(work, model, opt)
+        if dist.rank == 0:
+            print(
+                f"resuming from the snapshot at step {start} of {cfg.steps} in {work} (same settings and inputs)",
+                file=sys.stderr,
+            )
+    elif dist.rank == 0 and (work / "snapshot").is_dir():
+        print(f"starting over: the snapshot in {work} was made with other settings or inputs", file=sys.stderr)
     dist.barrier()
     if dist.rank == 0:
         _prepare_work(work, settings, start)
@@ -202,7 +210,7 @@ def train(
         if cfg.eval_every and eval_set and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             last["eval_loss"] = eval_loss(model, eval_set, tokenizer.pad_token_id)
         if log:
-            log.write(json.dumps(last) + "\n")
+            log.write(atomic.dumps(last, indent=None) + "\n")
             log.flush()
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps and dist.rank == 0:
             _snapshot(work, model, opt, step + 1)
@@ -224,7 +232,7 @@ def train(
             metadata={"trained_by": "mergekit-sparse", **(metadata or {})},
             dtype=save_dtype,
             extra_files={
-                "train.json": json.dumps(summary, indent=2, default=str),
+                "train.json": atomic.dumps(summary),
                 "train_log.jsonl": (work / "log.jsonl").read_text(),
                 **({"README.md": card} if card else {}),
             },

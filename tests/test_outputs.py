@@ -1,0 +1,357 @@
+"""Nothing lost, nothing stale (METHODS §3): outputs never touch inputs, and a changed input is never
+mistaken for the old one. Each case checks the error and that every input is byte-identical after it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from helpers import interrupted_at_step, sm
+from helpers import one_error_line as one_error
+from safetensors.torch import load_file, save_file
+
+from mergekit_sparse.builtin.tasks import generate, jsonl
+from mergekit_sparse.cli.main import cli
+from mergekit_sparse.storage.checkpoint import Checkpoint
+from mergekit_sparse.storage.masks import MaskSet
+
+
+def digest(path: Path) -> str:
+    """sha256 over a file or every file of a folder (names included)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        h.update(str(f.relative_to(path if path.is_dir() else path.parent)).encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    p = tmp_path / "d.jsonl"
+    p.write_text(jsonl(generate("caesar", 16, seed=0)))
+    return p
+
+
+def test_a_pipeline_task_name_never_becomes_a_path_outside_the_run(tmp_path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "precious.txt").write_text("keep me")
+    d = tmp_path / "d.jsonl"
+    d.write_text(jsonl(generate("caesar", 8)))
+    for name in (str(precious), "../precious", "a/b", ".hidden"):
+        cfg = tmp_path / "p.yaml"
+        cfg.write_text(yaml.safe_dump({"tasks": {name: {"train": str(d), "test": str(d)}, "sub": "builtin"}}))
+        r = sm("run", cfg, "-o", tmp_path / "run", ok=False)
+        assert r.exit_code == 1 and "not a valid task name" in r.output, r.output
+    assert (precious / "precious.txt").read_text() == "keep me" and not (tmp_path / "run").exists()
+
+
+def test_a_side_file_that_links_to_an_input_is_refused(planted, tmp_path):
+    before = digest(planted["a"])
+    out = tmp_path / "out.safetensors"
+    os.symlink(planted["a"], tmp_path / "out.safetensors.fuse.json")
+    r = sm("fuse", planted["a"], planted["b"], "--base", planted["base"], "--p", 50, "-o", out, "--force", ok=False)
+    one_error(r, "symbolic link")
+    assert digest(planted["a"]) == before and not out.exists()
+
+
+def test_train_scratch_folder_may_not_be_the_input(tiny_base, data, tmp_path):
+    m = tmp_path / "m.work"
+    shutil.copytree(tiny_base, m)
+    before = digest(m)
+    r = sm("train", "--model", m, "--data", data, "--steps", 1, "-o", tmp_path / "m", ok=False)
+    one_error(r, "nest inside the input")
+    assert digest(m) == before
+
+
+def test_retrain_into_the_folder_holding_its_input_is_refused(tiny_base, data, tmp_path):
+    rt = tmp_path / "rt"
+    shutil.copytree(tiny_base, rt / "stage-1")
+    before = digest(rt / "stage-1")
+    (tmp_path / "g.json").write_text(json.dumps({"tasks": ["a"], "groups": [["a"]]}))
+    (tmp_path / "cores").mkdir()
+    shapes = {n: tuple(i.shape) for n, i in Checkpoint.open(tiny_base).infos.items() if i.is_float}
+    from mergekit_sparse.storage.masks import save_masks
+
+    save_masks(
+        tmp_path / "cores" / "a.mask.safetensors", {n: torch.zeros(s, dtype=torch.bool) for n, s in shapes.items()}, {}
+    )
+    args = ["--groups", tmp_path / "g.json", "--masks", tmp_path / "cores", "--data", f"a={data}", "--steps", 1]
+    r = sm("retrain", "--model", rt / "stage-1", *args, "-o", rt, ok=False)
+    one_error(r, "nest inside the input")
+    assert digest(rt / "stage-1") == before
+
+
+def test_forget_output_equal_to_an_input_table_is_refused_even_with_force(tmp_path):
+    v = tmp_path / "v.json"
+    v.write_text(json.dumps({"tasks": {"a": 0.5, "b": 0.5}}))
+    before = digest(v)
+    r = sm("forget", "--vanilla", v, "--run", f"x={v}:a", "-o", v, "--force", ok=False)
+    one_error(r, "input")
+    assert digest(v) == before
+
+
+def test_two_outputs_of_one_command_may_not_be_one_path(planted, tmp_path):
+    r = sm("overlap", planted["a"], planted["b"], "--base", planted["base"], "--p", 50, "-o", tmp_path / "r.html",
+           "--html", tmp_path / "r.html", ok=False)  # fmt: skip
+    one_error(r, "two outputs")
+
+
+def test_a_side_file_is_never_replaced_without_force(tiny_base, tmp_path):
+    g = tmp_path / "g.safetensors"
+    save_file({n: torch.randn(i.shape) for n, i in Checkpoint.open(tiny_base).infos.items() if i.is_float}, g,
+              metadata={"kind": "mean_gradient"})  # fmt: skip
+    (tmp_path / "m.json").write_text("mine")
+    r = sm("gallop", "--params", tiny_base, "--grads", g, "--rho", 5, "-o", tmp_path / "m.mask.safetensors", ok=False)
+    one_error(r, "m.json already exists", "--force")
+    assert (tmp_path / "m.json").read_text() == "mine"
+
+
+def test_run_and_demo_refuse_a_folder_of_the_users_files(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "summary.json").write_text("my own")
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(yaml.safe_dump({"tasks": {"caesar": "builtin", "sub": "builtin"}}))
+    one_error(sm("run", cfg, "-o", mine, ok=False), "is not a run folder")
+    one_error(sm("demo", "--fast", "-o", mine, ok=False), "is not a run folder")
+    assert (mine / "summary.json").read_text() == "my own" and sorted(p.name for p in mine.iterdir()) == [
+        "summary.json"
+    ]
+
+
+# -- stale results ------------------------------------------------------------------------------------
+def _same_header_other_values(src: Path, dst: Path, seed: int) -> None:
+    """Rewrite dst's weights with other values: the same names, shapes and dtypes, so the same header."""
+    sd = load_file(src / "model.safetensors")
+    g = torch.Generator().manual_seed(seed)
+    sd = {
+        k: (v + 0.01 * torch.randn(v.shape, generator=g)).to(v.dtype) if v.is_floating_point() else v
+        for k, v in sd.items()
+    }
+    save_file(sd, dst / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_masks_and_core_json_record_content_fingerprints(tiny_base, tiny_tasks, tmp_path):
+    sm("core", "--base", tiny_base, tiny_tasks[0], "--p", 5, "-o", tmp_path / "c")
+    meta = MaskSet.load(tmp_path / "c" / "math.mask.safetensors").meta
+    assert meta["format_version"] == 2
+    base_fp, task_fp = (s["fingerprint"] for s in meta["sources"])
+    assert base_fp == Checkpoint.open(tiny_base).content_fingerprint() != task_fp
+    assert base_fp.startswith("sha256-tensors-v1:")
+    core = json.loads((tmp_path / "c" / "core.json").read_text())
+    assert core["settings"]["base"]["fingerprint"] != core["settings"]["tasks"][0]["fingerprint"]
+    # the header hash, which every fine-tune of one architecture shares, cannot tell them apart
+    assert core["settings"]["base"]["header_sha256"] == core["settings"]["tasks"][0]["header_sha256"]
+
+
+def test_the_fingerprint_ignores_sharding_and_metadata_and_is_cached(tiny_base, tmp_path):
+    sd = load_file(tiny_base / "model.safetensors")
+    names = sorted(sd)
+    shards = tmp_path / "sharded"
+    shutil.copytree(tiny_base, shards)
+    (shards / "model.safetensors").unlink()
+    half = len(names) // 2
+    save_file({k: sd[k] for k in names[:half]}, shards / "model-00001-of-00002.safetensors", metadata={"x": "1"})
+    save_file({k: sd[k] for k in names[half:]}, shards / "model-00002-of-00002.safetensors")
+    wm = {k: f"model-0000{1 + (i >= half)}-of-00002.safetensors" for i, k in enumerate(names)}
+    (shards / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+    assert Checkpoint.open(shards).content_fingerprint() == Checkpoint.open(tiny_base).content_fingerprint()
+    from mergekit_sparse.storage import fingerprint
+
+    before = len(list(fingerprint.cache_folder().glob("*.json")))
+    Checkpoint.open(shards).content_fingerprint()
+    assert len(list(fingerprint.cache_folder().glob("*.json"))) == before  # the second time: from the cache
+
+
+def test_retrain_redoes_its_stages_after_a_refuse_or_a_recore(tiny_base, tiny_tasks, data, tmp_path):
+    sm("core", "--base", tiny_base, *tiny_tasks[:2], "--p", 5, "-o", tmp_path / "c")
+    (tmp_path / "g.json").write_text(json.dumps({"tasks": ["math", "code"], "groups": [["math"], ["code"]]}))
+    fused = tmp_path / "fused"
+    shutil.copytree(tiny_tasks[1], fused)
+    args = ["retrain", "--model", fused, "--groups", tmp_path / "g.json", "--masks", tmp_path / "c", "--data",
+            f"math={data}", "--data", f"code={data}", "--per-task", 4, "--steps", 1, "--batch-size", 4,
+            "-o", tmp_path / "rt", "--json"]  # fmt: skip
+
+    def skipped() -> list[bool]:
+        return [s.get("skipped", False) for s in json.loads(sm(*args).stdout)["stages"]]
+
+    assert skipped() == [False, False]
+    assert skipped() == [True, True]
+    _same_header_other_values(tiny_tasks[1], fused, seed=7)  # re-fused: same header, other values
+    assert skipped() == [False, False]
+    sm("core", "--base", tiny_base, *tiny_tasks[:2], "--p", 10, "-o", tmp_path / "c", "--force")  # re-cored
+    assert skipped() == [False, False]
+
+
+def test_train_starts_over_when_its_input_was_replaced_and_says_so(tiny_base, data, tmp_path):
+    from mergekit_sparse.training.staged import run_train
+    from mergekit_sparse.training.trainer import TrainConfig
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_base, model)
+    cfg = TrainConfig(steps=6, lr=3e-3, batch_size=4, save_every=2, seed=3)
+    with interrupted_at_step(4), pytest.raises(KeyboardInterrupt):
+        run_train(str(model), str(data), tmp_path / "out", cfg=cfg)
+    assert (tmp_path / "out.work" / "snapshot").is_dir()
+    _same_header_other_values(tiny_base, model, seed=11)  # the input model replaced
+    r = sm("train", "--model", model, "--data", data, "--steps", 6, "--lr", "3e-3", "--batch-size", 4,
+           "--save-every", 2, "--seed", 3, "-o", tmp_path / "out")  # fmt: skip
+    assert "starting over" in r.output and "resuming" not in r.output
+    log = (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in log] == list(range(1, 7))
+
+
+def test_malformed_mask_metadata_is_one_error_line(tiny_base, tmp_path):
+    from mergekit_sparse.storage.masks import save_masks
+
+    shapes = {n: tuple(i.shape) for n, i in Checkpoint.open(tiny_base).infos.items() if i.is_float}
+    m = save_masks(tmp_path / "m.mask.safetensors", {n: torch.ones(s, dtype=torch.bool) for n, s in shapes.items()}, {})
+    raw = load_file(m)
+    from safetensors import safe_open
+
+    with safe_open(m, "pt") as f:
+        meta = json.loads(f.metadata()["mergekit_sparse"])
+    for bad in ({"format_version": "2"}, {"shapes": {n: ["x"] for n in shapes}}):
+        save_file(raw, tmp_path / "bad.mask.safetensors", metadata={"mergekit_sparse": json.dumps({**meta, **bad})})
+        one_error(sm("overlap", tmp_path / "bad.mask.safetensors", m, "-o", tmp_path / "g.json", ok=False), "bad.mask")
+
+
+# -- configs, exit codes, terminal output, JSON, Hub cache ------------------------------------------------
+def test_a_yaml_alias_bomb_is_refused_quickly_and_plain_anchors_still_work(tmp_path):
+    import time
+
+    bomb = ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, 9):
+        bomb.append(f"{chr(97 + i)}: &{chr(97 + i)} [{', '.join(['*' + chr(96 + i)] * 9)}]")
+    (tmp_path / "bomb.yaml").write_text("\n".join(bomb) + "\n")
+    t = time.perf_counter()
+    r = sm("run", tmp_path / "bomb.yaml", "--dry-run", ok=False)
+    one_error(r, "expands to more than")
+    assert time.perf_counter() - t < 5 and len(r.output) < 1000
+    (tmp_path / "anchors.yaml").write_text(
+        "probe: &train {steps: 3, lr: 0.001}\nretrain: *train\ntasks: {caesar: builtin, sub: builtin}\n"
+    )
+    r = sm("run", tmp_path / "anchors.yaml", "--dry-run")
+    assert json.loads(r.output)["settings"]["retrain"]["steps"] == 3
+
+
+def test_config_decode_errors_name_the_file_and_line(tmp_path):
+    (tmp_path / "latin.yaml").write_bytes(b"tasks:\n  caf\xe9: builtin\n")
+    one_error(sm("run", tmp_path / "latin.yaml", "--dry-run", ok=False), "latin.yaml:2: not UTF-8")
+    (tmp_path / "bad.yaml").write_text("tasks:\n  a: [unclosed\n")
+    one_error(sm("run", tmp_path / "bad.yaml", "--dry-run", ok=False), "bad.yaml:", "cannot parse")
+
+
+def test_relative_paths_in_a_config_are_the_config_folders(tmp_path, monkeypatch):
+    (tmp_path / "cfg" / "data").mkdir(parents=True)
+    d = tmp_path / "cfg" / "data" / "t.jsonl"
+    d.write_text(jsonl(generate("caesar", 8)))
+    (tmp_path / "cfg" / "p.yaml").write_text(
+        yaml.safe_dump({"tasks": {"mine": {"train": "data/t.jsonl", "test": "data/t.jsonl"}, "sub": "builtin"}})
+    )
+    monkeypatch.chdir(tmp_path)  # the working directory is not the config's folder
+    r = sm("run", "cfg/p.yaml", "--dry-run")
+    assert json.loads(r.output)["settings"]["tasks"]["mine"]["train"] == str(tmp_path / "cfg" / "data" / "t.jsonl")
+
+
+def test_usage_errors_exit_2_with_one_error_line(planted):
+    for argv in (["fuse", "--nope"], ["core", "--p", "abc", str(planted["a"])], ["nocommand"]):
+        r = CliRunner().invoke(cli, argv)
+        lines = [ln for ln in r.output.splitlines() if ln.strip()]
+        assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("Error:"), r.output
+        assert "Usage:" not in r.output
+    r = CliRunner().invoke(cli, [])
+    assert r.exit_code == 0 and "Usage:" in r.output  # a bare `sparsemerge` shows the help
+
+
+def test_control_characters_in_names_are_escaped(tmp_path):
+    save_file({"evil\x1b[31mred\x07": torch.ones(2)}, tmp_path / "e.safetensors")
+    r = sm("inspect", tmp_path / "e.safetensors")
+    assert "\x1b" not in r.output and "\x07" not in r.output and "\\x1b[31mred" in r.output
+
+
+def test_json_outputs_are_valid_json_with_full_precision(planted, tmp_path):
+    r = sm("core", "--base", planted["base"], planted["a"], "--p", 100, "-o", tmp_path / "c", "--json")
+    json.loads(r.stdout, parse_constant=lambda c: pytest.fail(f"invalid JSON constant {c}"))
+    for f in (tmp_path / "c").glob("*.json"):
+        json.loads(f.read_text(), parse_constant=lambda c: pytest.fail(f"invalid JSON constant {c} in {f}"))
+    sm("overlap", planted["a"], planted["b"], "--base", planted["base"], "--p", 50, "-o", tmp_path / "g.json")
+    from mergekit_sparse.analysis.overlap import jaccard_matrix  # noqa: F401 - the matrix is stored unrounded
+
+    m = json.loads((tmp_path / "g.json").read_text())["matrix"]
+    assert m[0][1] == pytest.approx(1 / 3, abs=0) or len(repr(m[0][1])) > 8
+
+
+def test_masks_given_in_the_wrong_order_are_an_error(tiny_base, tiny_tasks, tmp_path):
+    sm("core", "--base", tiny_base, *tiny_tasks[:2], "--p", 5, "-o", tmp_path / "c")
+    math, code = tmp_path / "c" / "math.mask.safetensors", tmp_path / "c" / "code.mask.safetensors"
+    r = sm("fuse", *tiny_tasks[:2], "--masks", code, "--masks", math, "--conflict", "last", "-o", tmp_path / "f",
+           ok=False)  # fmt: skip
+    one_error(r, "made for task code", "order of the tasks")
+    sm(
+        "fuse",
+        *tiny_tasks[:2],
+        "--masks",
+        math,
+        "--masks",
+        code,
+        "--conflict",
+        "last",
+        "-o",
+        tmp_path / "f",
+        "--no-check",
+    )
+
+
+def test_a_sharded_model_in_the_real_hub_cache_layout(tiny_base, tmp_path, monkeypatch):
+    """Snapshot files are links into ../../blobs (as huggingface_hub stores them); a mistyped org/name that is
+    neither a local path nor cached is an error, with no network request."""
+    repo = tmp_path / "hub" / "models--org--sharded"
+    blobs, snap = repo / "blobs", repo / "snapshots" / ("c" * 40)
+    blobs.mkdir(parents=True)
+    snap.mkdir(parents=True)
+    sd = load_file(tiny_base / "model.safetensors")
+    names = sorted(sd)
+    files = {}
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2 :]), 1):
+        name = f"model-0000{i}-of-00002.safetensors"
+        save_file({k: sd[k] for k in part}, blobs / f"blob{i}")
+        files.update({k: name for k in part})
+        os.symlink(f"../../blobs/blob{i}", snap / name)
+    (blobs / "index").write_text(json.dumps({"metadata": {}, "weight_map": files}))
+    os.symlink("../../blobs/index", snap / "model.safetensors.index.json")
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_base / f, blobs / f)
+        os.symlink(f"../../blobs/{f}", snap / f)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("c" * 40)
+    import huggingface_hub.constants as c
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    r = sm("inspect", "org/sharded", "--json")
+    assert json.loads(r.output)["parameters"] == Checkpoint.open(tiny_base).numel
+    assert Checkpoint.open("org/sharded").content_fingerprint() == Checkpoint.open(tiny_base).content_fingerprint()
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # even online, a plain org/name never downloads
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", _no_network(huggingface_hub.snapshot_download))
+    one_error(sm("inspect", "org/typo", ok=False), "hf://org/typo")
+
+
+def _no_network(real):
+    def wrapped(*args, **kw):
+        if not kw.get("local_files_only"):
+            raise AssertionError("a network request was made")
+        return real(*args, **kw)
+
+    return wrapped
