@@ -88,7 +88,7 @@ def core(tasks, base, percent, scope_kind, tie_seed, out_dir, include, exclude, 
       sparsemerge core --base base/ runs/math runs/code --p 1 -o cores/
       sparsemerge core math=exp_math/checkpoint-40 rev=exp_rev/checkpoint-40 --p 1
     """
-    from mergekit_sparse.analysis.cores import compute_cores, write_core_json
+    from mergekit_sparse.analysis.cores import compute_cores, core_json
     from mergekit_sparse.storage.checkpoint import Checkpoint, split_task_specs
     from mergekit_sparse.storage.scope import align
     from mergekit_sparse.storage.writer import check_output
@@ -105,6 +105,13 @@ def core(tasks, base, percent, scope_kind, tie_seed, out_dir, include, exclude, 
         force=force,
         side_files=[out_dir / f"{label}.mask.safetensors" for label in labels],
     )
+    settings = {"p": percent, "scope": scope_kind, "tie_seed": tie_seed, "include": list(include)}
+    settings["exclude"] = list(exclude)
+
+    def side_files(summaries) -> dict:  # core.json, committed with the masks as one output
+        settings.update(base=base_ck.sources(), tasks=[t.sources() for t in task_cks])
+        return {out_dir / "core.json": core_json(summaries, settings, scope)}
+
     summaries = compute_cores(
         base_ck,
         task_cks,
@@ -116,17 +123,8 @@ def core(tasks, base, percent, scope_kind, tie_seed, out_dir, include, exclude, 
         force=force,
         progress=progress_enabled(),
         tie_seed=tie_seed,
+        side_files=side_files,
     )
-    settings = {
-        "p": percent,
-        "scope": scope_kind,
-        "tie_seed": tie_seed,
-        "include": list(include),
-        "exclude": list(exclude),
-        "base": base_ck.sources(),
-        "tasks": [t.sources() for t in task_cks],
-    }
-    write_core_json(out_dir / "core.json", summaries, settings, scope)
     data = {"settings": settings, "tasks": [s.to_json() | {"per_tensor": None} for s in summaries]}
     lines = [f"{'task':<20} {'selected':>12} {'of':>14} {'threshold':>12}  mask"]
     lines += [f"{s.task:<20} {s.selected:>12,} {s.total:>14,} {s.threshold:>12.4g}  {s.mask_path}" for s in summaries]

@@ -113,9 +113,13 @@ def gallop(
     summary_path = Path(f"{out}".removesuffix(".mask.safetensors").removesuffix(".safetensors") + ".json")
     sides = [summary_path] + ([html_out] if html_out else [])
     check_output(out, [p_ck.path, *p_ck.files, g_ck.path], force=force, side_files=sides)
-    warning = check_gradients_fit(p_ck, g_ck)
-    if warning:
-        click.echo(warning, err=True)
+    warning = None
+
+    def summary(res) -> dict:  # OUT.json, committed with the mask as one output
+        nonlocal warning
+        warning = check_gradients_fit(p_ck, g_ck)
+        return {"rho": rho, "main": criterion, "mask": str(out), "warning": warning, **res.to_json()}
+
     criteria = list(CRITERIA) if html_out else [criterion]
     if criterion in criteria:
         criteria.remove(criterion)
@@ -134,12 +138,14 @@ def gallop(
         progress=progress_enabled(),
         sources=lambda: {"params": p_ck.sources(), "grads": g_ck.sources()},
         tie_seed=tie_seed,
+        side_files=lambda res: {summary_path: atomic.dumps(summary(res)) + "\n"},
     )
+    if warning:  # (checked after the passes, which hashed the parameters meanwhile)
+        click.echo(warning, err=True)
     tie_warning = res.summaries[criterion].ties.get("warning")
     if tie_warning:
         click.echo(f"warning: {tie_warning}", err=True)
-    doc = {"rho": rho, "main": criterion, "mask": str(out), "warning": warning, **res.to_json()}
-    atomic.write_json(summary_path, doc)
+    doc = summary(res)
     if html_out:
         from mergekit_sparse.reports.gallop import write_gallop_report
 

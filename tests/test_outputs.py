@@ -355,3 +355,72 @@ def _no_network(real):
         return real(*args, **kw)
 
     return wrapped
+
+
+# -- faults: kills between outputs, a full file system, a second writer, Ctrl-C -------------------------
+def _core(base, tasks, out, **env):
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).parent / "sparsemerge"
+    cmd = [str(exe), "core", "--base", str(base), *map(str, tasks), "--p", "5", "-o", str(out)]
+    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
+
+
+def test_a_kill_between_two_outputs_of_one_command_leaves_all_or_none(tiny_base, tiny_tasks, tmp_path):
+    out = tmp_path / "c"
+    r = _core(tiny_base, tiny_tasks[:2], out, MERGEKIT_SPARSE_FAULT="kill-commit:1")  # after the first rename
+    assert r.returncode == -9
+    # the next writer in that folder finishes the journaled commit: the whole new state, consistent
+    r = _core(tiny_base, tiny_tasks[:2], out)
+    assert r.returncode == 1 and "already exists" in r.stderr, r.stderr
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["code.mask.safetensors", "core.json", "math.mask.safetensors"], names
+    core = json.loads((out / "core.json").read_text())
+    for t in core["tasks"]:
+        assert MaskSet.load(t["mask"]).meta["selected"] == t["selected"]
+    # killed while writing a mask (before the commit): nothing that looks finished, and a plain rerun works
+    shutil.rmtree(out)
+    r = _core(tiny_base, tiny_tasks[:2], out, MERGEKIT_SPARSE_FAULT="kill:3")
+    assert r.returncode == -9 and not [p for p in out.iterdir() if not p.name.startswith(".")]
+    r = _core(tiny_base, tiny_tasks[:2], out)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == names  # temporaries and locks gone
+
+
+def test_a_full_file_system_is_one_error_line_and_leaves_nothing(tiny_base, tiny_tasks, tmp_path, monkeypatch):
+    monkeypatch.setenv("MERGEKIT_SPARSE_FAULT", "enospc-text")
+    r = sm("core", "--base", tiny_base, *tiny_tasks[:2], "--p", 5, "-o", tmp_path / "c", ok=False)
+    one_error(r, "no space left")
+    assert not list((tmp_path / "c").iterdir())  # the masks were not committed without core.json
+    r = sm("fuse", *tiny_tasks[:2], "--base", tiny_base, "--p", 5, "-o", tmp_path / "f", "--no-check", ok=False)
+    one_error(r, "no space left")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(("f", ".f"))]
+
+
+def test_a_second_writer_of_one_output_fails_at_once(planted, tmp_path):
+    from mergekit_sparse.storage.atomic import AtomicPath
+
+    out = tmp_path / "f.safetensors"
+    held = AtomicPath(out, force=True, is_dir=False)  # another process's writer, mid-write
+    try:
+        r = sm("fuse", planted["a"], planted["b"], "--base", planted["base"], "--p", 50, "-o", out, ok=False)
+        one_error(r, "another process is writing")
+    finally:
+        held.discard()
+    sm("fuse", planted["a"], planted["b"], "--base", planted["base"], "--p", 50, "-o", out)
+    assert not list(tmp_path.glob(".*lock"))
+
+
+def test_ctrl_c_during_retrain_resumes_without_force(tiny_base, tiny_tasks, data, tmp_path):
+    sm("core", "--base", tiny_base, *tiny_tasks[:2], "--p", 5, "-o", tmp_path / "c")
+    (tmp_path / "g.json").write_text(json.dumps({"tasks": ["math", "code"], "groups": [["math"], ["code"]]}))
+    args = ["retrain", "--model", tiny_tasks[1], "--groups", tmp_path / "g.json", "--masks", tmp_path / "c",
+            "--data", f"math={data}", "--data", f"code={data}", "--per-task", 4, "--steps", 2, "--batch-size", 4,
+            "-o", tmp_path / "rt", "--json"]  # fmt: skip
+    with interrupted_at_step(3):  # Ctrl-C in stage 2's first step
+        r = CliRunner().invoke(cli, [str(a) for a in args])
+    assert r.exit_code != 0 and (tmp_path / "rt" / "stage-1" / "stage.json").is_file()
+    assert not (tmp_path / "rt" / "stage-2").exists()
+    stages = json.loads(sm(*args).stdout)["stages"]
+    assert [s.get("skipped", False) for s in stages] == [True, False]

@@ -146,8 +146,10 @@ def compute_cores(
     force: bool = False,
     progress: bool = False,
     tie_seed: int = 0,
+    side_files=None,
 ) -> list[CoreSummary]:
-    """Write `<label>.mask.safetensors` per task into `out_dir` and return their summaries."""
+    """Write `<label>.mask.safetensors` per task into `out_dir` and return their summaries; `side_files`
+    (summaries -> {path: text}, e.g. core.json) are committed together with the masks."""
     selectors = [make_selector(percent, scope, per_tensor=per_tensor, seed=tie_seed) for _ in tasks]
     meta_common = {
         "criterion": "delta",
@@ -248,7 +250,7 @@ def compute_cores(
             w.update_meta(threshold=sel.threshold, selected=sel.k, ties=ties)
         for w, t in zip(writers, tasks):
             w.update_meta(base=base.sources(), sources=[base.sources(), t.sources()])
-            w.commit()
+        finished = [w.finish() for w in writers]
     except BaseException:
         for w in writers:
             w.discard()
@@ -279,10 +281,20 @@ def compute_cores(
                 ties=tie_summary(sel, scope.numel(), seed=tie_seed),
             )
         )
+    sides: list[atomic.AtomicPath] = []
+    try:  # the masks and the side files (core.json) are one output: a kill leaves all or none
+        for path, text in (side_files(out) if side_files else {}).items():
+            sides.append(atomic.staged_text(path, text, force=force))
+        atomic.commit_together(finished + sides)
+    except BaseException:
+        for item in finished + sides:
+            item.discard()
+        raise
     return out
 
 
-def write_core_json(path: Path, summaries: list[CoreSummary], settings: dict, scope: Scope) -> None:
+def core_json(summaries: list[CoreSummary], settings: dict, scope: Scope) -> str:
+    """The text of core.json."""
     warnings = [f"{s.task}: {s.ties['warning']}" for s in summaries if s.ties.get("warning")]
     data = {
         "settings": settings,
@@ -290,4 +302,4 @@ def write_core_json(path: Path, summaries: list[CoreSummary], settings: dict, sc
         "tasks": [s.to_json() for s in summaries],
         "warnings": warnings,
     }
-    atomic.write_json(path, data)
+    return atomic.dumps(data) + "\n"

@@ -28,6 +28,7 @@ from ..errors import NonFiniteError, OptionError
 from ..selection.keys import hist_quantiles, key_histogram
 from ..selection.passes import chunk_ranges, run_passes
 from ..selection.topk import TopK, k_for, tie_summary
+from ..storage import atomic
 from ..storage.checkpoint import Checkpoint
 from ..storage.masks import MaskWriter
 from ..storage.scope import Scope
@@ -114,6 +115,7 @@ def select_sparse(
     force: bool = False,
     progress: bool = False,
     sources: dict | None = None,
+    side_files=None,
     tie_seed: int = 0,
 ) -> GallopResult:
     """Select the top ρ % under each criterion; write the `main` criterion's mask to `out`.
@@ -209,7 +211,7 @@ def select_sparse(
         if writer is not None:
             if callable(sources):  # provenance known once the fingerprints (hashed meanwhile) are done
                 writer.update_meta(sources=sources())
-            writer.commit()
+            finished = writer.finish()
     except BaseException as e:
         if writer is not None:
             writer.discard()
@@ -233,7 +235,18 @@ def select_sparse(
             full_passes=sel.full_passes + 1,
         )
     jac = {f"{a}~{b}": v / (2 * k - v) if 2 * k - v else 0.0 for (a, b), v in inter.items()}
-    return GallopResult(summaries, jac, sample if sample_size else {})
+    result = GallopResult(summaries, jac, sample if sample_size else {})
+    if writer is not None:  # the mask and its side files (the summary) are one output
+        sides: list[atomic.AtomicPath] = []
+        try:
+            for path, text in (side_files(result) if side_files else {}).items():
+                sides.append(atomic.staged_text(path, text, force=force))
+            atomic.commit_together([finished, *sides])
+        except BaseException:
+            for item in (finished, *sides):
+                item.discard()
+            raise
+    return result
 
 
 def check_gradients_fit(params: Checkpoint, grads: Checkpoint) -> str | None:

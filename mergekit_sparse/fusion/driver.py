@@ -186,8 +186,8 @@ def fuse(
                 writer.add_file("fuse.json", record)
                 if card:
                     writer.add_file("README.md", card() if callable(card) else card)
-        if not folder:
-            atomic.write_text(Path(f"{out}.fuse.json"), record)
+            else:  # committed with the fused file as one: a kill leaves both or neither
+                writer.add_side_file(Path(f"{out}.fuse.json"), record)
         return job.report
 
     # global cores computed on the fly: the fusion pass is also the selectors' counting pass, and the

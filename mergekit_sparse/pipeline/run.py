@@ -219,7 +219,7 @@ def _probes(run: Run, base: Path, trains: dict, tests: dict) -> dict:
 
 
 def _cpi_ft(run: Run, base: Path, trains: dict, tests: dict, probes: dict) -> dict:
-    from ..analysis.cores import compute_cores, write_core_json
+    from ..analysis.cores import compute_cores, core_json
     from ..analysis.overlap import compute_overlap, group_tasks, groups_document
     from ..storage.checkpoint import Checkpoint
     from ..storage.masks import MaskSet
@@ -233,7 +233,7 @@ def _cpi_ft(run: Run, base: Path, trains: dict, tests: dict, probes: dict) -> di
     def make_cores():
         b, cks = Checkpoint.open(base), [Checkpoint.open(probes[t][0]) for t in tasks]
         scope = align([b, *cks])
-        summ = compute_cores(
+        compute_cores(
             b,
             cks,
             scope,
@@ -242,8 +242,8 @@ def _cpi_ft(run: Run, base: Path, trains: dict, tests: dict, probes: dict) -> di
             labels=tasks,
             per_tensor=cfg["core"]["scope"] == "per-tensor",
             tie_seed=cfg["core"]["tie_seed"],
+            side_files=lambda summ: {cores / "core.json": core_json(summ, cfg["core"], scope)},
         )
-        write_core_json(cores / "core.json", summ, cfg["core"], scope)
 
     run.stage("cores", {**cfg["core"], "tie_rule": TIE_RULE}, probe_stages, [cores], make_cores)
 

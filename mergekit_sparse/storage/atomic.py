@@ -37,13 +37,127 @@ def _alive(pid: str) -> bool:
     return True
 
 
+class _OutputLock:
+    """An exclusive lock on one output path (a `.NAME.lock` file beside it, removed on release): a second
+    process writing the same output fails at once instead of silently replacing the first one's result."""
+
+    def __init__(self, out: Path):
+        import fcntl
+
+        self.path, self.fd = out.parent / f".{out.name}.lock", None
+        for _ in range(10):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise os_error(e, out) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise OutputError(
+                    f"another process is writing {out} right now; wait for it to finish, or choose another -o path"
+                ) from None
+            try:  # the file may have been released and removed between our open and our lock: retry
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self.fd = fd
+                return
+            os.close(fd)
+        raise OutputError(f"cannot lock {out} (its lock file keeps changing); try again")
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+
+def roll_forward(folder: Path) -> None:
+    """Finish the commits a killed process journaled (`commit_together`): every temporary it lists was
+    complete, so renaming the ones left gives the new state whole."""
+    for journal in folder.glob(".*.commit-*"):
+        if _alive(journal.name.rsplit("-", 1)[-1]):
+            continue
+        try:
+            entries = json.loads(journal.read_text())
+        except (OSError, ValueError):
+            entries = []
+        for tmp, out in entries if isinstance(entries, list) else []:
+            tmp, out = Path(tmp), Path(out)
+            if tmp.exists():
+                _replace(tmp, out)
+            _drop_stale_lock(out)
+        journal.unlink(missing_ok=True)
+
+
+def _drop_stale_lock(out: Path) -> None:
+    """Remove the lock file a killed writer of `out` left, unless a live process holds it."""
+    try:
+        _OutputLock(out).release()
+    except OutputError:
+        pass
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Put `tmp` in place of `out` (a folder replaced whole: renamed aside first, then removed)."""
+    if out.is_dir() and not out.is_symlink():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def commit_together(items: list[AtomicPath]) -> None:
+    """Commit several finished temporaries as one output: a journal lists them before the first rename and
+    goes after the last, so a kill in between is rolled forward by the next writer in that folder (the
+    old state or the new, never half of each)."""
+    if len(items) == 1:
+        try:
+            items[0].commit()
+        except OSError as e:
+            items[0].discard()
+            raise os_error(e, items[0].out) from None
+        return
+    journal = items[0].out.parent / f".{items[0].out.name}.commit-{os.getpid()}"
+    for it in items:
+        it.check_replace()
+    try:
+        with open(journal, "w") as f:
+            json.dump([[str(it.tmp), str(it.out)] for it in items], f)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        for it in items:
+            it.discard()
+        journal.unlink(missing_ok=True)
+        raise os_error(e, items[0].out) from None
+    for i, it in enumerate(items):
+        if os.environ.get("MERGEKIT_SPARSE_FAULT") == f"kill-commit:{i}":  # test hook: die mid-commit
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+        it.commit()
+    journal.unlink(missing_ok=True)
+
+
 class AtomicPath:
-    """A temporary sibling of `out` that replaces `out` on commit and vanishes on failure."""
+    """A temporary sibling of `out` that replaces `out` on commit and vanishes on failure; the output is
+    locked against other writers from creation to commit or discard."""
 
     def __init__(self, out: Path, *, force: bool, is_dir: bool):
         self.out = out
         self.tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
         self.force = force
+        roll_forward(out.parent)  # a commit a killed process journaled comes first
+        self._lock = _OutputLock(out)
         for stale in out.parent.glob(f".{out.name}.partial-*"):  # left by a killed run
             if not _alive(stale.name.rsplit("-", 1)[-1]):
                 shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
@@ -52,36 +166,42 @@ class AtomicPath:
         if is_dir:
             self.tmp.mkdir(parents=True)
 
-    def commit(self) -> None:
-        if self.out.exists():
-            if not self.force:
-                raise OutputError(f"output {self.out} appeared while writing; pass --force to replace it")
-            old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
-            os.replace(self.out, old)
-            os.replace(self.tmp, self.out)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            os.replace(self.tmp, self.out)
+    def check_replace(self) -> None:
+        if self.out.exists() and not self.force:
+            raise OutputError(f"output {self.out} appeared while writing; pass --force to replace it")
 
-    def commit_after(self, finish) -> Path:
-        """Run `finish()` (which completes the temporary output), then commit; on any failure the
-        temporary output is removed, an OSError becoming the one-line output error."""
+    def commit(self) -> None:
+        self.check_replace()
+        try:
+            _replace(self.tmp, self.out)
+        finally:
+            self._lock.release()
+
+    def commit_after(self, finish, together: list[AtomicPath] = ()) -> Path:
+        """Run `finish()` (which completes the temporary output), then commit it with the finished `together`
+        temporaries as one (`commit_together`); on any failure every temporary is removed, an OSError
+        becoming the one-line output error."""
         try:
             finish()
-            self.commit()
+            commit_together([self, *together])
         except OSError as e:
-            self.discard()
+            for it in (self, *together):
+                it.discard()
             raise os_error(e, self.out) from None
         except BaseException:
-            self.discard()
+            for it in (self, *together):
+                it.discard()
             raise
         return self.out
 
     def discard(self) -> None:
-        if self.tmp.is_dir():
-            shutil.rmtree(self.tmp, ignore_errors=True)
-        elif self.tmp.exists():
-            self.tmp.unlink()
+        try:
+            if self.tmp.is_dir():
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            elif self.tmp.exists():
+                self.tmp.unlink()
+        finally:
+            self._lock.release()
 
 
 class Committable:
@@ -105,24 +225,33 @@ class Committable:
         return False
 
 
-def write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write `text` to `path` atomically (replacing what is there: callers check `--force` first)."""
+def write_small(path: Path, text: str) -> None:
+    """Write a small text file in place (inside a temporary output; the fault hook simulates a full disk)."""
+    if os.environ.get("MERGEKIT_SPARSE_FAULT") == "enospc-text":  # test hook: a full file system
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    path.write_text(text, encoding="utf-8")
+
+
+def staged_text(path: str | os.PathLike, text: str, *, force: bool = True) -> AtomicPath:
+    """`text` written to a locked temporary of `path`, to be committed with others (`commit_together`)."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise os_error(e, path) from None
-    target = AtomicPath(path, force=True, is_dir=False)
+    target = AtomicPath(path, force=force, is_dir=False)
     try:
-        target.tmp.write_text(text, encoding="utf-8")
-        target.commit()
+        write_small(target.tmp, text)
     except OSError as e:
         target.discard()
         raise os_error(e, path) from None
-    except BaseException:
-        target.discard()
-        raise
-    return path
+    return target
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to `path` atomically (replacing what is there: callers check `--force` first)."""
+    commit_together([staged_text(path, text)])
+    return Path(path)
 
 
 def finite(doc):

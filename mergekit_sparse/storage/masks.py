@@ -254,16 +254,28 @@ class MaskWriter(Committable):
             mm[where] |= np.bitwise_or.reduceat(bits, first)  # the bits of each byte at once
         del mm  # left to the page cache like every other write (no msync)
 
+    def _finish(self) -> None:
+        if self._tie_bits:
+            self._stream.leave_holes(TIE_PREFIX + n for n in self.shapes)
+        self._stream.close()
+        self._apply_patches()
+
     def commit(self) -> Path:
         """Finish the file (patches applied) and put it in place."""
+        return self._atomic.commit_after(self._finish)
 
-        def finish() -> None:
-            if self._tie_bits:
-                self._stream.leave_holes(TIE_PREFIX + n for n in self.shapes)
-            self._stream.close()
-            self._apply_patches()
-
-        return self._atomic.commit_after(finish)
+    def finish(self) -> AtomicPath:
+        """Finish the file without putting it in place: the returned temporary is committed with the other
+        outputs of the command as one (`atomic.commit_together`)."""
+        try:
+            self._finish()
+        except OSError as e:
+            self.discard()
+            raise os_error(e, self.out) from None
+        except BaseException:
+            self.discard()
+            raise
+        return self._atomic
 
     def discard(self) -> None:
         """Drop the unfinished file (nothing is left behind)."""

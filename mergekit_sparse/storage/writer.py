@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import OptionError, OutputError
 from . import dtypes
-from .atomic import AtomicPath, Committable, os_error
+from .atomic import AtomicPath, Committable, os_error, roll_forward, staged_text, write_small
 from .checkpoint import INDEX_NAME, SINGLE_NAME
 
 REFERENCE_FILES = (
@@ -65,6 +65,9 @@ def check_output(out: Path, inputs: list[Path], *, force: bool, side_files=(), s
     through symbolic links, with every input and with each other: none may be, contain, or lie inside an
     input; no output is written through a symbolic link; an existing output or side file needs `force`."""
     outputs = [Path(out), *map(Path, side_files)]
+    for folder in {o.parent for o in outputs}:  # a commit a killed process journaled is finished first
+        if folder.is_dir():
+            roll_forward(folder)
     ins = _input_paths(inputs)
     seen: dict[Path, Path] = {}
     for o in [*outputs, *map(Path, scratch)]:
@@ -103,6 +106,8 @@ def _fault_injection() -> None:
     if not spec:
         return
     kind, _, n = spec.partition(":")
+    if kind not in ("kill", "enospc") or not n.isdigit():
+        return  # another hook's spec (kill-commit:K, enospc-text)
     _fault_injection.count = getattr(_fault_injection, "count", 0) + 1
     if _fault_injection.count == int(n):
         if kind == "kill":
@@ -287,6 +292,8 @@ class CheckpointWriter(Committable):
         self.out = Path(out)
         self.validate = validate  # called with the finished temporary path before the rename
         self.extra_files: dict[str, str] = {}
+        self.side_files: dict[Path, str] = {}  # files beside the output, committed with it as one
+        self.force = force
         check_output(self.out, list(inputs), force=force)
         self.plan, self.folder, self.metadata = plan, folder, metadata or {}
         self.reference, self.config_dtype = reference, config_dtype
@@ -398,7 +405,21 @@ class CheckpointWriter(Committable):
             if self.validate is not None:
                 self.validate(self._atomic.tmp)
 
-        return self._atomic.commit_after(finish)
+        sides = []
+        try:
+            for path, text in self.side_files.items():
+                sides.append(staged_text(path, text, force=self.force))
+        except BaseException:
+            for s in sides:
+                s.discard()
+            self.discard()
+            raise
+        return self._atomic.commit_after(finish, together=sides)
+
+    def add_side_file(self, path: Path, text: str) -> None:
+        """A small file beside the output (e.g. OUT.fuse.json), committed together with it (a kill leaves
+        both or neither)."""
+        self.side_files[Path(path)] = text
 
     def add_file(self, name: str, text: str) -> None:
         """A small text file to put in the output folder (written before the rename)."""
@@ -407,7 +428,7 @@ class CheckpointWriter(Committable):
     def _finish_folder(self) -> None:
         tmp = self._atomic.tmp
         for fname, text in self.extra_files.items():
-            (tmp / fname).write_text(text)
+            write_small(tmp / fname, text)
         if len(self.shards) > 1:
             total = sum(_nbytes(d, s) for _, d, s in self.plan)
             index = {"metadata": {"total_size": total, **self.metadata}, "weight_map": self.weight_map}
