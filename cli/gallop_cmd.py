@@ -120,6 +120,14 @@ def gallop(
         warning = check_gradients_fit(p_ck, g_ck)
         return {"rho": rho, "main": criterion, "mask": str(out), "warning": warning, **res.to_json()}
 
+    def side_files(res) -> dict:  # the summary and the report, committed with the mask as one output
+        files = {summary_path: atomic.dumps(summary(res)) + "\n"}
+        if html_out:
+            from mergekit_sparse.reports.gallop import gallop_report_html
+
+            files[html_out] = gallop_report_html(summary(res) | {"sample": res.sample})
+        return files
+
     criteria = list(CRITERIA) if html_out else [criterion]
     if criterion in criteria:
         criteria.remove(criterion)
@@ -138,7 +146,7 @@ def gallop(
         progress=progress_enabled(),
         sources=lambda: {"params": p_ck.sources(), "grads": g_ck.sources()},
         tie_seed=tie_seed,
-        side_files=lambda res: {summary_path: atomic.dumps(summary(res)) + "\n"},
+        side_files=side_files,
     )
     if warning:  # (checked after the passes, which hashed the parameters meanwhile)
         click.echo(warning, err=True)
@@ -146,10 +154,6 @@ def gallop(
     if tie_warning:
         click.echo(f"warning: {tie_warning}", err=True)
     doc = summary(res)
-    if html_out:
-        from mergekit_sparse.reports.gallop import write_gallop_report
-
-        write_gallop_report(doc | {"sample": res.sample}, html_out)
     s = res.summaries[criterion]
     text = (
         f"{criterion}: selected {s.selected:,} of {s.total:,} ({rho} %), threshold {s.threshold:.4g}\n"

@@ -137,11 +137,17 @@ def overlap(
         result = compute_overlap(masks, labels)
     groups = group_tasks(result.matrix, labels, tau=tau, order=order, seed=seed)
     doc = groups_document(result, groups, tau=tau, order=order, seed=seed, settings=settings)
-    atomic.write_json(out, doc)
-    if html_out:
-        from mergekit_sparse.reports.overlap import write_overlap_report
+    staged = [atomic.staged_text(out, atomic.dumps(doc) + "\n", force=force)]
+    try:  # the groups file and its report are one output: a kill leaves both or neither
+        if html_out:
+            from mergekit_sparse.reports.overlap import overlap_report_html
 
-        write_overlap_report(doc, html_out)
+            staged.append(atomic.staged_text(html_out, overlap_report_html(doc), force=force))
+        atomic.commit_together(staged)
+    except BaseException:
+        for item in staged:
+            item.discard()
+        raise
     m = doc["matrix"]
     width = max(len(t) for t in labels)
     lines = [" " * width + "  " + "  ".join(f"{t[:8]:>8}" for t in labels)]

@@ -4,12 +4,11 @@ selected share per criterion, and the overlap between the criteria's masks."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import plotly.graph_objects as go
 
-from .page import esc, write_report
+from .page import esc, report_html
 
 COLORS = {"gallop": "#d62728", "saft": "#1f77b4", "pafi": "#2ca02c", "random": "#7f7f7f"}
 
@@ -111,5 +110,5 @@ def gallop_figures(doc: dict) -> list:
     ]
 
 
-def write_gallop_report(doc: dict, path: Path) -> Path:
-    return write_report(path, f"GaLLoP selection (ρ = {doc['rho']} %)", gallop_figures(doc))
+def gallop_report_html(doc: dict) -> str:
+    return report_html(f"GaLLoP selection (ρ = {doc['rho']} %)", gallop_figures(doc))

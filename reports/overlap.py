@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import networkx as nx
 import numpy as np
 import plotly.graph_objects as go
 
-from .page import esc, write_report
+from .page import esc, report_html
 
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
 
@@ -203,5 +201,5 @@ def overlap_figures(doc: dict) -> list[tuple[str, str, go.Figure]]:
     ]
 
 
-def write_overlap_report(doc: dict, path: Path) -> Path:
-    return write_report(path, "Core-region overlap and task groups", overlap_figures(doc))
+def overlap_report_html(doc: dict) -> str:
+    return report_html("Core-region overlap and task groups", overlap_figures(doc))

@@ -24,7 +24,14 @@ def esc(text) -> str:
 
 
 def write_report(path: Path, title: str, sections: list[tuple[str, str, go.Figure | str]]) -> Path:
-    """Write `sections` = [(heading, note, figure or trusted HTML)] to one offline HTML file.
+    """Write `sections` = [(heading, note, figure or trusted HTML)] to one offline HTML file."""
+    path = Path(path)
+    atomic.write_text(path, report_html(title, sections))
+    return path
+
+
+def report_html(title: str, sections: list[tuple[str, str, go.Figure | str]]) -> str:
+    """The text of one offline HTML report (for a caller that commits it with other outputs).
 
     Headings and notes are escaped here; a section body given as a string must already be safe HTML.
     """
@@ -45,9 +52,7 @@ def write_report(path: Path, title: str, sections: list[tuple[str, str, go.Figur
             parts.append(body)
         parts.append("</section>")
     parts.append("</body></html>")
-    path = Path(path)
-    atomic.write_text(path, "".join(parts))
-    return path
+    return "".join(parts)
 
 
 def table_html(header: list[str], rows: list[list]) -> str:

@@ -424,3 +424,18 @@ def test_ctrl_c_during_retrain_resumes_without_force(tiny_base, tiny_tasks, data
     assert not (tmp_path / "rt" / "stage-2").exists()
     stages = json.loads(sm(*args).stdout)["stages"]
     assert [s.get("skipped", False) for s in stages] == [True, False]
+
+
+def test_a_full_disk_while_training_or_evaluating_is_one_error_line(tiny_base, data, tmp_path, monkeypatch):
+    from mergekit_sparse.storage import writer
+
+    monkeypatch.setattr(writer._fault_injection, "count", 0, raising=False)  # the hook counts per process
+    monkeypatch.setenv("MERGEKIT_SPARSE_FAULT", "enospc:3")  # the third tensor of the trained model
+    r = sm("train", "--model", tiny_base, "--data", data, "--steps", 1, "--batch-size", 4, "-o", tmp_path / "t",
+           ok=False)  # fmt: skip
+    one_error(r, "no space left")
+    assert not (tmp_path / "t").exists() and not list(tmp_path.glob(".t*"))
+    monkeypatch.setenv("MERGEKIT_SPARSE_FAULT", "enospc-text")
+    r = sm("eval", "--model", tiny_base, "--task", f"t={data}", "--limit", 2, "-o", tmp_path / "acc.json", ok=False)
+    one_error(r, "no space left")
+    assert not list(tmp_path.glob("*acc.json*"))
