@@ -274,15 +274,13 @@ def load_config(path: str | Path) -> dict:
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not UTF-8 (byte {e.start}); save the config as UTF-8") from None
-    from ..storage.checkpoint import json_depth
-
-    if json_depth(text) > 32:
-        raise DataError(f"{path}: nested deeper than 32 levels; a config is a few levels deep")
     try:
         if path.suffix in (".yaml", ".yml"):
             raw = load_yaml(text)
         else:
             raw = json.loads(text)
+    except RecursionError:
+        raise DataError(f"{path}: nested deeper than Python can parse; a config is a few levels deep") from None
     except Exception as e:  # noqa: BLE001 - YAML and JSON raise different types
         mark = getattr(e, "problem_mark", None)
         where = (

@@ -66,7 +66,6 @@ class TensorInfo:
 
 
 MAX_DIMS = 16
-MAX_JSON_DEPTH = 64
 
 
 def _no_duplicates(pairs):
@@ -81,39 +80,18 @@ class _Duplicate(ValueError):
     pass
 
 
-def json_depth(text: str | bytes) -> int:
-    """The nesting depth of a JSON text, by scanning brackets outside strings (before parsing it: the
-    parser would recurse that deep)."""
-    depth = deepest = 0
-    in_str = esc = False
-    for ch in text.decode("utf-8", "replace") if isinstance(text, bytes) else text:
-        if in_str:
-            if esc:
-                esc = False
-            elif ch == "\\":
-                esc = True
-            elif ch == '"':
-                in_str = False
-        elif ch == '"':
-            in_str = True
-        elif ch in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif ch in "]}":
-            depth -= 1
-    return deepest
-
-
-def load_json(raw: str | bytes, where, *, what: str = "the file", max_depth: int = MAX_JSON_DEPTH):
-    """Parse JSON with the checks the reference safetensors parser makes: no duplicate keys, bounded depth;
-    any problem is a CheckpointError naming `where` (and `what` in it)."""
-    if json_depth(raw) > max_depth:
-        raise CheckpointError(f"{where}: {what} is JSON nested deeper than {max_depth} levels; the file is corrupt")
+def load_json(raw: str | bytes, where, *, what: str = "the file"):
+    """Parse JSON with the checks the reference safetensors parser makes: no duplicate keys, bounded depth
+    (the C decoder's recursion limit, caught); any problem is a CheckpointError naming `where` and `what`."""
     try:
         return json.loads(raw, object_pairs_hook=_no_duplicates)
     except _Duplicate as e:
         raise CheckpointError(f"{where}: the key {str(e)!r} appears twice in {what}; the file is corrupt") from None
-    except (ValueError, RecursionError):
+    except RecursionError:
+        raise CheckpointError(
+            f"{where}: {what} is JSON nested deeper than Python can parse; the file is corrupt"
+        ) from None
+    except ValueError:
         raise CheckpointError(f"{where}: {what} is not valid JSON; the file is corrupt") from None
 
 

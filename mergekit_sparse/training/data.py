@@ -28,8 +28,6 @@ def read_jsonl(path: str | Path, *, kind: str = "train") -> list[dict]:
     if not path.is_file():
         what = "a folder, not a file" if path.is_dir() else "not found"
         raise DataError(f"{path}: data file {what}")
-    from ..storage.checkpoint import json_depth
-
     records = []
     with open(path, "rb") as f:
         n = 0
@@ -49,10 +47,12 @@ def read_jsonl(path: str | Path, *, kind: str = "train") -> list[dict]:
                 raise DataError(f"{path}:{n}: not UTF-8 (byte {e.start}); save the file as UTF-8") from None
             if not line.strip():
                 continue
-            if json_depth(line) > 16:
-                raise DataError(f"{path}:{n}: JSON nested deeper than 16 levels; a record is a flat object")
             try:
                 rec = json.loads(line)
+            except RecursionError:
+                raise DataError(
+                    f"{path}:{n}: JSON nested deeper than Python can parse; a record is a flat object"
+                ) from None
             except ValueError as e:
                 raise DataError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
             problem = _check_record(rec, kind) or _check_text(rec)
