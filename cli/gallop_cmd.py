@@ -113,12 +113,13 @@ def gallop(
     summary_path = Path(f"{out}".removesuffix(".mask.safetensors").removesuffix(".safetensors") + ".json")
     sides = [summary_path] + ([html_out] if html_out else [])
     check_output(out, [p_ck.path, *p_ck.files, g_ck.path], force=force, side_files=sides)
-    warning = None
+    done: dict = {}
 
-    def summary(res) -> dict:  # OUT.json, committed with the mask as one output
-        nonlocal warning
-        warning = check_gradients_fit(p_ck, g_ck)
-        return {"rho": rho, "main": criterion, "mask": str(out), "warning": warning, **res.to_json()}
+    def summary(res) -> dict:  # OUT.json, committed with the mask as one output (built once)
+        if not done:
+            warning = check_gradients_fit(p_ck, g_ck)
+            done.update(rho=rho, main=criterion, mask=str(out), warning=warning, **res.to_json())
+        return done
 
     def side_files(res) -> dict:  # the summary and the report, committed with the mask as one output
         files = {summary_path: atomic.dumps(summary(res)) + "\n"}
@@ -148,12 +149,12 @@ def gallop(
         tie_seed=tie_seed,
         side_files=side_files,
     )
-    if warning:  # (checked after the passes, which hashed the parameters meanwhile)
-        click.echo(warning, err=True)
+    doc = summary(res)
+    if doc["warning"]:  # (checked after the passes, which hashed the parameters meanwhile)
+        click.echo(doc["warning"], err=True)
     tie_warning = res.summaries[criterion].ties.get("warning")
     if tie_warning:
         click.echo(f"warning: {tie_warning}", err=True)
-    doc = summary(res)
     s = res.summaries[criterion]
     text = (
         f"{criterion}: selected {s.selected:,} of {s.total:,} ({rho} %), threshold {s.threshold:.4g}\n"

@@ -284,11 +284,13 @@ def test_json_outputs_are_valid_json_with_full_precision(planted, tmp_path):
     json.loads(r.stdout, parse_constant=lambda c: pytest.fail(f"invalid JSON constant {c}"))
     for f in (tmp_path / "c").glob("*.json"):
         json.loads(f.read_text(), parse_constant=lambda c: pytest.fail(f"invalid JSON constant {c} in {f}"))
-    sm("overlap", planted["a"], planted["b"], "--base", planted["base"], "--p", 50, "-o", tmp_path / "g.json")
-    from mergekit_sparse.analysis.overlap import jaccard_matrix  # noqa: F401 - the matrix is stored unrounded
-
-    m = json.loads((tmp_path / "g.json").read_text())["matrix"]
-    assert m[0][1] == pytest.approx(1 / 3, abs=0) or len(repr(m[0][1])) > 8
+    sm("overlap", planted["a"], planted["b"], "--base", planted["base"], "--p", 50, "-o", tmp_path / "g.json",
+       "--save-masks", tmp_path / "m")  # fmt: skip
+    a, b = (MaskSet.load(tmp_path / "m" / f"{t}.mask.safetensors") for t in ("a", "b"))
+    inter = sum(int((a.bool(n) & b.bool(n)).sum()) for n in a.names)
+    union = sum(int((a.bool(n) | b.bool(n)).sum()) for n in a.names)
+    assert 0 < inter < union and round(inter / union, 6) != inter / union  # a value that rounding would change
+    assert json.loads((tmp_path / "g.json").read_text())["matrix"][0][1] == inter / union  # stored unrounded
 
 
 def test_masks_given_in_the_wrong_order_are_an_error(tiny_base, tiny_tasks, tmp_path):

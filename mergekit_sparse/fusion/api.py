@@ -171,6 +171,13 @@ def fuse_checkpoints(
             )
         return {**provenance, **settings}
 
+    record: dict = {}
+
+    def base_record() -> dict:  # METHODS §9, once the base's fingerprint (hashed meanwhile) is known
+        if not record:
+            record.update(record_for(base_ck, out, spec=base))
+        return record
+
     card_settings = {k: settings[k] for k in ("p", "core_scope", "weights", "omega", "conflict", "tie_seed")}
     report = fuse(
         task_cks,
@@ -192,9 +199,9 @@ def fuse_checkpoints(
         check=check,
         settings=full_settings,
         tie_seed=tie_seed,
-        metadata=(lambda: record_for(base_ck, out, spec=base)) if base_ck is not None else None,
+        metadata=base_record if base_ck is not None else None,
         card=lambda: write_card(
-            record_for(base_ck, out, spec=base)[BASE_KEY] if base_ck is not None else None,
+            base_record()[BASE_KEY] if base_ck is not None else None,
             "CPI-FT fusion",
             card_settings | {"tasks": labels, "masks": list(masks)},
         ),

@@ -632,8 +632,3 @@ def split_task_specs(specs) -> tuple[list[str], list[str]]:
             )
         seen[label] = str(spec)
     return [p[0] for p in pairs], [p[1] for p in pairs]
-
-
-def task_labels(specs) -> list[str]:
-    """Display names for several tasks (see `split_task_specs`)."""
-    return split_task_specs(specs)[0]

@@ -77,7 +77,6 @@ def compute_gradients(
     meta = {
         "kind": "mean_gradient",
         "model": str(model_dir),
-        "model_sha256": ck.content_sha256(),
         "model_fingerprint": ck.content_fingerprint(),
         "data": str(data),
         "data_sha256": file_sha256(data),
