@@ -12,8 +12,9 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import BIN, HERE, generated_checkpoints, mb, measure, sparsemerge, table
 from gen_checkpoints import llama_shapes
+
+from common import BIN, HERE, generated_checkpoints, mb, measure, sparsemerge, table
 
 
 def make_grads(path, shapes) -> None:

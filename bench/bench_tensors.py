@@ -13,9 +13,10 @@ import argparse
 import shutil
 
 import torch
-from common import HERE, measure, sparsemerge, table
 from gen_checkpoints import bf16_steps
 from safetensors.torch import save_file
+
+from common import HERE, measure, sparsemerge, table
 
 
 def files(count: int):

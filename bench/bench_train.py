@@ -11,13 +11,14 @@ import argparse
 import time
 
 import torch
-from common import table
 
 from mergekit_sparse.builtin import builtin_model
 from mergekit_sparse.builtin.tasks import generate
 from mergekit_sparse.training.data import collate, encode, token_loss_sum
 from mergekit_sparse.training.models import load_model
 from mergekit_sparse.training.optim import MaskedAdamW
+
+from common import table
 
 
 def steps_per_second(model, tok, opt, batches, steps) -> float:

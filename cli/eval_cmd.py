@@ -9,7 +9,7 @@ import click
 from mergekit_sparse.settings import EvalSettings
 from mergekit_sparse.storage import atomic
 
-from .main import cli, emit, force_option, json_option, progress_enabled, spec_option
+from .main import cli, emit, force_option, json_option, plotly_option, progress_enabled, spec_option
 
 
 def parse_pairs(values, what: str, sep: str = "=") -> dict[str, str]:
@@ -116,9 +116,10 @@ def eval_(model, tasks, out, batch_size, limit, max_new_tokens, strip, case_sens
 )
 @click.option("-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path), help="Write metrics JSON.")
 @click.option("--html", "html_out", type=click.Path(dir_okay=False, path_type=Path), help="Write a report.")
+@plotly_option
 @force_option
 @json_option
-def forget(vanilla, runs, seqs, metrics, out, html_out, force, as_json):
+def forget(vanilla, runs, seqs, metrics, out, html_out, plotly_mode, force, as_json):
     """Forget ratio, collapse rate and sequential forgetting from accuracy tables (METHODS §8).
 
     Tables are `sparsemerge eval` outputs or lm-evaluation-harness results JSON files.
@@ -148,12 +149,12 @@ def forget(vanilla, runs, seqs, metrics, out, html_out, force, as_json):
     doc = forget_report(vanilla, parse_pairs(runs, "--run"), parse_pairs(seqs, "--seq"), metric=metric)
     for w in doc["warnings"]:
         click.echo(f"warning: {w}", err=True)
-    if out:
-        atomic.write_json(out, doc)
-    if html_out:
-        from mergekit_sparse.reports.forget import write_forget_report
+    files = {out: atomic.dumps(doc) + "\n"} if out else {}
+    if html_out:  # the metrics file and its report are one output
+        from mergekit_sparse.reports.forget import forget_report_html
 
-        write_forget_report(doc, html_out)
+        files[html_out] = forget_report_html(doc, plotly=plotly_mode)
+    atomic.write_texts(files, force=force)
     lines = [f"{'run':<16} {'trained':<12} {'ID acc':>7} {'OOD acc':>8} {'forget':>7} {'collapse':>9}"]
     for name, r in doc["runs"].items():
         fr = "n/a" if r["forget_ratio"] is None else f"{r['forget_ratio']:.3f}"

@@ -9,7 +9,7 @@ import click
 from mergekit_sparse.settings import GallopSettings, TrainConfig
 from mergekit_sparse.storage import atomic
 
-from .main import cli, emit, force_option, json_option, progress_enabled, scope_options, spec_option
+from .main import cli, emit, force_option, json_option, plotly_option, progress_enabled, scope_options, spec_option
 
 
 @cli.command()
@@ -85,11 +85,26 @@ def gradients(model, data, fraction, seed, batch_size, max_len, out, force, as_j
     is_flag=True,
     help="Use a --grads file that `sparsemerge gradients` did not write (no gradient metadata).",
 )
+@plotly_option
 @scope_options
 @force_option
 @json_option
 def gallop(
-    params, grads, rho, criterion, tie_seed, seed, out, html_out, sample, force_grads, include, exclude, force, as_json
+    params,
+    grads,
+    rho,
+    criterion,
+    tie_seed,
+    seed,
+    out,
+    html_out,
+    plotly_mode,
+    sample,
+    force_grads,
+    include,
+    exclude,
+    force,
+    as_json,
 ):
     """Select the sparse trainable set: exact top-ρ % of the GaLLoP score |g| / (|θ| + ε) (or a baseline).
 
@@ -119,6 +134,7 @@ def gallop(
         if not done:
             warning = check_gradients_fit(p_ck, g_ck)
             done.update(rho=rho, main=criterion, mask=str(out), warning=warning, **res.to_json())
+            done["inputs"] = {"params": p_ck.sources(), "grads": g_ck.sources()}
         return done
 
     def side_files(res) -> dict:  # the summary and the report, committed with the mask as one output
@@ -126,7 +142,7 @@ def gallop(
         if html_out:
             from mergekit_sparse.reports.gallop import gallop_report_html
 
-            files[html_out] = gallop_report_html(summary(res) | {"sample": res.sample})
+            files[html_out] = gallop_report_html(summary(res) | {"sample": res.sample}, plotly=plotly_mode)
         return files
 
     criteria = list(CRITERIA) if html_out else [criterion]

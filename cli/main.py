@@ -122,6 +122,18 @@ def json_option(f):
     return click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (for scripts).")(f)
 
 
+def plotly_option(f):
+    return click.option(
+        "--plotly",
+        "plotly_mode",
+        type=click.Choice(["inline", "cdn"]),
+        default="inline",
+        show_default=True,
+        help="How a report gets plotly.js: inlined (works offline, ~5 MB) or linked from cdn.plot.ly (~0.3 MB, "
+        "needs a network to view).",
+    )(f)
+
+
 def force_option(f):
     return click.option("--force", is_flag=True, help="Replace an existing output.")(f)
 

@@ -17,6 +17,7 @@ from .main import (
     json_option,
     open_base,
     pickle_option,
+    plotly_option,
     progress_enabled,
     scope_options,
     spec_option,
@@ -56,6 +57,7 @@ from .main import (
     type=click.Path(file_okay=False, path_type=Path),
     help="With --base: keep the computed core masks in this folder.",
 )
+@plotly_option
 @scope_options
 @pickle_option
 @force_option
@@ -70,6 +72,7 @@ def overlap(
     seed,
     out,
     html_out,
+    plotly_mode,
     save_masks,
     include,
     exclude,
@@ -135,19 +138,17 @@ def overlap(
             settings["base"] = base_ck.sources()
         masks = [MaskSet.load(p) for p in paths]
         result = compute_overlap(masks, labels)
+        if (base or not are_masks) and not save_masks:
+            for row in result.inputs:
+                row["mask"] = None  # a temporary, gone with this command (--save-masks keeps the masks)
     groups = group_tasks(result.matrix, labels, tau=tau, order=order, seed=seed)
     doc = groups_document(result, groups, tau=tau, order=order, seed=seed, settings=settings)
-    staged = [atomic.staged_text(out, atomic.dumps(doc) + "\n", force=force)]
-    try:  # the groups file and its report are one output: a kill leaves both or neither
-        if html_out:
-            from mergekit_sparse.reports.overlap import overlap_report_html
+    files = {out: atomic.dumps(doc) + "\n"}
+    if html_out:  # the groups file and its report are one output: a kill leaves both or neither
+        from mergekit_sparse.reports.overlap import overlap_report_html
 
-            staged.append(atomic.staged_text(html_out, overlap_report_html(doc), force=force))
-        atomic.commit_together(staged)
-    except BaseException:
-        for item in staged:
-            item.discard()
-        raise
+        files[html_out] = overlap_report_html(doc, plotly=plotly_mode)
+    atomic.write_texts(files, force=force)
     m = doc["matrix"]
     width = max(len(t) for t in labels)
     lines = [" " * width + "  " + "  ".join(f"{t[:8]:>8}" for t in labels)]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .main import cli, emit, json_option, warn
+from .main import cli, emit, json_option, plotly_option, warn
 
 
 @cli.command("run")
@@ -22,9 +22,13 @@ from .main import cli, emit, json_option, warn
 @click.option(
     "--dry-run", is_flag=True, help="Validate the config and print the resolved settings as JSON; run nothing."
 )
+@plotly_option
 @json_option
-def run_cmd(config, out, dry_run, as_json):
+def run_cmd(config, out, dry_run, plotly_mode, as_json):
     """Run a whole pipeline from a YAML/JSON config; a rerun resumes and skips finished stages.
+
+    Writes summary.json and report.html (the summary table, accuracy per task, ID vs OOD, forgetting,
+    and for CPI-FT the overlap) into the run folder.
 
     The config is validated before any work starts, with every problem listed at once.
     See the README for the keys. `--dry-run` checks everything and prints the settings every stage
@@ -45,10 +49,13 @@ def run_cmd(config, out, dry_run, as_json):
     from mergekit_sparse.pipeline.run import render_summary, run_pipeline
 
     summary = run_pipeline(cfg, root, log=lambda m: click.echo(m, err=True))
+    from mergekit_sparse.reports.run import write_run_report
+
+    summary["report"] = str(write_run_report(root, title=f"mergekit-sparse run: {cfg['kind']}", plotly=plotly_mode))
     for name, m in summary["metrics"].items():
         if m.get("warning"):
             warn(f"{name}: {m['warning']}")
-    emit(summary, as_json, render_summary(summary) + f"\nrun folder: {root}")
+    emit(summary, as_json, render_summary(summary) + f"\nrun folder: {root}\nreport: {summary['report']}")
 
 
 @cli.command()
@@ -62,8 +69,9 @@ def run_cmd(config, out, dry_run, as_json):
     help="Run folder (a rerun reuses finished stages).",
 )
 @click.option("--fast", is_flag=True, help="Tiny settings for a smoke test (seconds, not minutes).")
+@plotly_option
 @json_option
-def demo(out, fast, as_json):
+def demo(out, fast, plotly_mode, as_json):
     """Run CPI-FT and GaLLoP on the built-in tiny model and tasks; print a summary; write report.html.
 
     Needs no download. Takes a few minutes on 2 CPU cores.
@@ -76,5 +84,5 @@ def demo(out, fast, as_json):
     from mergekit_sparse.reports.demo import write_demo_report
 
     summary = run_demo(out, fast=fast, log=lambda m: click.echo(m, err=True))
-    summary["report"] = str(write_demo_report(out))
+    summary["report"] = str(write_demo_report(out, plotly=plotly_mode))
     emit(summary, as_json, summary["text"] + f"\nreport: {summary['report']}")

@@ -8,7 +8,9 @@ import math
 import numpy as np
 import plotly.graph_objects as go
 
-from .page import esc, report_html
+from mergekit_sparse.analysis.names import layer_label, layer_order
+
+from .page import esc, report_html, short_fingerprint
 
 COLORS = {"gallop": "#d62728", "saft": "#1f77b4", "pafi": "#2ca02c", "random": "#7f7f7f"}
 
@@ -61,12 +63,13 @@ def density_figure(doc: dict, criterion: str = "gallop") -> go.Figure:
 
 
 def layer_share_figure(doc: dict) -> go.Figure:
+    """Selected share per layer (numeric order), one bar per criterion."""
     fig = go.Figure()
     for c, summ in doc["criteria"].items():
-        layers = list(summ["per_layer"])
+        layers = sorted(summ["per_layer"], key=layer_order)
         fig.add_trace(
             go.Bar(
-                x=[f"layer {x}" for x in layers],
+                x=[layer_label(x) for x in layers],
                 y=[summ["per_layer"][x] for x in layers],
                 name=esc(c),
                 marker_color=COLORS.get(c),
@@ -74,7 +77,11 @@ def layer_share_figure(doc: dict) -> go.Figure:
             )
         )
     fig.update_layout(
-        barmode="group", title="Selected share per layer, per criterion", yaxis_tickformat=".1%", height=400
+        barmode="group",
+        title="Selected share per layer, per criterion",
+        yaxis_tickformat=".1%",
+        height=440,
+        legend={"orientation": "h", "y": 1.02, "yanchor": "bottom", "x": 1, "xanchor": "right"},
     )
     return fig
 
@@ -103,12 +110,51 @@ def criteria_overlap_figure(doc: dict) -> go.Figure:
 
 
 def gallop_figures(doc: dict) -> list:
+    rho = doc["rho"]
     return [
-        ("GaLLoP score map", "Grey: density of all parameters (sampled); dots: selected entries.", density_figure(doc)),
-        ("Selected share per layer", "", layer_share_figure(doc)),
-        ("Overlap between criteria", "", criteria_overlap_figure(doc)),
+        (
+            "GaLLoP score map",
+            "Every parameter is a point at (log |θ|, log |g|); grey is the density of a seeded sample, dots are the "
+            f"sampled entries GaLLoP trains (top {rho} % of |g| / (|θ| + ε)). The dashed line is the selection "
+            "boundary: above it, the gradient is large for the parameter's size.",
+            density_figure(doc),
+        ),
+        (
+            "Selected share per layer",
+            "The fraction of each layer's parameters each criterion selects (GaLLoP: gradient over magnitude; "
+            "SAFT: |g|; PaFi: smallest |θ|; random: uniform). A flat profile spreads the trainable set over "
+            "the model; a peak concentrates it.",
+            layer_share_figure(doc),
+        ),
+        (
+            "Overlap between criteria",
+            "Jaccard S between the criteria's masks: near 0, two criteria train different parameters; near 1, "
+            f"the same. Two random ρ = {rho} % masks overlap at about {rho / (200 - rho):.4f}.",
+            criteria_overlap_figure(doc),
+        ),
     ]
 
 
-def gallop_report_html(doc: dict) -> str:
-    return report_html(f"GaLLoP selection (ρ = {doc['rho']} %)", gallop_figures(doc))
+def gallop_header(doc: dict) -> dict:
+    inputs = [
+        {"role": role, "path": src.get("path"), "fingerprint": short_fingerprint(src.get("fingerprint"))}
+        for role, src in (doc.get("inputs") or {}).items()
+        if isinstance(src, dict)
+    ]
+    main = doc.get("main", "gallop")
+    summ = doc["criteria"].get(main, {})
+    return {
+        "compared": f"Which parameters the sparse criteria would train at ρ = {doc['rho']} %: "
+        f"{summ.get('selected', 0):,} of {summ.get('total', 0):,} under {main}"
+        + (f" (mask: {doc['mask']})" if doc.get("mask") else "")
+        + ".",
+        "settings": {"ρ (%)": doc["rho"], "criterion": main, "criteria shown": ", ".join(doc["criteria"])}
+        | ({"tie seed": summ["ties"].get("tie_seed")} if isinstance(summ.get("ties"), dict) else {}),
+        "inputs": inputs,
+    }
+
+
+def gallop_report_html(doc: dict, *, plotly: str = "inline") -> str:
+    return report_html(
+        f"GaLLoP selection (ρ = {doc['rho']} %)", gallop_figures(doc), header=gallop_header(doc), plotly=plotly
+    )

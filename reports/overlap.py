@@ -6,7 +6,9 @@ import networkx as nx
 import numpy as np
 import plotly.graph_objects as go
 
-from .page import esc, report_html
+from mergekit_sparse.analysis.names import layer_label, layer_order
+
+from .page import colorbar, esc, grid_heatmap, report_html, short_fingerprint
 
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
 
@@ -30,52 +32,92 @@ def _task_order(doc: dict) -> list[int]:
 
 
 def jaccard_heatmap(doc: dict) -> go.Figure:
+    """S per pair, the colour scale over the off-diagonal values (and τ), the diagonal grey with the core
+    sizes; every cell annotated (up to 16 tasks), chance level and p-value in the hover."""
     order = _task_order(doc)
+    n = len(order)
     names = [esc(doc["tasks"][i]) for i in order]
     m, chance = np.array(doc["matrix"])[np.ix_(order, order)], np.array(doc["chance"])[np.ix_(order, order)]
     pv = np.array(doc["p_values"])[np.ix_(order, order)]
     inter = np.array(doc["intersections"])[np.ix_(order, order)]
-    hover = [
-        [
-            f"{names[i]} ∩ {names[j]}<br>S = {m[i, j]:.4f}<br>chance S = {chance[i, j]:.4f}"
+    sizes = [doc["sizes"][i] for i in order]
+    diag = np.eye(n, dtype=bool)
+
+    def hover(i: int, j: int) -> str:
+        if i == j:
+            return f"{names[i]}: core of {sizes[i]:,} entries"
+        ratio = f" ({m[i, j] / chance[i, j]:.1f}× chance)" if chance[i, j] > 0 else ""
+        return (
+            f"{names[i]} ∩ {names[j]}<br>S = {m[i, j]:.4f}<br>chance S = {chance[i, j]:.4f}{ratio}"
             f"<br>|∩| = {inter[i, j]:,}<br>p = {pv[i, j]:.3g}"
-            for j in range(len(order))
-        ]
-        for i in range(len(order))
-    ]
-    fig = go.Figure(
-        go.Heatmap(
-            z=m,
-            x=names,
-            y=names,
-            text=hover,
-            hoverinfo="text",
-            colorscale="Viridis",
-            zmin=0,
-            zmax=max(1e-9, float(m[~np.eye(len(m), dtype=bool)].max(initial=0))),
-            colorbar={"title": "Jaccard"},
         )
+
+    hovers = [[hover(i, j) for j in range(n)] for i in range(n)]
+    off = m[~diag]
+    zmax = max(float(off.max(initial=0)), float(doc["tau"]) if doc["tau"] > 0 else 0.0, 1e-9)
+    annotate = n <= 16
+    fig = go.Figure(
+        [
+            go.Heatmap(  # the diagonal (S = 1 by definition): grey, labelled with the core size
+                z=np.where(diag, 1.0, np.nan),
+                x=names,
+                y=names,
+                colorscale=[[0, "#d9d9d9"], [1, "#d9d9d9"]],
+                showscale=False,
+                text=[[f"core<br>{sizes[i]:,}" if i == j else "" for j in range(n)] for i in range(n)],
+                texttemplate="%{text}" if annotate else None,
+                customdata=hovers,
+                hovertemplate="%{customdata}<extra></extra>",
+                xgap=2,
+                ygap=2,
+            ),
+            go.Heatmap(
+                z=np.where(diag, np.nan, m),
+                x=names,
+                y=names,
+                colorscale="Viridis",
+                zmin=0,
+                zmax=zmax,
+                text=[[f"{m[i, j]:.3f}" if i != j else "" for j in range(n)] for i in range(n)],
+                texttemplate="%{text}" if annotate else None,
+                customdata=hovers,
+                hovertemplate="%{customdata}<extra></extra>",
+                colorbar=colorbar("Jaccard S"),
+                xgap=2,
+                ygap=2,
+            ),
+        ]
     )
     pos = 0
     for g, grp in enumerate(doc["groups"]):  # outline each group's block
-        n = len(grp)
+        size = len(grp)
         fig.add_shape(
             type="rect",
             x0=pos - 0.5,
-            x1=pos + n - 0.5,
+            x1=pos + size - 0.5,
             y0=pos - 0.5,
-            y1=pos + n - 0.5,
+            y1=pos + size - 0.5,
             line={"color": "red", "width": 3},
         )
-        fig.add_annotation(
-            x=pos + n / 2 - 0.5, y=pos - 0.5, text=f"stage {g + 1}", showarrow=False, yshift=10, font={"color": "red"}
+        fig.add_annotation(  # inside the block's top-left corner, so no label lands on another block
+            x=pos - 0.5,
+            y=pos - 0.5,
+            xanchor="left",
+            yanchor="top",
+            text=f"stage {g + 1}",
+            showarrow=False,
+            font={"color": "red"},
+            bgcolor="rgba(255,255,255,0.85)",
         )
-        pos += n
-    off = chance[~np.eye(len(order), dtype=bool)]
+        pos += size
+    off_chance = chance[~diag]
     fig.update_layout(
-        title=f"Jaccard overlap of core regions (τ = {doc['tau']}, chance level ≈ {off.mean() if off.size else 0:.4f})",
+        title=f"Jaccard overlap of core regions (τ = {doc['tau']}, mean chance level "
+        f"{off_chance.mean() if off_chance.size else 0:.4f})",
         yaxis={"autorange": "reversed"},
-        height=520,
+        height=(height := max(460, 160 + 60 * n) if n <= 16 else 160 + 30 * n),
+        width=height + 260,
+        plot_bgcolor="white",
     )
     return fig
 
@@ -139,39 +181,39 @@ def task_graph_figure(doc: dict) -> go.Figure:
 
 
 def layer_share_heatmap(doc: dict) -> go.Figure:
+    """Layers as rows (numeric order), tasks as columns: the share of each layer in each task's core."""
     tasks = doc["tasks"]
-    layers = list(doc["per_layer"])
-    z = [[doc["layer_share"][t].get(layer, 0.0) for layer in layers] for t in tasks]
-    fig = go.Figure(
-        go.Heatmap(
-            z=z,
-            x=[f"layer {layer}" for layer in layers],
-            y=[esc(t) for t in tasks],
-            colorscale="Magma",
-            colorbar={"title": "share"},
-            hovertemplate="%{y}, %{x}: %{z:.4%} of the layer in the core<extra></extra>",
-        )
+    layers = sorted(doc["per_layer"], key=layer_order)
+    return grid_heatmap(
+        [[doc["layer_share"][t].get(layer, 0.0) for t in tasks] for layer in layers],
+        [esc(t) for t in tasks],
+        [layer_label(layer) for layer in layers],
+        title="Share of each layer's parameters in each task's core",
+        colorscale="Magma",
+        bar=colorbar("share of the layer", tickformat=".1%"),
+        hover="%{x}, %{y}: %{z:.3%} of the layer in the core",
     )
-    fig.update_layout(title="Share of each layer's parameters in each task's core", height=150 + 40 * len(tasks))
-    return fig
 
 
 def module_overlap_figure(doc: dict) -> go.Figure:
+    """Module types as rows, task pairs as columns: S restricted to that module type's tensors."""
     tasks = doc["tasks"]
     pairs = [(i, j) for i in range(len(tasks)) for j in range(i + 1, len(tasks))]
     modules = list(doc["per_module"])
-    z = [[doc["per_module"][mod]["jaccard"][i][j] for mod in modules] for i, j in pairs]
-    fig = go.Figure(
-        go.Heatmap(
-            z=z,
-            x=[esc(mod) for mod in modules],
-            y=[f"{esc(tasks[i])} ∩ {esc(tasks[j])}" for i, j in pairs],
-            colorscale="Viridis",
-            hovertemplate="%{y} in %{x}: S = %{z:.4f}<extra></extra>",
-        )
+    z = [[doc["per_module"][mod]["jaccard"][i][j] for i, j in pairs] for mod in modules]
+    return grid_heatmap(
+        z,
+        [f"{esc(tasks[i])} ∩ {esc(tasks[j])}" for i, j in pairs],
+        [esc(mod) for mod in modules],
+        title="Jaccard overlap per module type",
+        colorscale="Viridis",
+        bar=colorbar("Jaccard S"),
+        hover="%{x} in %{y}: S = %{z:.4f}",
+        text=np.round(z, 3) if len(pairs) <= 12 else None,
+        zmin=0,
+        per_row=30,
+        tickangle=-35 if len(pairs) > 6 else 0,
     )
-    fig.update_layout(title="Jaccard overlap per module type", height=150 + 35 * len(pairs))
-    return fig
 
 
 def tau_sweep_figure(doc: dict) -> go.Figure:
@@ -193,13 +235,71 @@ def tau_sweep_figure(doc: dict) -> go.Figure:
 def overlap_figures(doc: dict) -> list[tuple[str, str, go.Figure]]:
     groups = "; ".join(f"stage {k + 1}: {', '.join(g)}" for k, g in enumerate(doc["groups"]))
     return [
-        ("Jaccard overlap", f"Groups in stage order — {groups}", jaccard_heatmap(doc)),
-        ("Task graph", "", task_graph_figure(doc)),
-        ("Core share per layer", "", layer_share_heatmap(doc)),
-        ("Overlap per module type", "", module_overlap_figure(doc)),
-        ("τ sweep", "", tau_sweep_figure(doc)),
+        (
+            "Jaccard overlap",
+            "Each cell is S = |A ∩ B| / |A ∪ B| between two tasks' cores (the colour scale spans the off-diagonal "
+            "values and τ; the grey diagonal gives each core's size). Hover for the chance level of two random "
+            "cores of the same sizes and the p-value: S far above chance means the tasks changed the same "
+            f"parameters. Red boxes are the groups, in stage order — {groups}.",
+            jaccard_heatmap(doc),
+        ),
+        (
+            "Task graph",
+            f"Tasks are nodes; an edge joins two tasks whose S is at least τ = {doc['tau']} (thicker: larger S). "
+            "Connected tasks share a group and are retrained together; colours are the groups.",
+            task_graph_figure(doc),
+        ),
+        (
+            "Core share per layer",
+            "The fraction of each layer's parameters that fall in each task's core. A uniform column means the "
+            "task changed every layer alike; a bright band shows the layers the task relies on.",
+            layer_share_heatmap(doc),
+        ),
+        (
+            "Overlap per module type",
+            "S computed only over one module type's tensors (all layers together), per pair of tasks: where "
+            "the cores overlap (attention, MLP, embeddings).",
+            module_overlap_figure(doc),
+        ),
+        (
+            "τ sweep",
+            "How many groups the overlap graph gives at each threshold τ; the dashed line is the τ used.",
+            tau_sweep_figure(doc),
+        ),
     ]
 
 
-def overlap_report_html(doc: dict) -> str:
-    return report_html("Core-region overlap and task groups", overlap_figures(doc))
+def overlap_header(doc: dict) -> dict:
+    """The report header: the tasks compared, the settings, and per task its mask and fingerprints."""
+    s = doc.get("settings") or {}
+    base = s.get("base")
+    inputs = [
+        {
+            "task": row["task"],
+            "checkpoint": row.get("checkpoint") or "",
+            "mask": row["mask"] or "(not saved)",
+            "core": f"{row['criterion']} top {row['percent']} %" if row.get("percent") is not None else "",
+            "selected": f"{row['selected']:,}" if isinstance(row.get("selected"), int) else "",
+            "checkpoint fingerprint": short_fingerprint(row.get("fingerprint")),
+            "base fingerprint": short_fingerprint(row.get("base_fingerprint")),
+        }
+        for row in doc.get("inputs") or []
+    ]
+    return {
+        "compared": f"The core regions of {len(doc['tasks'])} tasks ({', '.join(doc['tasks'])}) over "
+        f"{doc['numel']:,} parameters, and the groups they give for staged retraining.",
+        "settings": {
+            "τ": doc["tau"],
+            "group order": doc["order"],
+            "seed": doc["seed"],
+            "p (%)": s.get("p"),
+            "base": base.get("path") if isinstance(base, dict) else base,
+        },
+        "inputs": inputs,
+    }
+
+
+def overlap_report_html(doc: dict, *, plotly: str = "inline") -> str:
+    return report_html(
+        "Core-region overlap and task groups", overlap_figures(doc), header=overlap_header(doc), plotly=plotly
+    )

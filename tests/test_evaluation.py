@@ -109,7 +109,18 @@ def test_forget_cli_json_and_report(tmp_path):
     assert doc["runs"]["full"]["collapse_count"] == 2 and doc["runs"]["sparse"]["collapse_count"] == 0
     assert doc["runs"]["sparse"]["forget_ratio"] == pytest.approx((0.5 - 0.45) / 0.5)
     assert doc["sequential"]["a→b"] == {"delta_A": pytest.approx(0.05), "delta_B": pytest.approx(-0.5)}
-    assert_renders(html, "forget-report", tmp_path, figures=2)
+    dom = assert_renders(html, "forget-report", tmp_path, figures=3)  # accuracy, ID vs OOD, forgetting
+    text = html.read_text()
+    assert v in text and full in text  # the header lists the tables compared
+    assert "<td>full</td><td>a</td><td class='num'>0.950</td>" in text  # the summary table
+    assert "Pareto front" in dom and "Sequential forgetting" in dom
+
+
+def test_pareto_front_keeps_the_runs_no_other_run_beats_on_both_axes():
+    from mergekit_sparse.reports.forget import _pareto
+
+    pts = [(0.2, 0.9), (0.5, 0.5), (0.4, 0.4), (0.9, 0.1), (0.5, 0.5)]
+    assert _pareto(pts) == [0, 1, 4, 3]  # (0.4, 0.4) is beaten by (0.5, 0.5); ties both stay, sorted by OOD
 
 
 def test_forget_scores_a_run_trained_on_several_tasks(tmp_path):

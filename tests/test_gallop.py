@@ -158,6 +158,11 @@ def test_gallop_cli_report_renders_and_grads_for_another_model_are_refused(tiny_
     assert set(doc["criteria"]) == {"gallop", "saft", "pafi", "random"} and doc["main"] == "gallop"
     assert 0 <= doc["jaccard"]["gallop~saft"] <= 1
     assert_renders(html, "gallop-report", tmp_path, figures=3)
+    from mergekit_sparse.storage.checkpoint import Checkpoint
+
+    fp = Checkpoint.open(tiny_base).content_fingerprint()
+    assert doc["inputs"]["params"]["fingerprint"] == fp  # the summary and the report's header name the inputs
+    assert fp.rsplit(":", 1)[-1][:12] in html.read_text() and "ρ (%) = 5.0" in html.read_text()
     # the same gradients against other parameters: allowed, with a warning naming both hashes
     r = CliRunner().invoke(
         cli,

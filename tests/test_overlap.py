@@ -155,14 +155,84 @@ def test_overlap_user_errors(tmp_path):
     assert r.exit_code == 1 and "two inputs have the task name 't0'" in r.output
 
 
-def test_report_for_four_planted_tasks_renders_offline_in_chromium(tmp_path):
-    from browser import assert_renders
+def test_report_for_eight_planted_tasks_renders_offline_in_chromium(tmp_path):
+    from browser import assert_renders, figure_colours
 
-    paths, _ = random_masks(tmp_path, 4, 0.02, seed=1, hot={0: 0, 1: 0, 2: 1, 3: 1})
+    paths, _ = random_masks(tmp_path, 8, 0.02, seed=1, hot={i: i // 4 for i in range(8)})
     html = tmp_path / "overlap.html"
     r = CliRunner().invoke(
         cli, ["overlap", *map(str, paths), "--tau", "0.3", "-o", str(tmp_path / "g.json"), "--html", str(html)]
     )
     assert r.exit_code == 0, r.output
-    dom = assert_renders(html, "overlap-report", tmp_path, figures=5)
-    assert "stage 1" in dom and "stage 2" in dom  # the groups are visible
+    dom = assert_renders(html, "overlap-report-8-tasks", tmp_path, figures=5)
+    assert "stage 1" in dom and "stage 2" in dom and "stage 3" not in dom  # the two planted groups
+    assert len(figure_colours(dom, 0)) >= 3  # in-group S, across-group S and the grey diagonal differ
+
+
+def test_two_task_report_from_real_cores_is_readable_and_names_its_inputs(tiny_base, tiny_tasks, tmp_path):
+    """The commonest case: two tasks. The heatmap's scale covers the off-diagonal S (not the diagonal's 1.0),
+    every figure is at least a readable height, the header names the inputs and their fingerprints."""
+    from browser import assert_renders, figure_colours
+
+    from mergekit_sparse.reports.overlap import jaccard_heatmap
+    from mergekit_sparse.storage.checkpoint import Checkpoint
+
+    html = tmp_path / "overlap2.html"
+    args = ["overlap", "--base", str(tiny_base), *map(str, tiny_tasks[:2]), "--p", "5", "--tau", "0.2"]
+    r = CliRunner().invoke(cli, [*args, "-o", str(tmp_path / "g.json"), "--html", str(html)])
+    assert r.exit_code == 0, r.output
+    doc = json.loads((tmp_path / "g.json").read_text())
+    s = doc["matrix"][0][1]
+    assert 0 < s < 1
+    heat = [t for t in jaccard_heatmap(doc).data if t.showscale is not False][0]
+    assert heat.zmax == pytest.approx(max(s, 0.2)) and heat.zmin == 0  # not 1.0: the diagonal is drawn apart
+    assert [row["task"] for row in doc["inputs"]] == ["math", "code"]
+    fp = Checkpoint.open(tiny_tasks[0]).content_fingerprint()
+    assert doc["inputs"][0]["fingerprint"] == fp
+    dom = assert_renders(html, "overlap-report-2-tasks", tmp_path, figures=5)
+    assert len(figure_colours(dom, 0)) >= 2  # the heatmap is not one uniform colour
+    text = html.read_text()
+    assert fp.rsplit(":", 1)[-1][:12] in text and "math" in text  # the header: inputs and fingerprints
+    assert f"{s:.3f}" in text  # the off-diagonal cell is annotated with S
+    assert "chance S" in text
+
+
+def test_report_plotly_inline_has_no_network_reference_and_cdn_links_it(tmp_path):
+    import re
+
+    import plotly.offline
+
+    paths, _ = random_masks(tmp_path, 2, 0.2)
+    for mode in ("inline", "cdn"):
+        html = tmp_path / f"{mode}.html"
+        r = CliRunner().invoke(
+            cli,
+            ["overlap", *map(str, paths), "-o", str(tmp_path / f"{mode}.json"), "--html", str(html), "--plotly", mode],
+        )
+        assert r.exit_code == 0, r.output
+        text = html.read_text()
+        tags = re.findall(r"<(?:script|link|img|iframe)\b[^>]*>", text)
+        if mode == "inline":
+            assert all("src=" not in t and "href=" not in t for t in tags), tags  # nothing fetched from outside
+            assert plotly.offline.get_plotlyjs()[:200] in text
+        else:
+            version = plotly.offline.get_plotlyjs_version()
+            assert f"<script src='https://cdn.plot.ly/plotly-{version}.min.js'" in text
+            assert plotly.offline.get_plotlyjs()[:200] not in text and len(text) < 500_000
+    r = CliRunner().invoke(cli, ["overlap", *map(str, paths), "-o", str(tmp_path / "x.json"), "--plotly", "web"])
+    assert r.exit_code == 2 and "Invalid value for '--plotly'" in r.output
+
+
+def test_layers_are_in_numeric_order_everywhere():
+    from mergekit_sparse.analysis.names import layer_order, sorted_layers
+    from mergekit_sparse.reports.gallop import layer_share_figure
+    from mergekit_sparse.reports.overlap import layer_share_heatmap
+
+    keys = ["10", "other", "2", "0", "1"]
+    assert sorted(keys, key=layer_order) == ["0", "1", "2", "10", "other"]
+    assert list(sorted_layers({k: 0 for k in keys})) == ["0", "1", "2", "10", "other"]
+    want = ["layer 0", "layer 1", "layer 2", "layer 10", "outside the blocks"]
+    doc = {"tasks": ["a"], "per_layer": {k: {} for k in keys}, "layer_share": {"a": {k: 0.1 for k in keys}}}
+    assert list(layer_share_heatmap(doc).data[0].y) == want
+    gal = {"criteria": {"gallop": {"per_layer": {k: 0.1 for k in keys}}}}
+    assert list(layer_share_figure(gal).data[0].x) == want

@@ -128,7 +128,9 @@ def test_demo_fast_runs_both_pipelines_and_writes_the_report(tmp_path):
     r = CliRunner().invoke(cli, ["demo", "--fast", "-o", str(tmp_path / "demo")])
     assert r.exit_code == 0, r.output
     assert "cpi-ft" in r.stdout and "gallop:caesar" in r.stdout and "groups (stage order)" in r.stdout
-    assert_renders(tmp_path / "demo" / "report.html", "demo-report", tmp_path, figures=7)
+    # summary, accuracy, ID vs OOD, forgetting; overlap (3); GaLLoP score map and layer shares
+    dom = assert_renders(tmp_path / "demo" / "report.html", "demo-report", tmp_path, figures=8)
+    assert "<th>forget ratio</th>" in dom and "gallop config, as resolved" in dom
 
 
 def test_dry_run_accepts_zero_edges_yaml_exponents_and_every_training_key(tmp_path):
@@ -213,6 +215,15 @@ def test_run_on_the_users_own_model_with_user_ood_tasks_gives_defined_forget_rat
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert set(summary["vanilla"]) == {"my_caesar", "my_sub", "my_add", "rev"} and summary["vanilla"]["my_add"] > 0
     assert summary["metrics"] and all(m["forget_ratio"] is not None for m in summary["metrics"].values())
+    from browser import assert_renders
+
+    from mergekit_sparse.storage.checkpoint import Checkpoint
+
+    # `run` writes the same report as the demo: summary, accuracy, ID vs OOD, forgetting, overlap (3)
+    dom = assert_renders(tmp_path / "run" / "report.html", "run-report", tmp_path, figures=6)
+    fp = Checkpoint.open(tmp_path / "mine").content_fingerprint()
+    assert summary["inputs"]["base"]["fingerprint"] == fp and fp.rsplit(":", 1)[-1][:12] in dom
+    assert "my_add" in dom and "<th>OOD acc</th>" in dom
     # a user task named like a builtin one is an error, not a silent swap for the builtin
     cfg["tasks"] = {"caesar": cfg["tasks"]["my_caesar"], "my_sub": cfg["tasks"]["my_sub"]}
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))

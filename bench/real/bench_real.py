@@ -23,9 +23,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import BIN, HERE, mb, measure, sparsemerge, table  # noqa: E402
-
 from build import cache_root  # noqa: E402
+from common import BIN, HERE, mb, measure, sparsemerge, table  # noqa: E402
 
 MERGEKIT = HERE / ".mergekit-venv" / "bin" / "mergekit-yaml"
 

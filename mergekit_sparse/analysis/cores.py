@@ -25,7 +25,7 @@ from ..storage import atomic, dtypes
 from ..storage.checkpoint import Checkpoint
 from ..storage.masks import TIE_PREFIX, MaskWriter, pack
 from ..storage.scope import Scope
-from .names import layer_key
+from .names import layer_key, sorted_layers
 
 
 def delta_chunks(base: Checkpoint, tasks: list[Checkpoint]):
@@ -274,7 +274,7 @@ def compute_cores(
                 total=scope.numel(),
                 threshold=sel.threshold,
                 per_tensor={n: {"selected": counts[i].get(n, 0), "numel": scope.numel(n)} for n in scope.names},
-                per_layer={k: per_layer[k] / layer_sizes[k] for k in layer_sizes},
+                per_layer=sorted_layers({k: per_layer[k] / layer_sizes[k] for k in layer_sizes}),
                 delta_quantiles=hist_quantiles(hists[i]),
                 mask_path=str(out_dir / f"{label}.mask.safetensors"),
                 full_passes=sel.full_passes + (0 if sel.chosen() is not None else 1),

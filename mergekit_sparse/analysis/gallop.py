@@ -32,7 +32,7 @@ from ..storage import atomic
 from ..storage.checkpoint import Checkpoint
 from ..storage.masks import MaskWriter
 from ..storage.scope import Scope
-from .names import layer_key, module_of
+from .names import layer_key, module_of, sorted_layers
 
 EPS = 1e-8
 CRITERIA = ("gallop", "saft", "pafi", "random")
@@ -226,7 +226,7 @@ def select_sparse(
             total=total,
             threshold=sel.threshold,
             per_tensor=per_tensor[c],
-            per_layer={key: counts[c][("layer", key)] / n for key, n in sizes_layer.items()},
+            per_layer=sorted_layers({key: counts[c][("layer", key)] / n for key, n in sizes_layer.items()}),
             per_module={key: counts[c][("module", key)] / n for key, n in sizes_module.items()},
             score_quantiles=hist_quantiles(h["score"]),
             grad_quantiles={"selected": hist_quantiles(h["g_sel"]), "rest": hist_quantiles(h["g_rest"])},

@@ -27,5 +27,22 @@ def module_of(name: str) -> str:
 
 
 def layer_key(name: str) -> str:
+    """The breakdown key of a tensor: its block index as text, or "other" (embeddings, final norm, head)."""
     layer = layer_of(name)
     return str(layer) if layer is not None else "other"
+
+
+def layer_order(key: str) -> tuple[bool, int, str]:
+    """Sort key for layer keys: numeric order (0, 1, 2, …, 10), "other" last; the one order of every
+    per-layer table and figure."""
+    return (not key.isdigit(), int(key) if key.isdigit() else 0, key)
+
+
+def sorted_layers(per_layer: dict) -> dict:
+    """`per_layer` (keyed by `layer_key`) in `layer_order`."""
+    return dict(sorted(per_layer.items(), key=lambda kv: layer_order(kv[0])))
+
+
+def layer_label(key: str) -> str:
+    """How a layer key reads on an axis: "layer 3", or "outside the blocks" for "other"."""
+    return f"layer {key}" if key.isdigit() else "outside the blocks"

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..errors import MismatchError, OptionError
 from ..storage.masks import MaskSet, popcount
-from .names import layer_key, module_of
+from .names import layer_key, module_of, sorted_layers
 
 ORDERS = ("random", "input", "least-overlap")
 
@@ -75,6 +75,7 @@ class OverlapResult:
     whole: Counts
     per_tensor: dict[str, Counts] = field(default_factory=dict)
     per_layer: dict[str, Counts] = field(default_factory=dict)
+    inputs: list[dict] = field(default_factory=list)  # per task: mask, settings, fingerprints
     per_module: dict[str, Counts] = field(default_factory=dict)
     strict: Counts | None = None  # over the strict cores (entries above each threshold), when masks say
 
@@ -127,6 +128,7 @@ def compute_overlap(masks: list[MaskSet], labels: list[str]) -> OverlapResult:
         m.check_fits(shapes, masks[0].path)
     n = len(masks)
     result = OverlapResult(labels, Counts(np.zeros((n, n), dtype=np.int64)))
+    result.inputs = mask_inputs(masks, labels)
     if all(m.has_tie_bits for m in masks):  # METHODS §4: S over the strict cores too
         result.strict = Counts(np.zeros((n, n), dtype=np.int64))
     layers: dict[str, Counts] = defaultdict(lambda: Counts(np.zeros((n, n), dtype=np.int64)))
@@ -142,9 +144,7 @@ def compute_overlap(masks: list[MaskSet], labels: list[str]) -> OverlapResult:
             result.strict.add(_intersections(strict), numel)
         layers[layer_key(name)].add(inter, numel)
         modules[module_of(name)].add(inter, numel)
-    result.per_layer = dict(
-        sorted(layers.items(), key=lambda kv: (kv[0] == "other", int(kv[0]) if kv[0].isdigit() else 0))
-    )
+    result.per_layer = sorted_layers(layers)
     result.per_module = dict(sorted(modules.items()))
     return result
 
@@ -222,7 +222,33 @@ def groups_document(
         "layer_share": result.layer_share(),
         "tau_sweep": tau_sweep(result.matrix, tasks),
         "settings": settings,
+        "inputs": result.inputs,
     }
+
+
+def mask_inputs(masks: list[MaskSet], labels: list[str]) -> list[dict]:
+    """Per task: its mask file, how the core was made and the content fingerprints of the checkpoints it came
+    from (from the mask's own metadata; None where the mask does not record them)."""
+
+    def fingerprint(src) -> str | None:
+        return src.get("fingerprint") if isinstance(src, dict) else None
+
+    out = []
+    for label, m in zip(labels, masks):
+        sources = m.meta.get("sources") if isinstance(m.meta.get("sources"), list) else []
+        out.append(
+            {
+                "task": label,
+                "mask": str(m.path),
+                "criterion": m.meta.get("criterion"),
+                "percent": m.meta.get("percent", m.meta.get("rho")),
+                "selected": m.meta.get("selected"),
+                "checkpoint": sources[-1].get("path") if sources and isinstance(sources[-1], dict) else None,
+                "fingerprint": fingerprint(sources[-1]) if sources else None,
+                "base_fingerprint": fingerprint(m.meta.get("base")),
+            }
+        )
+    return out
 
 
 def load_groups(path) -> dict:

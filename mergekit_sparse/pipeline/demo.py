@@ -50,6 +50,7 @@ def run_demo(out: Path, *, fast: bool = False, log=print) -> dict:
     gal = run_pipeline(gal_cfg, out, log=log)
     metrics = {**cpi["metrics"], **{k: v for k, v in gal["metrics"].items() if not k.startswith("full-ft")}}
     summary = {"vanilla": cpi["vanilla"], "ood_tasks": cpi["ood_tasks"], "metrics": metrics, "groups": cpi["groups"]}
+    summary |= {"settings": cpi["settings"] | gal["settings"], "inputs": cpi["inputs"], "task_specs": cpi["task_specs"]}
     summary["groups_file"] = cpi["groups_file"]
     write_criteria(out, cpi)
     atomic.write_json(out / "summary.json", summary)

@@ -186,6 +186,7 @@ def run_pipeline(cfg: dict, root: Path, *, log: Callable[[str], None] = print) -
     trains, tests = _data_stage(run, base)
     vanilla = _eval_stage(run, "vanilla", base, ["data"], tests)
     summary = {"kind": cfg["kind"], "tasks": list(cfg["tasks"]), "ood_tasks": cfg["ood_tasks"], "runs": {}}
+    summary |= _provenance(cfg, base)
     probes = _probes(run, base, trains, tests)
     for t, (_, acc) in probes.items():
         summary["runs"][f"full-ft:{t}"] = {"trained": t, "accuracy": str(acc)}
@@ -197,6 +198,18 @@ def run_pipeline(cfg: dict, root: Path, *, log: Callable[[str], None] = print) -
     summary["stages"] = run.done
     atomic.write_json(run.root / "summary.json", summary)
     return summary
+
+
+def _provenance(cfg: dict, base: Path) -> dict:
+    """What the run read and how (for its report and for a reader of summary.json): the resolved config, the
+    base's path and content fingerprint, and the task specs."""
+    from ..storage.checkpoint import Checkpoint
+
+    return {
+        "settings": {cfg["kind"]: cfg},
+        "inputs": {"base": Checkpoint.open(base).sources()},
+        "task_specs": {t: str(spec) if not isinstance(spec, dict) else spec for t, spec in cfg["tasks"].items()},
+    }
 
 
 def _probes(run: Run, base: Path, trains: dict, tests: dict) -> dict:

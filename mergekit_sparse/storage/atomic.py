@@ -254,6 +254,22 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return Path(path)
 
 
+def write_texts(files: dict, *, force: bool = True) -> None:
+    """Write several small files as one output (all or none, even on a kill: `commit_together`). The texts
+    may be callables, called one by one once the earlier files are staged."""
+    staged: list[AtomicPath] = []
+    if not files:
+        return
+    try:
+        for path, text in files.items():
+            staged.append(staged_text(path, text() if callable(text) else text, force=force))
+        commit_together(staged)
+    except BaseException:
+        for item in staged:
+            item.discard()
+        raise
+
+
 def finite(doc):
     """`doc` with every NaN/±Inf float replaced by None: JSON has no such numbers (Python would write the
     invalid tokens NaN and -Infinity). Floats keep their full precision."""
