@@ -118,7 +118,11 @@ def _header_html(header: dict) -> str:
         parts.append(f"<div class='settings'><b>Settings</b> {chips}</div>")
     inputs = header.get("inputs") or []
     if inputs:
-        cols = list(dict.fromkeys(k for row in inputs for k in row))
+        cols = [  # columns no input has a value for are left out
+            c
+            for c in dict.fromkeys(k for row in inputs for k in row)
+            if any(row.get(c) not in (None, "", "—") for row in inputs)
+        ]
         parts.append("<p><b>Inputs</b></p>" + table_html(cols, [[row.get(c, "") for c in cols] for row in inputs]))
     if header.get("details"):  # trusted HTML from the report's own builder (already escaped)
         parts.append(header["details"])
