@@ -211,7 +211,7 @@ def progress_enabled() -> bool:
     return sys.stderr.isatty()
 
 
-from . import commands, eval_cmd, gallop_cmd, overlap_cmd, run_cmd, train_cmd  # noqa: E402,F401  (registers the commands on `cli`)
+from . import commands, eval_cmd, gallop_cmd, merge_cmd, overlap_cmd, run_cmd, train_cmd  # noqa: E402,F401  (registers the commands on `cli`)
 
 
 def main() -> None:

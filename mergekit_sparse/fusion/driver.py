@@ -245,18 +245,16 @@ def _check_f16_range(name: str, values: np.ndarray) -> None:
         )
 
 
-class _Fusion:
-    """The streaming fusion of one output, tensor by tensor (state shared by the chunks and the patching).
+class StreamJob:
+    """What every streaming merge shares (fusion and `merge`'s methods): per-worker scratch, the tensor loop
+    over the output plan (tensors out of scope copied from the output's reference model, the others
+    streamed chunk by chunk from `tensor(name, out_code)`), several workers taking the largest tensors
+    first. A subclass gives `tensor`, `reference` (the model out-of-scope tensors come from), `report`
+    (with `copied_tensors`) and `finish_run`."""
 
-    Per tensor: the Gram matrix of the fold models (the fusion base and the other tasks), then the
-    output chunk by chunk: the SLERP fold as a linear combination, then every task's core written
-    over it. Models of small enough tensors are converted to float32 once and kept for both sweeps.
-    """
+    reference: Checkpoint
 
-    def __init__(self, tasks, labels, others, onto, base, t_values, conflict, masks, selectors):
-        self.tasks, self.labels, self.others, self.onto, self.base = tasks, labels, others, onto, base
-        self.t_values, self.conflict, self.masks, self.selectors = t_values, conflict, masks, selectors
-        self.onto_task = next((i for i in range(len(tasks)) if i not in others), None)
+    def __init__(self):
         self.lock = threading.Lock()  # guards the counts when several workers fuse at once
         self.local = threading.local()  # per-worker scratch
         self.cache_bytes, self.workers = CACHE_BYTES, 1
@@ -267,23 +265,23 @@ class _Fusion:
             self.local.bufs = Buffers()
         return self.local.bufs
 
-    @property
-    def scratch(self) -> CoreScratch:
-        if not hasattr(self.local, "scratch"):
-            self.local.scratch = CoreScratch()
-        return self.local.scratch
+    def tensor(self, name: str, out_code: str):
+        raise NotImplementedError
+
+    def finish_run(self) -> None:
+        pass
 
     def run(self, writer: CheckpointWriter, plan: list, scope: Scope, *, workers: int, progress: bool) -> None:
         """Write every tensor of `plan`: in plan order with one worker; with several, each worker takes the
         largest tensor left (so the last ones to finish are small) and keeps at most its share of
         CACHE_BYTES."""
-        bar = tqdm(total=len(plan), desc="fuse", disable=not progress, leave=False)
+        bar = tqdm(total=len(plan), desc=type(self).__name__.strip("_").lower(), disable=not progress, leave=False)
 
         def one(name: str, out_code: str) -> None:
             if name not in scope.shapes:
                 with self.lock:
                     self.report.copied_tensors.append(name)
-                raw, code = self.onto.array(name), self.onto.infos[name].code
+                raw, code = self.reference.array(name), self.reference.infos[name].code
                 if out_code == "F16" and dtypes.is_float(code) and code != "F16":
                     _check_f16_range(name, dtypes.to_float32(raw.reshape(-1), code))
                 writer.write(name, dtypes.convert(raw, code, out_code))
@@ -299,9 +297,8 @@ class _Fusion:
         finally:
             bar.close()
             self.cache_bytes = CACHE_BYTES
-            self.report.linear_tensors.sort()
             self.report.copied_tensors.sort()
-            self._publish_pairs()
+            self.finish_run()
 
     def _each(self, items: list, fn) -> None:
         """fn(item) for every item, in order with one worker; with several, each worker takes the next item
@@ -332,6 +329,32 @@ class _Fusion:
                     f.result()
             finally:
                 stop.set()
+
+
+class _Fusion(StreamJob):
+    """The streaming fusion of one output, tensor by tensor (state shared by the chunks and the patching).
+
+    Per tensor: the Gram matrix of the fold models (the fusion base and the other tasks), then the
+    output chunk by chunk: the SLERP fold as a linear combination, then every task's core written
+    over it. Models of small enough tensors are converted to float32 once and kept for both sweeps.
+    """
+
+    def __init__(self, tasks, labels, others, onto, base, t_values, conflict, masks, selectors):
+        super().__init__()
+        self.tasks, self.labels, self.others, self.onto, self.base = tasks, labels, others, onto, base
+        self.t_values, self.conflict, self.masks, self.selectors = t_values, conflict, masks, selectors
+        self.onto_task = next((i for i in range(len(tasks)) if i not in others), None)
+        self.reference = onto
+
+    @property
+    def scratch(self) -> CoreScratch:
+        if not hasattr(self.local, "scratch"):
+            self.local.scratch = CoreScratch()
+        return self.local.scratch
+
+    def finish_run(self) -> None:
+        self.report.linear_tensors.sort()
+        self._publish_pairs()
 
     def start(self, counting: bool) -> None:
         self.counting = counting

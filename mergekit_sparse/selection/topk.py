@@ -220,12 +220,17 @@ def _by_tensor(tensor_ids: np.ndarray):
 def topk_mask(scores, k: int, *, rank: int = 0, seed: int = 0) -> tuple:
     """Exact top-k of one in-memory tensor (of §2 rank `rank`), ties by the §2 hash:
     (torch mask, threshold, entries equal to the threshold, of them chosen)."""
-    shape = tuple(scores.shape)
-    n = math.prod(shape)
+    mask, t, ties, picks = topk_bits(scores, k, rank=rank, seed=seed)
+    return _torch(mask.reshape(tuple(scores.shape))), t, ties, picks
+
+
+def topk_bits(scores, k: int, *, rank: int = 0, seed: int = 0) -> tuple:
+    """`topk_mask` in numpy (flat bool mask): for callers that never load torch (the merge methods)."""
+    n = math.prod(tuple(scores.shape))
     if k <= 0:
-        return _torch(np.zeros(shape, dtype=bool)), float("inf"), 0, 0
+        return np.zeros(n, dtype=bool), float("inf"), 0, 0
     if k >= n:
-        return _torch(np.ones(shape, dtype=bool)), float("-inf"), 0, 0
+        return np.ones(n, dtype=bool), float("-inf"), 0, 0
     key = float_keys(scores)
     t = int(np.partition(key, n - k)[n - k])  # k-th largest
     mask = key > t
@@ -235,7 +240,7 @@ def topk_mask(scores, k: int, *, rank: int = 0, seed: int = 0) -> tuple:
         mask[eq] = True
     else:
         mask[eq[smallest_hashes(tie_hash(seed, rank, eq), r)]] = True
-    return _torch(mask.reshape(shape)), key_to_float(t), int(eq.size), r
+    return mask, key_to_float(t), int(eq.size), r
 
 
 def _largest(v: np.ndarray, r: int) -> np.ndarray:

@@ -1,0 +1,130 @@
+"""The sparse merge family's maths (METHODS §10), on float32 numpy chunks: which entries of each task
+vector τₜ = θᵗ − θ⁰ are kept (magnitude top-k, DARE's hash drop, Breadcrumbs' rank window), their
+rescaling, and the combination (weighted sum, TIES sign election and disjoint mean).
+
+The streaming driver (`merge.MergeJob`) calls these tensor by tensor and chunk by chunk; nothing here
+reads files. `semantics: mergekit` reproduces mergekit 0.1.5 (weighted sign election, weight divisor,
+‖τ‖₁-matching rescale); `semantics: reference` follows the papers and PEFT (unweighted election, count
+divisor, 1/density rescale).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..selection.keys import tie_hash
+
+SEMANTICS = ("mergekit", "reference")
+RESCALES = ("l1", "inverse")  # plus None: no rescale
+
+
+@dataclass(frozen=True)
+class Method:
+    """One method of the family: how it sparsifies, whether it elects signs, its defaults."""
+
+    name: str
+    sparsify: str | None  # None, "magnitude" (top-k |τ|), "random" (DARE), "outliers" (Breadcrumbs)
+    consensus: bool  # TIES sign election and disjoint merge
+    normalize: bool  # default of `normalize`
+    rescale: bool  # default of `rescale` (DARE: true)
+    delta: bool = True  # works on task vectors against base_model (linear: on the weights themselves)
+    params: tuple[str, ...] = ("weight",)
+
+
+METHODS = {
+    m.name: m
+    for m in (
+        Method("linear", None, False, True, False, delta=False),
+        Method("task_arithmetic", None, False, False, False),
+        Method("ties", "magnitude", True, True, False, params=("weight", "density")),
+        Method("dare_linear", "random", False, False, True, params=("weight", "density")),
+        Method("dare_ties", "random", True, False, True, params=("weight", "density")),
+        Method("breadcrumbs", "outliers", False, False, False, params=("weight", "density", "gamma")),
+        Method("breadcrumbs_ties", "outliers", True, False, False, params=("weight", "density", "gamma")),
+    )
+}
+PLANNED = ("slerp", "tall", "consensus", "localize_stitch", "cpi_ft")  # METHODS §10, not in this release yet
+DEFAULTS = {"weight": 1.0, "density": 1.0, "gamma": 0.01, "lambda": 1.0}
+
+
+def keep_window(method: Method, n: int, density: float, gamma: float) -> tuple[int, int] | None:
+    """The ranks (from the largest |τ|, 0-based, [lo, hi)) a magnitude or Breadcrumbs sparsification keeps in
+    a tensor of n entries; None keeps everything. As mergekit 0.1.5: magnitude keeps max(1, ⌊density·n⌋);
+    Breadcrumbs drops the top ⌊γ·n⌋ and keeps the next ⌊density·n⌋ (fewer dropped from the top when both
+    do not fit; a tensor with ⌊γ·n⌋ = 0 drops nothing from the top), density ≥ 1 keeps all."""
+    if density >= 1:
+        return None
+    if density <= 0 or n == 0:
+        return (0, 0)
+    if method.sparsify == "magnitude":
+        return (0, max(1, int(density * n)))
+    target, n_top = int(density * n), int(gamma * n)
+    lo = min(n_top, n - target)
+    return (lo, lo + target)
+
+
+def dare_keep(seed: int, task: int, rank: int, start: int, end: int, density: float) -> np.ndarray:
+    """DARE's drop (METHODS §10): entry j of task t is kept iff h < ⌊density·2⁶⁴⌋, h the §2 hash with seed
+    s + 1 + t: deterministic, independent of threads and chunking, independent across tasks."""
+    if density >= 1:
+        return np.ones(end - start, dtype=bool)
+    if density <= 0:
+        return np.zeros(end - start, dtype=bool)
+    limit = np.uint64(int(density * 2.0**64))  # exact: scaling by a power of two
+    return tie_hash(seed + 1 + task, rank, np.arange(start, end, dtype=np.int64)) < limit
+
+
+def rescale_factor(kind: str | None, density: float, before: float, after: float, eps: float = 1e-7) -> float:
+    """The factor kept entries are multiplied by: `l1` makes ‖τ̂‖₁ = ‖τ‖₁ (mergekit; nothing when either
+    norm is below eps), `inverse` is 1/density (the DARE paper, PEFT)."""
+    if kind == "l1":
+        return 1.0 if before < eps or after < eps else before / after
+    if kind == "inverse":
+        return 1.0 / density if 0 < density < 1 else 1.0
+    return 1.0
+
+
+def combine(
+    taus: list[np.ndarray],
+    weights: list[float],
+    *,
+    consensus: bool,
+    normalize: bool,
+    lam: float,
+    semantics: str,
+) -> np.ndarray:
+    """τ_merged for one chunk from the (sparsified, rescaled) task vectors.
+
+    Without consensus: Σ wₜτₜ, divided by Σ wₜ when `normalize` (a divisor near 0 counts as 1). With
+    consensus (TIES): elect γ = sign(Σ wₜτₜ) (mergekit) or sign(Σ τₜ) (reference), ≥ 0 → +1; keep task t
+    where sign τₜ = γ (zeros never agree); Σ over the agreeing tasks, divided by their Σ wₜ (mergekit) or
+    their count (reference) when `normalize`, a zero divisor counting as 1. Then × λ.
+    """
+    weighted = [t * np.float32(w) for t, w in zip(taus, weights)]
+    if not consensus:
+        mixed = weighted[0].copy()
+        for x in weighted[1:]:
+            mixed += x
+        divisor = float(np.float32(sum(np.float32(w) for w in weights)))
+        if normalize:
+            mixed /= np.float32(1.0 if abs(divisor) < 1e-8 else divisor)
+    else:
+        elect = weighted if semantics == "mergekit" else taus
+        total = elect[0].copy()
+        for x in elect[1:]:
+            total += x
+        majority = np.where(total >= 0, np.float32(1), np.float32(-1))
+        mixed = np.zeros_like(taus[0])
+        divisor = np.zeros_like(taus[0])
+        for x, t, w in zip(weighted, taus, weights):
+            agree = np.sign(x if semantics == "mergekit" else t) == majority
+            mixed += np.where(agree, x, np.float32(0))
+            divisor += np.where(agree, np.float32(w if semantics == "mergekit" else 1.0), np.float32(0))
+        if normalize:
+            divisor[divisor == 0] = 1
+            mixed /= divisor
+    if lam != 1:
+        mixed *= np.float32(lam)
+    return mixed

@@ -1,0 +1,253 @@
+"""`sparsemerge merge`: parity with mergekit 0.1.5 (golden outputs committed in tests/data/merge, made by
+its make_golden.py), naive in-memory oracles for what mergekit does not do, DARE's determinism and
+rescale, Breadcrumbs on tiny tensors, the config's errors and `--dry-run`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+from safetensors.numpy import load_file
+
+from mergekit_sparse.cli.main import cli
+
+DATA = Path(__file__).resolve().parent / "data" / "merge"
+GOLDEN = sorted(p.stem for p in DATA.glob("*.yml"))
+
+
+def weights(folder: Path) -> dict[str, np.ndarray]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def config_here(tmp_path: Path, doc: dict, name: str = "m.yml") -> Path:
+    """A config in a copy-free place: absolute model paths into the fixtures."""
+    doc = json.loads(json.dumps(doc))
+    for key in ("base_model",):
+        if key in doc:
+            doc[key] = str(DATA / doc[key])
+    for m in doc.get("models", []):
+        m["model"] = str(DATA / m["model"])
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(doc))
+    return p
+
+
+def merge(cfg: Path, out: Path, *extra: str):
+    r = CliRunner().invoke(cli, ["merge", str(cfg), "-o", str(out), *extra])
+    assert r.exit_code == 0, r.output
+    return r
+
+
+@pytest.mark.parametrize("name", GOLDEN)
+def test_equals_mergekit_0_1_5(name, tmp_path):
+    """linear, task_arithmetic, ties (normalised and plain sum), breadcrumbs, breadcrumbs_ties: filters,
+    layer gradients, lambda; three tasks with conflicting signs. Exact but for linear's float32 rounding."""
+    assert len(GOLDEN) == 6
+    merge(DATA / f"{name}.yml", tmp_path / "out")
+    got, want = weights(tmp_path / "out"), load_file(str(DATA / "golden" / f"{name}.safetensors"))
+    assert set(got) == set(want)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=f"{name}: {k}")
+        if name != "linear":
+            assert np.array_equal(got[k], want[k]), (name, k)
+    base = weights(DATA / "base")
+    assert any(not np.array_equal(got[k], base[k]) for k in got)  # it merged something
+
+
+def _taus():
+    base = weights(DATA / "base")
+    return base, [{k: weights(DATA / t)[k] - base[k] for k in base} for t in "abc"]
+
+
+def _top(x: np.ndarray, k: int) -> np.ndarray:
+    """Naive top-k mask by a full sort (continuous fixtures: no ties)."""
+    m = np.zeros(x.size, dtype=bool)
+    m[np.argsort(-np.abs(x).reshape(-1), kind="stable")[:k]] = True
+    return m.reshape(x.shape)
+
+
+def test_ties_reference_semantics_against_a_naive_oracle(tmp_path):
+    """semantics: reference — trim, elect on the unweighted sum, mean over the agreeing tasks by count."""
+    w = [1.0, 0.5, 2.0]
+    doc = {
+        "merge_method": "ties",
+        "base_model": "base",
+        "models": [{"model": t, "parameters": {"weight": wi, "density": 0.3}} for t, wi in zip("abc", w)],
+        "parameters": {"semantics": "reference", "lambda": 0.9},
+    }
+    merge(config_here(tmp_path, doc), tmp_path / "out")
+    got = weights(tmp_path / "out")
+    base, taus = _taus()
+    for k in base:
+        trimmed = [t[k] * _top(t[k], max(1, int(0.3 * t[k].size))) for t in taus]
+        gamma = np.where(sum(trimmed) >= 0, 1.0, -1.0)
+        agree = [np.sign(t) == gamma for t in trimmed]
+        total = sum(wi * t * a for wi, t, a in zip(w, trimmed, agree))
+        count = np.maximum(sum(a.astype(np.float32) for a in agree), 1)
+        np.testing.assert_allclose(got[k], base[k] + 0.9 * total / count, rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_dare_is_deterministic_across_threads_and_its_rescales_hold(tmp_path):
+    """DARE keeps each entry by the §2 hash (seed s + 1 + t): the same output at 1 and 2 threads; about
+    `density` of every tensor kept; `rescale: inverse` multiplies kept entries by exactly 1/density;
+    mergekit's `l1` rescale preserves each task vector's ‖τ‖₁."""
+    density = 0.25
+    outs = {}
+    for rescale in ("inverse", "l1"):
+        doc = {
+            "merge_method": "dare_linear",
+            "base_model": "base",
+            "models": [{"model": "a", "parameters": {"weight": 1.0, "density": density}}],
+            "parameters": {"rescale": rescale, "random_seed": 7},
+        }
+        cfg = config_here(tmp_path, doc, f"{rescale}.yml")
+        for threads in ("1", "2"):
+            out = tmp_path / f"{rescale}-{threads}"
+            env = {**os.environ, "OMP_NUM_THREADS": threads, "HF_HUB_OFFLINE": "1"}
+            r = subprocess.run(
+                [str(Path(sys.executable).parent / "sparsemerge"), "merge", str(cfg), "-o", str(out), "--json"],
+                capture_output=True,
+                text=True,
+                env=env,
+            )
+            assert r.returncode == 0, r.stderr
+            outs[rescale, threads] = weights(out)
+    base, taus = _taus()
+    for rescale in ("inverse", "l1"):
+        for k in base:
+            assert np.array_equal(outs[rescale, "1"][k], outs[rescale, "2"][k]), (rescale, k)
+    kept_total = n_total = 0
+    for k in base:
+        tau, got = taus[0][k], outs["inverse", "1"][k] - base[k]
+        kept = outs["inverse", "1"][k] != base[k]
+        kept_total, n_total = kept_total + int(kept.sum()), n_total + kept.size
+        np.testing.assert_allclose(got[kept], tau[kept] / density, rtol=1e-4, atol=1e-6)
+        got_l1 = outs["l1", "1"][k] - base[k]
+        if tau.size >= 64:
+            assert abs(np.abs(got_l1).sum() / np.abs(tau).sum() - 1) < 1e-3, k
+    sigma = (n_total * density * (1 - density)) ** 0.5
+    assert abs(kept_total - density * n_total) < 4 * sigma
+
+
+def test_dare_seed_changes_the_drop_and_tasks_drop_independently(tmp_path):
+    from mergekit_sparse.fusion.methods import dare_keep
+
+    a, b = dare_keep(0, 0, 3, 0, 20000, 0.5), dare_keep(0, 1, 3, 0, 20000, 0.5)
+    assert 0.45 < a.mean() < 0.55 and 0.2 < (a & b).mean() < 0.3  # independent: about density²
+    assert not np.array_equal(a, dare_keep(1, 0, 3, 0, 20000, 0.5))
+    assert np.array_equal(a[5000:7000], dare_keep(0, 0, 3, 5000, 7000, 0.5))  # chunking changes nothing
+
+
+def test_breadcrumbs_on_tiny_tensors_keeps_the_window_and_never_zeroes_a_whole_delta():
+    """⌊γ·n⌋ = 0 drops nothing from the top; a window that would run past the end slides down."""
+    from mergekit_sparse.fusion.methods import METHODS, keep_window
+
+    bc = METHODS["breadcrumbs"]
+    assert keep_window(bc, 16, 0.5, 0.01) == (0, 8)  # n_top = 0: the top half kept, not nothing
+    assert keep_window(bc, 100, 0.3, 0.05) == (5, 35)
+    assert keep_window(bc, 10, 0.9, 0.2) == (1, 10)  # 2 + 9 > 10: drop only 1 from the top
+    assert keep_window(bc, 10, 1.0, 0.2) is None  # density 1 keeps all (as mergekit)
+    assert keep_window(METHODS["ties"], 10, 0.01, 0) == (0, 1)  # magnitude keeps at least one
+
+
+def test_the_output_is_a_model_transformers_loads_with_its_record(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    merge(DATA / "ties.yml", tmp_path / "out")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.config.num_hidden_layers == 3
+    rec = json.loads((tmp_path / "out" / "merge.json").read_text())
+    assert rec["settings"]["merge_method"] == "ties" and rec["settings"]["semantics"] == "mergekit"
+    assert rec["settings"]["base"]["fingerprint"].startswith("sha256-tensors-v1:")
+    assert set(rec["counts"]["kept"]) == {"a", "b", "c"}
+    assert (tmp_path / "out" / "tokenizer.json").is_file()  # from the base
+    assert "base_model:" in (tmp_path / "out" / "README.md").read_text()
+    # inputs are never touched; an existing output needs --force
+    r = CliRunner().invoke(cli, ["merge", str(DATA / "ties.yml"), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 1 and "already exists" in r.output
+
+
+def test_config_problems_are_listed_at_once_before_any_tensor_is_read(tmp_path):
+    doc = {
+        "merge_method": "ties",
+        "base_model": "base",
+        "models": [
+            {"model": "a", "parameters": {"weight": "heavy", "density": 1.5, "gamma": 0.1}},
+            {"model": "b", "extra": 1},
+        ],
+        "parameters": {"normalize": "yes", "scope": "global", "bogus": 1},
+        "tokenizer_source": "union",
+        "surprise": True,
+    }
+    r = CliRunner().invoke(cli, ["merge", str(config_here(tmp_path, doc)), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 1
+    for msg in [
+        "config.surprise: unknown key",
+        "config.models[0].parameters.weight: 'heavy' is not a finite number",
+        "config.models[0].parameters.density: 1.5 is not a number in [0, 1]",
+        "config.models[0].parameters.gamma: not a parameter of ties",
+        "config.models[1].extra: unknown key",
+        "config.parameters.normalize: 'yes' is not true or false",
+        "config.parameters.scope: 'global' is not tensor",
+        "config.parameters.bogus: unknown",
+        "config.tokenizer_source: union",
+    ]:
+        assert msg in r.output, (msg, r.output)
+    assert not (tmp_path / "out").exists()
+    for method, want in [("model_stock", "is not one of linear, task_arithmetic, ties"), ("tall", "tall is planned")]:
+        cfg = config_here(tmp_path, {"merge_method": method, "base_model": "base", "models": [{"model": "a"}]})
+        r = CliRunner().invoke(cli, ["merge", str(cfg), "-o", str(tmp_path / "out")])
+        assert r.exit_code == 1 and want in r.output, r.output
+
+
+def test_slices_full_range_runs_and_partial_slices_are_refused(tmp_path):
+    for d in ("base", "a", "b"):
+        shutil.copytree(DATA / d, tmp_path / d)
+    full = {
+        "merge_method": "task_arithmetic",
+        "base_model": "base",
+        "slices": [{"sources": [{"model": m, "layer_range": [0, 3]} for m in ("base", "a", "b")]}],
+        "parameters": {"weight": 0.5},
+    }
+    (tmp_path / "s.yml").write_text(yaml.safe_dump(full))
+    merge(tmp_path / "s.yml", tmp_path / "out")
+    models = {**full, "models": [{"model": "a"}, {"model": "b"}]}
+    models.pop("slices")
+    (tmp_path / "m.yml").write_text(yaml.safe_dump(models))
+    merge(tmp_path / "m.yml", tmp_path / "out2")
+    a, b = weights(tmp_path / "out"), weights(tmp_path / "out2")
+    assert all(np.array_equal(a[k], b[k]) for k in a)  # the base listed among the sources is θ⁰, not a task
+    full["slices"][0]["sources"][1]["layer_range"] = [0, 2]
+    (tmp_path / "s.yml").write_text(yaml.safe_dump(full))
+    r = CliRunner().invoke(cli, ["merge", str(tmp_path / "s.yml"), "-o", str(tmp_path / "out3")])
+    assert r.exit_code == 1 and "frankenmerges" in r.output
+
+
+def test_dry_run_checks_shapes_and_prints_the_plan_without_writing(tmp_path):
+    r = CliRunner().invoke(cli, ["merge", str(DATA / "ties.yml"), "--dry-run", "--json"])
+    assert r.exit_code == 0, r.output
+    plan = json.loads(r.stdout)["plan"]
+    merge(DATA / "ties.yml", tmp_path / "out")
+    data = (tmp_path / "out" / "model.safetensors").stat().st_size
+    assert plan["output_bytes"] <= data < plan["output_bytes"] + 20_000  # tensors + the header
+    assert plan["in_scope"] == plan["tensors"] and plan["peak_memory_bytes"] > 100 << 20
+    # a model with another shape is found from the headers alone
+    odd = tmp_path / "odd"
+    shutil.copytree(DATA / "a", odd)
+    from safetensors.numpy import save_file
+
+    w = weights(odd)
+    w["model.norm.weight"] = np.ones(17, dtype=np.float32)
+    save_file(w, str(odd / "model.safetensors"), metadata={"format": "pt"})
+    doc = {"merge_method": "ties", "base_model": str(DATA / "base"), "models": [{"model": str(odd)}]}
+    (tmp_path / "odd.yml").write_text(yaml.safe_dump(doc))
+    r = CliRunner().invoke(cli, ["merge", str(tmp_path / "odd.yml"), "--dry-run"])
+    assert r.exit_code == 1 and "model.norm.weight" in r.output
