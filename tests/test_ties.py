@@ -250,3 +250,20 @@ def test_overlap_reports_s_over_the_strict_cores_from_the_tie_bits(tie_heavy, tm
     assert doc["strict"]["matrix"][0][1] == pytest.approx(inter / union, abs=1e-6)
     assert doc["strict"]["sizes"] == [int(x.sum()) for x in strict] != doc["sizes"]
     assert "S over the strict cores" in r.output
+
+
+def test_kth_largest_key_equals_a_sort_on_wide_narrow_and_duplicate_heavy_keys():
+    """The radix select behind every in-memory top-k (`topk_bits`): exact, whatever the duplicates."""
+    from mergekit_sparse.selection.keys import kth_largest_key
+
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        n = int(rng.integers(1, 5000))
+        if trial % 3 == 0:  # the whole int32 range
+            x = rng.integers(-(2**31), 2**31 - 1, n, dtype=np.int64).astype(np.int32)
+        elif trial % 3 == 1:  # a few values, many duplicates, in the high bits (a bf16 fine-tune's |Δ|)
+            x = rng.integers(-5, 5, n).astype(np.int32) * (1 << int(rng.integers(0, 20)))
+        else:  # across one 16-bit bucket boundary
+            x = rng.integers(0, 70000, n).astype(np.int32)
+        k = int(rng.integers(1, n + 1))
+        assert kth_largest_key(x, k) == np.sort(x)[n - k], (trial, n, k)

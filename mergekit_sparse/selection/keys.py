@@ -122,3 +122,19 @@ def smallest_hashes(hashes: np.ndarray, r: int) -> np.ndarray:
     if r >= hashes.size:
         return np.arange(hashes.size)
     return np.argpartition(hashes, r - 1)[:r]
+
+
+def kth_largest_key(key: np.ndarray, k: int) -> int:
+    """The k-th largest of int32 `key` (1 <= k <= key.size), by two 16-bit radix histograms: O(n) and
+    insensitive to duplicates (np.partition's introselect takes seconds on the few distinct values of a
+    bf16 fine-tune's |Δ|)."""
+    high = (key >> 16) + BINS // 2  # 0 .. 65535, in key order
+    counts = np.bincount(high, minlength=BINS)
+    from_top = np.cumsum(counts[::-1])
+    i = int(np.searchsorted(from_top, k))  # the bucket holding the k-th largest, counted from the top
+    bucket = BINS - 1 - i
+    above = int(from_top[i - 1]) if i else 0
+    low = key[high == bucket] & 0xFFFF
+    from_top_low = np.cumsum(np.bincount(low, minlength=BINS)[::-1])
+    j = int(np.searchsorted(from_top_low, k - above))
+    return ((bucket - BINS // 2) << 16) | (BINS - 1 - j)

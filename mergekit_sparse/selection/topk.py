@@ -43,7 +43,18 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import NonFiniteError, OptionError
-from .keys import BINS, CHUNK, _chunks, _np, _torch, float_keys, key_to_float, smallest_hashes, tie_hash
+from .keys import (
+    BINS,
+    CHUNK,
+    _chunks,
+    _np,
+    _torch,
+    float_keys,
+    key_to_float,
+    kth_largest_key,
+    smallest_hashes,
+    tie_hash,
+)
 from .passes import Pass
 
 if TYPE_CHECKING:
@@ -232,7 +243,7 @@ def topk_bits(scores, k: int, *, rank: int = 0, seed: int = 0) -> tuple:
     if k >= n:
         return np.ones(n, dtype=bool), float("-inf"), 0, 0
     key = float_keys(scores)
-    t = int(np.partition(key, n - k)[n - k])  # k-th largest
+    t = kth_largest_key(key, k)
     mask = key > t
     eq = np.flatnonzero(key == t)
     r = k - int(np.count_nonzero(mask))
