@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--tasks", nargs="+", default=["add", "rev", "caps"])
+    ap.add_argument("--methods", nargs="+", default=["ties", "dare_ties"], choices=["ties", "dare_ties"])
     args = ap.parse_args()
     root = cache_root()
     base, tasks = root / "base", [root / "ft" / t for t in args.tasks]
@@ -62,7 +63,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for threads in args.threads:
-            for method in ("ties", "dare_ties"):
+            for method in args.methods:
                 import yaml
 
                 cfg = work / f"{method}.yml"

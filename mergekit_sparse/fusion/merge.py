@@ -7,7 +7,7 @@ Per tensor, at `scope: tensor`:
   tie hash (`selection.topk.topk_bits`);
 - then the output chunk by chunk: each task's τ chunk, its kept entries (the packed bits, or DARE's hash
   drop), the rescale, and the combination (`methods.combine`), written as θ⁰ + τ_merged.
-Anonymous memory: one tensor's float32 τ and its sort keys, plus per task its packed bits and a chunk,
+Anonymous memory: one tensor's float32 |τ| (its bits are the sort keys), its bool selection, plus per task its packed bits and a chunk,
 whatever the number of tensors.
 """
 
@@ -80,6 +80,16 @@ class MergeJob(StreamJob):
         raw = ck.array(name).reshape(-1)
         return dtypes.to_float32(raw[s:e], ck.infos[name].code, self.bufs.get(slot, e - s))
 
+    def _magnitude(self, ck: Checkpoint, name: str, n: int) -> np.ndarray:
+        """|τ| of one whole tensor in float32, built chunk by chunk into one buffer (its only full-size array)."""
+        mag = self.bufs.get("tau", n)
+        for s, e in chunk_ranges(n):
+            part = np.subtract(self._f32(ck, name, s, e, "a"), self._f32(self.base, name, s, e, "b"), out=mag[s:e])
+            np.abs(part, out=part)  # +0.0 for -0.0 too: the bits are the sort keys (topk_bits' nonneg)
+            if not np.isfinite(part).all():
+                raise nonfinite_error(name, [self.base, ck])
+        return mag
+
     def _selections(self, name: str, n: int, tp: TensorParams) -> tuple[list, list[float]]:
         """Per model: packed kept bits (None: keep all; DARE: decided per chunk) and the rescale factor."""
         m, kept, factors = self.method, [], []
@@ -88,19 +98,12 @@ class MergeJob(StreamJob):
             need_l1 = tp.rescale == "l1" and m.sparsify is not None
             window = keep_window(m, n, tp.density[i], tp.gamma[i]) if m.sparsify in ("magnitude", "outliers") else None
             if window is not None or (need_l1 and m.sparsify != "random"):
-                tau = np.subtract(
-                    self._f32(ck, name, 0, n, ("tau", 0)),
-                    self._f32(self.base, name, 0, n, ("tau", 1)),
-                    out=self.bufs.get(("tau", 0), n),
-                )
-                mag = np.abs(tau, out=tau)
-                if not np.isfinite(mag).all():
-                    raise nonfinite_error(name, [self.base, ck])
+                mag = self._magnitude(ck, name, n)
                 if window is not None:
                     lo, hi = window
-                    sel, _, _, picks = topk_bits(mag, hi, rank=self.ranks[name], seed=self.tie_seed)
+                    sel, _, _, picks = topk_bits(mag, hi, rank=self.ranks[name], seed=self.tie_seed, nonneg=True)
                     if lo > 0:
-                        drop, _, _, _ = topk_bits(mag, lo, rank=self.ranks[name], seed=self.tie_seed)
+                        drop, _, _, _ = topk_bits(mag, lo, rank=self.ranks[name], seed=self.tie_seed, nonneg=True)
                         sel &= ~drop
                     with self.lock:
                         self.report.tie_picks[self.labels[i]] += picks

@@ -125,16 +125,19 @@ def smallest_hashes(hashes: np.ndarray, r: int) -> np.ndarray:
 
 
 def kth_largest_key(key: np.ndarray, k: int) -> int:
-    """The k-th largest of int32 `key` (1 <= k <= key.size), by two 16-bit radix histograms: O(n) and
+    """The k-th largest of int32 `key` (1 <= k <= key.size), by two 16-bit radix histograms: O(n),
     insensitive to duplicates (np.partition's introselect takes seconds on the few distinct values of a
-    bf16 fine-tune's |Δ|)."""
-    high = (key >> 16) + BINS // 2  # 0 .. 65535, in key order
-    counts = np.bincount(high, minlength=BINS)
+    bf16 fine-tune's |Δ|), and chunked, so it allocates nothing of the size of `key`."""
+    counts = np.zeros(BINS, dtype=np.int64)
+    for start in range(0, key.size, CHUNK):
+        counts += np.bincount((key[start : start + CHUNK] >> 16) + BINS // 2, minlength=BINS)
     from_top = np.cumsum(counts[::-1])
     i = int(np.searchsorted(from_top, k))  # the bucket holding the k-th largest, counted from the top
-    bucket = BINS - 1 - i
+    high = BINS - 1 - i - BINS // 2  # its high 16 bits, signed
     above = int(from_top[i - 1]) if i else 0
-    low = key[high == bucket] & 0xFFFF
-    from_top_low = np.cumsum(np.bincount(low, minlength=BINS)[::-1])
-    j = int(np.searchsorted(from_top_low, k - above))
-    return ((bucket - BINS // 2) << 16) | (BINS - 1 - j)
+    low_counts = np.zeros(BINS, dtype=np.int64)
+    for start in range(0, key.size, CHUNK):
+        c = key[start : start + CHUNK]
+        low_counts += np.bincount(c[(c >> 16) == high] & 0xFFFF, minlength=BINS)
+    j = int(np.searchsorted(np.cumsum(low_counts[::-1]), k - above))
+    return (high << 16) | (BINS - 1 - j)

@@ -235,17 +235,28 @@ def topk_mask(scores, k: int, *, rank: int = 0, seed: int = 0) -> tuple:
     return _torch(mask.reshape(tuple(scores.shape))), t, ties, picks
 
 
-def topk_bits(scores, k: int, *, rank: int = 0, seed: int = 0) -> tuple:
-    """`topk_mask` in numpy (flat bool mask): for callers that never load torch (the merge methods)."""
+def topk_bits(scores, k: int, *, rank: int = 0, seed: int = 0, nonneg: bool = False) -> tuple:
+    """`topk_mask` in numpy (flat bool mask): for callers that never load torch (the merge methods).
+
+    Beside `scores` it allocates one int32 key array and the bool mask; `nonneg` says the scores are a
+    float32 numpy array of values >= +0.0 (an |x|, never -0.0), whose bits are their keys: viewed, not
+    copied."""
     n = math.prod(tuple(scores.shape))
     if k <= 0:
         return np.zeros(n, dtype=bool), float("inf"), 0, 0
     if k >= n:
         return np.ones(n, dtype=bool), float("-inf"), 0, 0
-    key = float_keys(scores)
+    if nonneg:
+        key = scores.reshape(-1).view(np.int32)
+    else:
+        key, flat = np.empty(n, dtype=np.int32), scores.reshape(-1)
+        for start in range(0, n, CHUNK):
+            key[start : start + CHUNK] = float_keys(flat[start : start + CHUNK])  # numpy or torch, any float dtype
     t = kth_largest_key(key, k)
-    mask = key > t
-    eq = np.flatnonzero(key == t)
+    mask = np.greater(key, t)
+    eq = np.concatenate(
+        [np.flatnonzero(key[s : s + CHUNK] == t) + s for s in range(0, n, CHUNK)] or [np.zeros(0, np.int64)]
+    )
     r = k - int(np.count_nonzero(mask))
     if r == eq.size:
         mask[eq] = True
