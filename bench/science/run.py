@@ -82,7 +82,7 @@ def train_run(
     return out
 
 
-def mask_for(method: str, base: Path, train_path: Path, out: Path, seed: int) -> Path:
+def mask_for(method: str, base: Path, train_path: Path, out: Path, seed: int, *, fraction: float = 0.25) -> Path:
     from mergekit_sparse.analysis.gallop import select_sparse
     from mergekit_sparse.storage.checkpoint import Checkpoint
     from mergekit_sparse.storage.scope import align
@@ -91,7 +91,7 @@ def mask_for(method: str, base: Path, train_path: Path, out: Path, seed: int) ->
     crit, rho = method.split("-")
     grads = out / "grads.safetensors"
     if not grads.is_file():
-        compute_gradients(str(base), str(train_path), grads, fraction=0.25, seed=seed)
+        compute_gradients(str(base), str(train_path), grads, fraction=fraction, seed=seed)
     mask = out / f"{method}.mask.safetensors"
     if not mask.is_file():
         p, g = Checkpoint.open(base), Checkpoint.open(grads)
@@ -100,8 +100,21 @@ def mask_for(method: str, base: Path, train_path: Path, out: Path, seed: int) ->
 
 
 def cpi_ft(
-    base: Path, probe_a: Path, probe_b: Path, trains: dict, a: str, b: str, out: Path, *, lr: float, seed: int
+    base: Path,
+    probe_a: Path,
+    probe_b: Path,
+    trains: dict,
+    a: str,
+    b: str,
+    out: Path,
+    *,
+    lr: float,
+    seed: int,
+    percent: float = 5.0,
+    retrain_cfg=None,
 ) -> Path:
+    """Cores at `percent` of the probes, overlap groups (τ = 0.1), fusion into out/fused, staged retraining
+    (`retrain_cfg`, default 60 steps at lr / 3) into out/retrained; returns the final model."""
     from mergekit_sparse.analysis.cores import compute_cores
     from mergekit_sparse.analysis.overlap import compute_overlap, group_tasks, groups_document
     from mergekit_sparse.fusion.driver import fuse
@@ -117,7 +130,7 @@ def cpi_ft(
     out.mkdir(parents=True, exist_ok=True)
     bk, ck = Checkpoint.open(base), [Checkpoint.open(probe_a), Checkpoint.open(probe_b)]
     scope = align([bk, *ck])
-    compute_cores(bk, ck, scope, percent=5.0, out_dir=out / "cores", labels=[a, b], force=True)
+    compute_cores(bk, ck, scope, percent=percent, out_dir=out / "cores", labels=[a, b], force=True)
     masks = [MaskSet.load(out / "cores" / f"{t}.mask.safetensors") for t in (a, b)]
     res = compute_overlap(masks, [a, b])
     groups = group_tasks(res.matrix, [a, b], tau=0.1, order="input")
@@ -131,10 +144,35 @@ def cpi_ft(
         str(out / "cores"),
         {t: str(trains[t]) for t in (a, b)},
         final,
-        cfg=TrainConfig(steps=60, lr=lr / 3, batch_size=BATCH, warmup=5, seed=seed, max_len=48, **OPTIMIZER),
+        cfg=retrain_cfg
+        or TrainConfig(steps=60, lr=lr / 3, batch_size=BATCH, warmup=5, seed=seed, max_len=48, **OPTIMIZER),
         per_task=100,
     )
     return Path(doc["final_model"])
+
+
+def provenance(threads: int) -> dict:
+    """What produced a results file: the commit (and whether the tree had changes), versions, threads."""
+    import platform
+    import subprocess
+
+    import numpy
+    import transformers
+
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "numpy": numpy.__version__,
+        },
+        "threads": threads,
+    }
 
 
 def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -195,7 +233,10 @@ def main() -> None:
             cpi_acc = acc(final, tests, d / "cpi-ft.acc.json")
             record("cpi-ft", final, [a, b], {"sequential": sequential(acc_a, cpi_acc, a, b)})
     (args.out / "results.json").write_text(
-        json.dumps({"a": a, "b": b, "suite": suite, **OPTIMIZER, "rows": rows}, indent=2)
+        json.dumps(
+            {"a": a, "b": b, "suite": suite, **OPTIMIZER, "provenance": provenance(args.threads), "rows": rows},
+            indent=2,
+        )
     )
     print(summarise(rows, a, b))
     write_report(rows, args.out / "report.html")
