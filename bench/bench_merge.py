@@ -2,12 +2,14 @@
 in the same run: wall time and peak anonymous memory, medians of interleaved repeats.
 
     python bench/bench_merge.py [--threads 1 2] [--repeats 2] [--tasks add rev caps]
+                                [--methods ties dare_ties] [--scopes tensor global]
 
 Inputs: the real-model corpus (SmolLM2-135M, Q4_1-dequantised weights, bf16 fine-tunes by
 `sparsemerge train`; `python bench/real/build.py` makes it), base + 3 tasks. mergekit runs from
 bench/.mergekit-venv (see bench/README.md); its column is skipped without it. Targets (merge-family
-issue): TIES ≥ 5× faster than mergekit at tensor scope; anon ≤ 2 × largest float32 tensor + 400 MB +
-64 MB per task beyond the second. Only tensor scope exists in this release.
+issue): TIES ≥ 5× faster than mergekit at tensor scope and ≥ 3× at global scope (mergekit has no global
+scope: its column is its tensor-scope run); anon ≤ 2 × largest float32 tensor + 400 MB + 64 MB per task
+beyond the second, at both scopes. DARE draws per entry, so its scope changes nothing: tensor only.
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ from common import HERE, mb, measure, sparsemerge, table  # noqa: E402
 MERGEKIT = HERE / ".mergekit-venv" / "bin" / "mergekit-yaml"
 
 
-def config(method: str, base: Path, tasks: list[Path]) -> dict:
+def config(method: str, base: Path, tasks: list[Path], scope: str = "tensor") -> dict:
     return {
         "merge_method": method,
         "base_model": str(base),
         "models": [{"model": str(t), "parameters": {"weight": 1.0, "density": 0.2}} for t in tasks],
-        "parameters": {"normalize": True} if method == "ties" else {},
+        "parameters": ({"normalize": True} if method == "ties" else {})
+        | ({"scope": scope} if scope != "tensor" else {}),
         "dtype": "bfloat16",
     }
 
@@ -43,6 +46,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--tasks", nargs="+", default=["add", "rev", "caps"])
     ap.add_argument("--methods", nargs="+", default=["ties", "dare_ties"], choices=["ties", "dare_ties"])
+    ap.add_argument("--scopes", nargs="+", default=["tensor", "global"], choices=["tensor", "global"])
     args = ap.parse_args()
     root = cache_root()
     base, tasks = root / "base", [root / "ft" / t for t in args.tasks]
@@ -66,38 +70,44 @@ def main() -> None:
             for method in args.methods:
                 import yaml
 
-                cfg = work / f"{method}.yml"
-                cfg.write_text(yaml.safe_dump(config(method, base, tasks)))
-                ours, theirs = [], []
-                for _ in range(args.repeats):
-                    shutil.rmtree(work / "ours", ignore_errors=True)
-                    ours.append(measure([sparsemerge(), "merge", str(cfg), "-o", str(work / "ours")], threads=threads))
+                scopes = [x for x in args.scopes if method == "ties" or x == "tensor"]
+                cfgs = {}
+                for scope in scopes:
+                    cfgs[scope] = work / f"{method}-{scope}.yml"
+                    cfgs[scope].write_text(yaml.safe_dump(config(method, base, tasks, scope)))
+                ours, theirs = {x: [] for x in scopes}, []
+                for _ in range(args.repeats):  # interleaved: ours at each scope, then mergekit
+                    for scope in scopes:
+                        shutil.rmtree(work / "ours", ignore_errors=True)
+                        cmd = [sparsemerge(), "merge", str(cfgs[scope]), "-o", str(work / "ours")]
+                        ours[scope].append(measure(cmd, threads=threads))
                     if MERGEKIT.exists():
                         shutil.rmtree(work / "mk", ignore_errors=True)
                         theirs.append(
                             measure(
-                                [str(MERGEKIT), str(cfg), str(work / "mk"), "--no-write-model-card"],
+                                [str(MERGEKIT), str(cfgs["tensor"]), str(work / "mk"), "--no-write-model-card"],
                                 threads=threads,
                                 env={"HF_HUB_OFFLINE": "1"},
                             )
                         )
-                o = statistics.median(r["wall"] for r in ours)
-                anon = max(r["anon"] for r in ours)
                 m = statistics.median(r["wall"] for r in theirs) if theirs else None
-                rows.append(
-                    (
-                        threads,
-                        method,
-                        "tensor",
-                        f"{o:.1f}s",
-                        f"{m:.1f}s" if m else "-",
-                        f"{m / o:.1f}x" if m else "-",
-                        mb(anon),
-                        mb(max(r["anon"] for r in theirs)) if theirs else "-",
-                        f"{mb(bound)} ({'ok' if anon <= bound else 'OVER'})",
+                for scope in scopes:
+                    o = statistics.median(r["wall"] for r in ours[scope])
+                    anon = max(r["anon"] for r in ours[scope])
+                    rows.append(
+                        (
+                            threads,
+                            method,
+                            scope,
+                            f"{o:.1f}s",
+                            f"{m:.1f}s" if m else "-",
+                            f"{m / o:.1f}x" if m else "-",
+                            mb(anon),
+                            mb(max(r["anon"] for r in theirs)) if theirs else "-",
+                            f"{mb(bound)} ({'ok' if anon <= bound else 'OVER'})",
+                        )
                     )
-                )
-                print(table(rows[-1:], HEADER), flush=True)
+                    print(table(rows[-1:], HEADER), flush=True)
     print()
     print(
         f"SmolLM2-135M (Q4_1-dequantised), base + {len(tasks)} bf16 fine-tunes ({', '.join(args.tasks)}), density 0.2"

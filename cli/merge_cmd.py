@@ -25,12 +25,19 @@ from .main import cli, emit, force_option, json_option, pickle_option, progress_
     "plan, the disk the output needs and the expected peak memory; merge nothing.",
 )
 @click.option("--shard-size", help="Shard a folder output, e.g. 5GB.")
+@click.option(
+    "--save-masks",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Also write each model's kept entries (TIES trim, Breadcrumbs window) as DIR/<model>.mask.safetensors, "
+    "ordinary mask files for `overlap` and the reports; committed with the merged model.",
+)
 @pickle_option
 @force_option
 @json_option
-def merge(config, out, dry_run, shard_size, allow_pickle, force, as_json):
+def merge(config, out, dry_run, shard_size, save_masks, allow_pickle, force, as_json):
     """Merge models with a mergekit config: linear, task_arithmetic, ties, dare_linear, dare_ties,
-    breadcrumbs, breadcrumbs_ties (METHODS §10), streamed tensor by tensor.
+    breadcrumbs, breadcrumbs_ties (METHODS §10), streamed tensor by tensor; `scope: global` under
+    `parameters` ranks |τ| over the whole model at once (TIES, Breadcrumbs) instead of per tensor.
 
     The config is mergekit's schema (merge_method, base_model, models, parameters, dtype, out_dtype,
     tokenizer_source, full-range slices); an existing mergekit config for one of these methods runs
@@ -41,6 +48,7 @@ def merge(config, out, dry_run, shard_size, allow_pickle, force, as_json):
     Example:
       sparsemerge merge ties.yml -o merged/ --dry-run
       sparsemerge merge ties.yml -o merged/
+      sparsemerge merge ties.yml -o merged/ --save-masks masks/ && sparsemerge overlap masks/*.mask.safetensors
     """
     from mergekit_sparse.errors import OptionError
     from mergekit_sparse.pipeline.merge import merge_plan, parse_merge_config, run_merge
@@ -62,8 +70,15 @@ def merge(config, out, dry_run, shard_size, allow_pickle, force, as_json):
     if out is None:
         raise OptionError("give the output with -o OUT (or --dry-run to check the config only)")
     res = run_merge(
-        cfg, out, force=force, progress=progress_enabled(), allow_pickle=allow_pickle, shard_size=shard_size
+        cfg,
+        out,
+        force=force,
+        progress=progress_enabled(),
+        allow_pickle=allow_pickle,
+        shard_size=shard_size,
+        save_masks=save_masks,
     )
     c = res["counts"]
     kept = ", ".join(f"{k} {v / max(1, c['total']):.1%}" for k, v in c["kept"].items())
-    emit(res, as_json, f"{cfg.method.name}: merged {c['total']:,} parameters (kept per model: {kept})\nwrote {out}")
+    wrote = "\n".join(f"wrote {p}" for p in [out, *res.get("masks", [])])
+    emit(res, as_json, f"{cfg.method.name}: merged {c['total']:,} parameters (kept per model: {kept})\n{wrote}")

@@ -183,7 +183,7 @@ def test_config_problems_are_listed_at_once_before_any_tensor_is_read(tmp_path):
             {"model": "a", "parameters": {"weight": "heavy", "density": 1.5, "gamma": 0.1}},
             {"model": "b", "extra": 1},
         ],
-        "parameters": {"normalize": "yes", "scope": "global", "bogus": 1},
+        "parameters": {"normalize": "yes", "scope": "row", "bogus": 1},
         "tokenizer_source": "union",
         "surprise": True,
     }
@@ -196,7 +196,7 @@ def test_config_problems_are_listed_at_once_before_any_tensor_is_read(tmp_path):
         "config.models[0].parameters.gamma: not a parameter of ties",
         "config.models[1].extra: unknown key",
         "config.parameters.normalize: 'yes' is not true or false",
-        "config.parameters.scope: 'global' is not tensor",
+        "config.parameters.scope: 'row' is not tensor or global (row scope is not in this release yet)",
         "config.parameters.bogus: unknown",
         "config.tokenizer_source: union",
     ]:
@@ -251,3 +251,182 @@ def test_dry_run_checks_shapes_and_prints_the_plan_without_writing(tmp_path):
     (tmp_path / "odd.yml").write_text(yaml.safe_dump(doc))
     r = CliRunner().invoke(cli, ["merge", str(tmp_path / "odd.yml"), "--dry-run"])
     assert r.exit_code == 1 and "model.norm.weight" in r.output
+
+
+def _quantised_models(tmp_path: Path, step: float = 1 / 64) -> dict[str, np.ndarray]:
+    """Copies of the fixtures whose task vectors take few values (τ rounded to `step`, as bf16 fine-tunes
+    do): thousands of entries tie at any global threshold, so the §2 hash decides the picks."""
+    from safetensors.numpy import save_file
+
+    base = weights(DATA / "base")
+    for t in "abc":
+        shutil.copytree(DATA / t, tmp_path / t)
+        w = weights(DATA / t)
+        save_file(
+            {k: (base[k] + np.round((w[k] - base[k]) / step) * step).astype(np.float32) for k in base},
+            str(tmp_path / t / "model.safetensors"),
+        )
+    shutil.copytree(DATA / "base", tmp_path / "base")
+    return base
+
+
+def _global_top(taus: dict[str, np.ndarray], k: int, ranks: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
+    """Naive global top-k over every tensor at once: sort all |τ| (descending), ties by the smallest §2 hash."""
+    from mergekit_sparse.selection.keys import tie_hash
+
+    names = sorted(taus)
+    mag = np.concatenate([np.abs(taus[n]).reshape(-1) for n in names])
+    h = np.concatenate([tie_hash(seed, ranks[n], np.arange(taus[n].size)) for n in names])
+    order = np.lexsort((h, -mag))[:k]
+    flat = np.zeros(mag.size, dtype=bool)
+    flat[order] = True
+    out, start = {}, 0
+    for n in names:
+        out[n] = flat[start : start + taus[n].size].reshape(taus[n].shape)
+        start += taus[n].size
+    return out
+
+
+def _ranks(folder: Path) -> dict[str, int]:
+    from mergekit_sparse.storage.checkpoint import Checkpoint
+    from mergekit_sparse.storage.scope import align
+
+    return align([Checkpoint.open(folder / x) for x in ("base", "a", "b", "c")]).ranks
+
+
+def test_global_ties_equals_a_naive_global_oracle_with_massive_ties_and_saves_its_masks(tmp_path):
+    """scope: global trims each τₜ to its top ⌊density·N⌋ over the whole model (ties at the threshold by
+    the §2 hash), then elects and merges as at tensor scope; --save-masks writes exactly those trims."""
+    from mergekit_sparse.storage.masks import MaskSet
+
+    base = _quantised_models(tmp_path)
+    w, density = [1.0, 0.5, 2.0], 0.2
+    doc = {
+        "merge_method": "ties",
+        "base_model": str(tmp_path / "base"),
+        "models": [
+            {"model": str(tmp_path / t), "parameters": {"weight": wi, "density": density}} for t, wi in zip("abc", w)
+        ],
+        "parameters": {"scope": "global", "semantics": "reference"},
+    }
+    cfg = tmp_path / "g.yml"
+    cfg.write_text(yaml.safe_dump(doc))
+    r = merge(cfg, tmp_path / "out", "--save-masks", str(tmp_path / "masks"), "--json")
+    counts = json.loads(r.output)["counts"]
+    got = weights(tmp_path / "out")
+    taus = [{k: weights(tmp_path / t)[k] - base[k] for k in base} for t in "abc"]
+    n_all = sum(v.size for v in base.values())
+    ranks = _ranks(tmp_path)
+    tops = [_global_top(tau, int(density * n_all), ranks) for tau in taus]
+    for t, top in zip("abc", tops):
+        saved = MaskSet.load(tmp_path / "masks" / f"{t}.mask.safetensors")
+        assert saved.count() == int(density * n_all)
+        for k in base:
+            assert np.array_equal(saved.bits(k), top[k]), (t, k)
+    assert all(counts["tie_picks"][t] > 0 for t in "abc")  # the quantised deltas do tie at the threshold
+    assert len({int(top[k].sum()) for top in tops[:1] for k in base}) > 3  # global: shares differ per tensor
+    for k in base:
+        trimmed = [tau[k] * top[k] for tau, top in zip(taus, tops)]
+        gamma = np.where(sum(trimmed) >= 0, 1.0, -1.0)
+        agree = [(np.sign(t) == gamma) & (t != 0) for t in trimmed]
+        total = sum(wi * t * a for wi, t, a in zip(w, trimmed, agree))
+        count = np.maximum(sum(a.astype(np.float32) for a in agree), 1)
+        np.testing.assert_allclose(got[k], base[k] + total / count, rtol=1e-5, atol=1e-6, err_msg=k)
+    assert not list(tmp_path.glob(".out.masks-*"))  # the scratch selection is gone
+
+
+def test_global_breadcrumbs_keeps_the_global_rank_window(tmp_path):
+    """Breadcrumbs at scope global: ranks (⌊γ·N⌋, ⌊(γ+density)·N⌋] of |τ| over the whole model."""
+    base = _quantised_models(tmp_path)
+    density, gamma = 0.3, 0.05
+    doc = {
+        "merge_method": "breadcrumbs",
+        "base_model": str(tmp_path / "base"),
+        "models": [{"model": str(tmp_path / "a"), "parameters": {"weight": 1.0, "density": density, "gamma": gamma}}],
+        "parameters": {"scope": "global"},
+    }
+    cfg = tmp_path / "b.yml"
+    cfg.write_text(yaml.safe_dump(doc))
+    merge(cfg, tmp_path / "out")
+    got = weights(tmp_path / "out")
+    tau = {k: weights(tmp_path / "a")[k] - base[k] for k in base}
+    n_all = sum(v.size for v in base.values())
+    ranks = _ranks(tmp_path)
+    hi = _global_top(tau, int((gamma + density) * n_all), ranks)
+    lo = _global_top(tau, int(gamma * n_all), ranks)
+    for k in base:
+        np.testing.assert_array_equal(got[k], (base[k] + tau[k] * (hi[k] & ~lo[k])).astype(np.float32), err_msg=k)
+
+
+def test_saved_tensor_scope_masks_are_the_trims_and_overlap_reads_them(tmp_path):
+    """--save-masks at tensor scope: each model's mask is its per-tensor top max(1, ⌊density·n⌋) of |τ|."""
+    from mergekit_sparse.storage.masks import MaskSet
+
+    doc = {
+        "merge_method": "ties",
+        "base_model": "base",
+        "models": [{"model": t, "parameters": {"density": 0.3}} for t in "ab"],
+    }
+    masks = tmp_path / "masks"
+    merge(config_here(tmp_path, doc), tmp_path / "out", "--save-masks", str(masks))
+    base, taus = _taus()
+    for t, tau in zip("ab", taus):
+        m = MaskSet.load(masks / f"{t}.mask.safetensors")
+        for k in base:
+            assert np.array_equal(m.bits(k), _top(tau[k], max(1, int(0.3 * tau[k].size)))), (t, k)
+    r = CliRunner().invoke(
+        cli,
+        [
+            "overlap",
+            str(masks / "a.mask.safetensors"),
+            str(masks / "b.mask.safetensors"),
+            "-o",
+            str(tmp_path / "ov"),
+            "--json",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+
+
+def test_global_scope_config_errors_and_a_failed_merge_leaves_no_masks(tmp_path):
+    from safetensors.numpy import save_file
+
+    doc = {
+        "merge_method": "ties",
+        "base_model": "base",
+        "models": [{"model": "a", "parameters": {"density": [0.1, 0.5]}}],
+        "parameters": {"scope": "global", "rescale": "l1"},
+    }
+    r = CliRunner().invoke(cli, ["merge", str(config_here(tmp_path, doc)), "-o", str(tmp_path / "o")])
+    assert r.exit_code != 0
+    assert "scope global takes one value per model" in r.output and "with scope global use inverse" in r.output
+    doc = {
+        "merge_method": "dare_ties",
+        "base_model": "base",
+        "models": [{"model": "a", "parameters": {"density": 0.5}}],
+    }
+    r = CliRunner().invoke(
+        cli, ["merge", str(config_here(tmp_path, doc)), "-o", str(tmp_path / "o"), "--save-masks", str(tmp_path / "m")]
+    )
+    assert r.exit_code != 0 and "keeps no ranked selection" in r.output
+    # a NaN in the last model: the merge fails after the global selection; nothing is left behind
+    shutil.copytree(DATA / "b", tmp_path / "bad")
+    w = weights(DATA / "b")
+    w["model.norm.weight"][3] = np.nan
+    save_file(w, str(tmp_path / "bad" / "model.safetensors"))
+    doc = {
+        "merge_method": "ties",
+        "base_model": str(DATA / "base"),
+        "models": [
+            {"model": str(DATA / "a"), "parameters": {"density": 0.3}},
+            {"model": str(tmp_path / "bad"), "parameters": {"density": 0.3}},
+        ],
+        "parameters": {"scope": "global"},
+    }
+    cfg = tmp_path / "nan.yml"
+    cfg.write_text(yaml.safe_dump(doc))
+    r = CliRunner().invoke(cli, ["merge", str(cfg), "-o", str(tmp_path / "out"), "--save-masks", str(tmp_path / "mk")])
+    assert r.exit_code != 0 and "NaN" in r.output, r.output
+    assert not (tmp_path / "out").exists()
+    assert not list((tmp_path / "mk").glob("*")) if (tmp_path / "mk").exists() else True
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]

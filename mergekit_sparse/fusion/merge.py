@@ -13,6 +13,8 @@ whatever the number of tensors.
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -24,6 +26,7 @@ from ..selection.passes import chunk_ranges, nonfinite_error
 from ..selection.topk import topk_bits
 from ..storage import atomic, dtypes
 from ..storage.checkpoint import Checkpoint
+from ..storage.masks import MaskWriter
 from ..storage.scope import Scope
 from ..storage.writer import CheckpointWriter, check_output
 from .driver import StreamJob, _check_f16_range, fusion_workers
@@ -69,10 +72,14 @@ class MergeJob(StreamJob):
         semantics: str,
         seed: int,
         tie_seed: int,
+        masks: list | None = None,
+        mask_writers: list | None = None,
     ):
         super().__init__()
         self.method, self.base, self.models, self.labels, self.params = method, base, models, labels, params
         self.ranks, self.semantics, self.seed, self.tie_seed = ranks, semantics, seed, tie_seed
+        self.masks = masks  # scope global: per model (MaskSet of the top (γ+)density, MaskSet of the top γ or None)
+        self.mask_writers = mask_writers  # --save-masks: per model the MaskWriter of its kept entries
         self.reference = base
         self.report = MergeReport(method.name, labels, kept={x: 0 for x in labels}, tie_picks={x: 0 for x in labels})
 
@@ -97,7 +104,13 @@ class MergeJob(StreamJob):
             bits, before, after = None, 0.0, 0.0
             need_l1 = tp.rescale == "l1" and m.sparsify is not None
             window = keep_window(m, n, tp.density[i], tp.gamma[i]) if m.sparsify in ("magnitude", "outliers") else None
-            if window is not None or (need_l1 and m.sparsify != "random"):
+            if self.masks is not None and m.sparsify in ("magnitude", "outliers"):
+                hi, lo = self.masks[i]
+                bits = None if hi is None else hi.packed(name)
+                if lo is not None:
+                    top = np.invert(lo.packed(name))
+                    bits = top if bits is None else np.bitwise_and(bits, top)
+            elif window is not None or (need_l1 and m.sparsify != "random"):
                 mag = self._magnitude(ck, name, n)
                 if window is not None:
                     lo, hi = window
@@ -118,6 +131,9 @@ class MergeJob(StreamJob):
                     keep = dare_keep(self.seed, i, self.ranks[name], s, e, tp.density[i])
                     before += float(tau.sum(dtype=np.float64))
                     after += float(tau[keep].sum(dtype=np.float64))
+            if self.mask_writers is not None:
+                saved = bits if bits is not None else np.packbits(np.ones(n, dtype=bool))
+                self.mask_writers[i].write_packed_at(name, saved)
             kept.append(bits)
             kind = tp.rescale if m.sparsify is not None else None
             factors.append(rescale_factor(kind, tp.density[i], before, after))
@@ -193,37 +209,156 @@ def merge_models(
     metadata=None,
     card=None,
     extra_files: dict[str, str] | None = None,
+    selection: str = "tensor",
+    save_masks: Path | None = None,
 ) -> MergeReport:
     """Merge `models` onto `base` (θ⁰; for `linear` only the layout and the out-of-scope tensors) into `out`
-    (an HF folder when the base is one, else a .safetensors file with `OUT.merge.json` beside it)."""
+    (an HF folder when the base is one, else a .safetensors file with `OUT.merge.json` beside it).
+
+    `selection` is the config's `scope`: `tensor` ranks |τ| inside each tensor, `global` over every tensor
+    in scope at once (the exact streaming top-k of `core`: one sampling pass and one full pass into
+    scratch mask files, then the merge pass). `save_masks` writes each model's kept entries (TIES trim,
+    Breadcrumbs window) as `<label>.mask.safetensors` there, committed with the merged model."""
     inputs = [base.path] + [c.path for c in models]
     folder = base.folder is not None
     side = [] if folder else [Path(f"{out}.merge.json")]
-    check_output(out, inputs, force=force, side_files=side)
+    ranking = method.sparsify in ("magnitude", "outliers")
+    mask_paths = [Path(save_masks) / f"{x}.mask.safetensors" for x in labels] if save_masks else []
+    scratch = out.parent / f".{out.name}.masks-{os.getpid()}"
+    check_output(out, inputs, force=force, side_files=side + mask_paths, scratch=[scratch])
     if not models:
         raise OptionError("the config merges no model: list them under `models:`")
+    if save_masks and not ranking:
+        raise OptionError(
+            f"--save-masks: {method.name} keeps no ranked selection to save (TIES and Breadcrumbs methods do; "
+            "DARE's drop is a hash of the position, the same for any model)"
+        )
     code = dtypes.code_of(dtype) if dtype else None
     plan = [(n, code if (code and i.is_float) else i.code, i.shape) for n, i in sorted(base.infos.items())]
-    job = MergeJob(
-        method, base, models, labels, params, ranks=scope.ranks, semantics=semantics, seed=seed, tie_seed=tie_seed
-    )
+    held: list = []  # the global selection's scratch masks (temporaries, never committed)
+    writers: list = []
+    try:
+        masks = None
+        if selection == "global" and ranking and scope.names:
+            masks, picks = _global_masks(method, base, models, params(scope.names[0]), scope, scratch, held, tie_seed)
+        if save_masks:
+            Path(save_masks).mkdir(parents=True, exist_ok=True)
+            meta = {
+                "criterion": f"merge:{method.name}",
+                "scope": selection,
+                "tie_seed": tie_seed,
+                "total": scope.numel(),
+            }
+            writers = [
+                MaskWriter(path, scope.shapes, {**meta, "task": x}, force=force, inputs=inputs)
+                for path, x in zip(mask_paths, labels)
+            ]
+        job = MergeJob(
+            method,
+            base,
+            models,
+            labels,
+            params,
+            ranks=scope.ranks,
+            semantics=semantics,
+            seed=seed,
+            tie_seed=tie_seed,
+            masks=masks,
+            mask_writers=writers or None,
+        )
+        if masks is not None:
+            job.report.tie_picks = dict(zip(labels, picks))
+        job.progress = progress
+        _merge_into(
+            job,
+            out,
+            plan,
+            scope,
+            writers,
+            settings=settings,
+            metadata=metadata,
+            card=card,
+            extra_files=extra_files,
+            shard_bytes=shard_bytes,
+            inputs=inputs,
+            force=force,
+            config_dtype=code,
+        )
+    except BaseException:
+        for w in writers:
+            w.discard()
+        raise
+    finally:
+        for item in held:
+            item.discard()
+        shutil.rmtree(scratch, ignore_errors=True)
+    return job.report
+
+
+def _global_masks(method, base, models, tp: TensorParams, scope: Scope, scratch: Path, held: list, tie_seed: int):
+    """Scope global: per model the mask of its top ⌊density·N⌋ |τ| over all N entries in scope (Breadcrumbs:
+    the top ⌊(γ+density)·N⌋ and the top ⌊γ·N⌋ dropped from it), by `core`'s exact streaming selection."""
+    from ..analysis.cores import compute_cores
+    from ..storage.masks import MaskSet
+
+    total = scope.numel()
+    jobs = []  # (model index, which, k)
+    for i in range(len(models)):
+        d, g = tp.density[i], tp.gamma[i] if method.sparsify == "outliers" else 0.0
+        if d >= 1 and g <= 0:
+            continue
+        hi, lo = min(total, int((g + d) * total)), int(g * total)
+        if hi <= lo:
+            raise OptionError(f"density {d} selects no parameter of the {total} in scope (scope: global)")
+        if hi < total:
+            jobs.append((i, "hi", hi))
+        if lo > 0:
+            jobs.append((i, "lo", lo))
+    out = [[None, None] for _ in models]
+    picks = [0] * len(models)
+    if jobs:
+        scratch.mkdir(parents=True, exist_ok=True)
+        sums = compute_cores(
+            base,
+            [models[i] for i, _, _ in jobs],
+            scope,
+            percent=100.0,
+            out_dir=scratch,
+            labels=[f"{i}-{which}" for i, which, _ in jobs],
+            force=True,
+            tie_seed=tie_seed,
+            ks=[k for _, _, k in jobs],
+            hold=held,
+        )
+        for (i, which, _), summary, tmp in zip(jobs, sums, held):
+            out[i][0 if which == "hi" else 1] = MaskSet.load(tmp.tmp)
+            if which == "hi":
+                picks[i] = summary.ties["tie_picks"]
+    return out, picks
+
+
+def _merge_into(
+    job: MergeJob, out: Path, plan, scope: Scope, writers: list, *, settings, metadata, card, extra_files, **writer_args
+) -> None:
+    """The merge pass into a CheckpointWriter; the saved masks (finished here) are committed with it."""
     workers = fusion_workers()
+    base = job.base
     with CheckpointWriter(
         out,
         plan,
-        folder=folder,
-        shard_bytes=shard_bytes,
+        folder=base.folder is not None,
         metadata=metadata() if callable(metadata) else metadata,
         reference=base.folder,
-        inputs=inputs,
-        force=force,
-        config_dtype=code,
         any_order=workers > 1,
+        **writer_args,
     ) as writer:
-        job.run(writer, plan, scope, workers=workers, progress=progress)
+        job.run(writer, plan, scope, workers=workers, progress=job.progress)
+        for w in writers:
+            w.update_meta(base=base.sources(), sources=[base.sources()])
+        writer.together += [w.finish() for w in writers]
         done = settings() if callable(settings) else settings
         record = atomic.dumps({"settings": done or {}, "counts": job.report.to_json()})
-        if folder:
+        if base.folder is not None:
             writer.add_file("merge.json", record)
             for fname, text in (extra_files or {}).items():
                 writer.add_file(fname, text)
@@ -231,4 +366,3 @@ def merge_models(
                 writer.add_file("README.md", card() if callable(card) else card)
         else:
             writer.add_side_file(Path(f"{out}.merge.json"), record)
-    return job.report

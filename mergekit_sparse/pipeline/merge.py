@@ -40,7 +40,7 @@ MODEL_KEYS = {"model", "parameters"}
 SHARED = {"normalize", "lambda", "rescale", "int8_mask", "scope", "semantics", "random_seed", "tie_seed"}
 PER_MODEL = {"weight", "density", "gamma"}
 DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "fp32": "F32", "bf16": "BF16", "fp16": "F16"}
-SCOPES = ("tensor",)  # `global` and `row`: the next steps of the merge-family issue
+SCOPES = ("tensor", "global")  # `row` (Breadcrumbs per row): not in this release yet
 
 
 @dataclass
@@ -133,7 +133,7 @@ def _check_setting(where: str, key: str, setting, problems: list[str]) -> None:
             want = "true, false, l1 or inverse"
         elif key == "scope":
             ok = v in SCOPES
-            want = " or ".join(SCOPES) + (" (global and row scope are not in this release yet)")
+            want = " or ".join(SCOPES) + (" (row scope is not in this release yet)")
         elif key == "semantics":
             ok = v in SEMANTICS
             want = " or ".join(SEMANTICS)
@@ -208,6 +208,18 @@ def parse_merge_config(path: str | Path) -> MergeConfig:
     for k in ("scope", "semantics", "random_seed", "tie_seed"):
         if k in top and isinstance(top[k], (list, dict)):
             problems.append(f"config.parameters.{k}: one value for the whole merge, not per tensor")
+    if top.get("scope") == "global" and method is not None and method.sparsify in ("magnitude", "outliers"):
+        # one budget over all tensors: one density (and gamma) per model, and no per-tensor rescale
+        for where, own in [("config.parameters", top)] + [
+            (f"config.models[{i}].parameters", mp) for i, mp in enumerate(model_params) if isinstance(mp, dict)
+        ]:
+            for k in ("density", "gamma"):
+                if k in own and isinstance(own[k], (list, dict)):
+                    problems.append(f"{where}.{k}: scope global takes one value per model, not per tensor or layer")
+        if top.get("rescale") == "l1" or (
+            top.get("rescale") is True and top.get("semantics", "mergekit") == "mergekit"
+        ):
+            problems.append("config.parameters.rescale: l1 matches ‖τ‖₁ per tensor; with scope global use inverse")
     base = raw.get("base_model")
     if method is not None and method.delta and not isinstance(base, str):
         problems.append(f"config.base_model: {name} needs the pretrained model (θ⁰) as base_model")
@@ -376,8 +388,10 @@ def run_merge(
     progress: bool = False,
     allow_pickle: bool = False,
     shard_size: str | None = None,
+    save_masks: Path | None = None,
 ) -> dict:
-    """Open the models, check them against the base, merge; returns {output, settings, counts}."""
+    """Open the models, check them against the base, merge; returns {output, settings, counts} (and the
+    mask files written with `save_masks`)."""
     from ..fusion.merge import merge_models
     from ..storage.base import BASE_KEY, record_for
     from ..storage.checkpoint import Checkpoint
@@ -433,8 +447,13 @@ def run_merge(
             {"models": cfg.labels, "semantics": cfg.semantics, "scope": cfg.scope},
         ),
         extra_files=extra,
+        selection=cfg.scope,
+        save_masks=save_masks,
     )
-    return {"output": str(out), "settings": full_settings(), "counts": report.to_json()}
+    doc = {"output": str(out), "settings": full_settings(), "counts": report.to_json()}
+    if save_masks:
+        doc["masks"] = [str(Path(save_masks) / f"{x}.mask.safetensors") for x in cfg.labels]
+    return doc
 
 
 def merge_plan(cfg: MergeConfig, *, allow_pickle: bool = False) -> dict:
@@ -455,11 +474,18 @@ def merge_plan(cfg: MergeConfig, *, allow_pickle: bool = False) -> dict:
     largest = max(scope.names, key=scope.numel) if scope.names else None
     n = scope.numel(largest) if largest else 0
     ranks = cfg.method.sparsify in ("magnitude", "outliers")
-    # a ranking method holds one tensor's float32 τ and base, its int32 keys, their partition and two
-    # bool masks (18 bytes an entry), plus per model its packed bits; every method holds per model a
-    # float32 chunk and the combination's scratch (a few chunks), and 100 MB of interpreter and libraries
-    per_entry = 18 if ranks else 0
-    peak = per_entry * n + (n // 8 if ranks else 0) * len(models) + 6 * CHUNK * 4 * (len(models) + 2) + (100 << 20)
+    # at tensor scope a ranking method holds one tensor's float32 |τ| (its bits are the keys) and two bool
+    # masks (6 bytes an entry), plus per model its packed bits; at global scope the selection is `core`'s
+    # (two float32 copies of the largest tensor and its candidate window) and the merge pass reads the
+    # mask files; every method holds per model a float32 chunk and the combination's scratch (a few
+    # chunks), and 100 MB of interpreter and libraries
+    if ranks and cfg.scope == "global":
+        selection = 8 * n + (32 << 20) * len(models)
+    elif ranks:
+        selection = 6 * n + (n // 8) * len(models)
+    else:
+        selection = 0
+    peak = selection + 6 * CHUNK * 4 * (len(models) + 2) + (100 << 20)
     return {
         "tensors": len(base.infos),
         "in_scope": len(scope.names),

@@ -212,6 +212,13 @@ class MaskWriter(Committable):
         except OSError as e:
             raise os_error(e, self.out) from None
 
+    def write_packed_at(self, name: str, packed: np.ndarray) -> None:
+        """`write_packed` in any order and from any thread (positioned writes)."""
+        try:
+            self._stream.write_at(name, [np.asarray(packed, dtype=np.uint8)])
+        except OSError as e:
+            raise os_error(e, self.out) from None
+
     def update_meta(self, **fields) -> None:
         """Metadata known only once the data is written (the threshold): rewritten before commit."""
         self.meta.update(fields)

@@ -293,6 +293,7 @@ class CheckpointWriter(Committable):
         self.validate = validate  # called with the finished temporary path before the rename
         self.extra_files: dict[str, str] = {}
         self.side_files: dict[Path, str] = {}  # files beside the output, committed with it as one
+        self.together: list = []  # finished temporaries (atomic.AtomicPath) of other outputs, committed with it
         self.force = force
         check_output(self.out, list(inputs), force=force)
         self.plan, self.folder, self.metadata = plan, folder, metadata or {}
@@ -387,10 +388,12 @@ class CheckpointWriter(Committable):
             raise os_error(e, self.out) from None
 
     def discard(self) -> None:
-        """Drop everything written so far (nothing is left behind)."""
+        """Drop everything written so far (nothing is left behind), the outputs to commit with it too."""
         for stream in self._opened:
             stream.abort()
         self._atomic.discard()
+        for other in self.together:
+            other.discard()
 
     def commit(self) -> Path:
         """Finish every file (index, reference files), validate, and put the output in place."""
@@ -410,11 +413,11 @@ class CheckpointWriter(Committable):
             for path, text in self.side_files.items():
                 sides.append(staged_text(path, text, force=self.force))
         except BaseException:
-            for s in sides:
+            for s in sides + self.together:
                 s.discard()
             self.discard()
             raise
-        return self._atomic.commit_after(finish, together=sides)
+        return self._atomic.commit_after(finish, together=sides + self.together)
 
     def add_side_file(self, path: Path, text: str) -> None:
         """A small file beside the output (e.g. OUT.fuse.json), committed together with it (a kill leaves
