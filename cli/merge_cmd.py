@@ -36,7 +36,7 @@ from .main import cli, emit, force_option, json_option, pickle_option, progress_
 @json_option
 def merge(config, out, dry_run, shard_size, save_masks, allow_pickle, force, as_json):
     """Merge models with a mergekit config: linear, task_arithmetic, ties, dare_linear, dare_ties,
-    breadcrumbs, breadcrumbs_ties (METHODS §10), streamed tensor by tensor; `scope: global` under
+    breadcrumbs, breadcrumbs_ties, slerp (METHODS §10), streamed tensor by tensor; `scope: global` under
     `parameters` ranks |τ| over the whole model at once (TIES, Breadcrumbs) instead of per tensor.
 
     The config is mergekit's schema (merge_method, base_model, models, parameters, dtype, out_dtype,
@@ -80,5 +80,6 @@ def merge(config, out, dry_run, shard_size, save_masks, allow_pickle, force, as_
     )
     c = res["counts"]
     kept = ", ".join(f"{k} {v / max(1, c['total']):.1%}" for k, v in c["kept"].items())
+    kept = f" (kept per model: {kept})" if cfg.method.sparsify else ""
     wrote = "\n".join(f"wrote {p}" for p in [out, *res.get("masks", [])])
-    emit(res, as_json, f"{cfg.method.name}: merged {c['total']:,} parameters (kept per model: {kept})\n{wrote}")
+    emit(res, as_json, f"{cfg.method.name}: merged {c['total']:,} parameters{kept}\n{wrote}")

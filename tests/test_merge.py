@@ -48,15 +48,16 @@ def merge(cfg: Path, out: Path, *extra: str):
 
 @pytest.mark.parametrize("name", GOLDEN)
 def test_equals_mergekit_0_1_5(name, tmp_path):
-    """linear, task_arithmetic, ties (normalised and plain sum), breadcrumbs, breadcrumbs_ties: filters,
-    layer gradients, lambda; three tasks with conflicting signs. Exact but for linear's float32 rounding."""
-    assert len(GOLDEN) == 6
+    """linear, task_arithmetic, ties (normalised and plain sum), breadcrumbs, breadcrumbs_ties, slerp:
+    filters, layer gradients, lambda; three tasks with conflicting signs. Exact but for the float32
+    rounding of linear's division and slerp's angle (mergekit computes them in float32)."""
+    assert len(GOLDEN) == 7
     merge(DATA / f"{name}.yml", tmp_path / "out")
     got, want = weights(tmp_path / "out"), load_file(str(DATA / "golden" / f"{name}.safetensors"))
     assert set(got) == set(want)
     for k in want:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=f"{name}: {k}")
-        if name != "linear":
+        if name not in ("linear", "slerp"):
             assert np.array_equal(got[k], want[k]), (name, k)
     base = weights(DATA / "base")
     assert any(not np.array_equal(got[k], base[k]) for k in got)  # it merged something
@@ -430,3 +431,15 @@ def test_global_scope_config_errors_and_a_failed_merge_leaves_no_masks(tmp_path)
     assert not (tmp_path / "out").exists()
     assert not list((tmp_path / "mk").glob("*")) if (tmp_path / "mk").exists() else True
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_slerp_takes_base_and_one_model_and_needs_t(tmp_path):
+    """slerp: base_model is t = 0, the one other model t = 1; t = 0 gives the base bit for bit."""
+    doc = {"merge_method": "slerp", "base_model": "base", "models": [{"model": "a"}, {"model": "b"}]}
+    r = CliRunner().invoke(cli, ["merge", str(config_here(tmp_path, doc)), "-o", str(tmp_path / "o")])
+    assert r.exit_code != 0
+    assert "slerp interpolates base_model and one other model, not 2" in r.output and "slerp needs t" in r.output
+    doc = {"merge_method": "slerp", "base_model": "base", "models": [{"model": "a"}], "parameters": {"t": 0.0}}
+    merge(config_here(tmp_path, doc), tmp_path / "t0")
+    base, got = weights(DATA / "base"), weights(tmp_path / "t0")
+    assert all(np.array_equal(got[k], base[k]) for k in base)

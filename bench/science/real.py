@@ -20,7 +20,8 @@ the results (`vanilla`); a task below 0.5 is dropped from the OOD suite and list
 
 Methods, one step budget per task (`--steps`, default 30 AdamW steps of 4 examples):
   full-lr3e-05, full-lr0.0001   full fine-tuning on A at two learning rates
-  gallop|saft|pafi|random-1|5   masked fine-tuning on A, ρ = 1 % and 5 %, at lr 1e-3 (the sparse rate)
+  gallop|saft|pafi|random-1|5   masked fine-tuning on A, ρ = 1 % and 5 %, at lr 1e-3 and 3e-4 (rows
+                                at 3e-4 end in -lr0.0003)
   seq-full                      full fine-tuning A, then B (lr 1e-4)
   multi-full                    full fine-tuning on the A+B mixture (2 × the steps)
   cpi-fused-p1|5, cpi-ft-p1|5   CPI-FT: probes = full fine-tunes of A and B (lr 1e-4), cores at p = 1
@@ -60,8 +61,13 @@ from build import cache_root, task_records  # noqa: E402
 A, B = "add", "rev"
 OOD = ("copy", "capitals", "next", "antonym", "plural", "facts")
 LRS_FULL = (3e-5, 1e-4)
-LR_SPARSE = 1e-3
-SPARSE = tuple(f"{c}-{r}" for r in (1, 5) for c in ("gallop", "saft", "pafi", "random"))
+LRS_SPARSE = (1e-3, 3e-4)  # rows at the second rate are named "<criterion>-<ρ>-lr0.0003"
+SPARSE = tuple(
+    f"{c}-{r}" + ("" if lr == LRS_SPARSE[0] else f"-lr{lr:g}")
+    for lr in LRS_SPARSE
+    for r in (1, 5)
+    for c in ("gallop", "saft", "pafi", "random")
+)
 METHODS = (
     *(f"full-lr{lr:g}" for lr in LRS_FULL),
     *SPARSE,
@@ -231,8 +237,10 @@ def main() -> None:
                 lr = float(method[len("full-lr") :])
                 record(method, full(lr), [A], lr)
             elif method in SPARSE:
-                mask = mask_for(method, base, trains[A], sd / "masks", seed)
-                record(method, trained(base, trains[A], sd / method, cfg(s, LR_SPARSE, seed), mask), [A], LR_SPARSE)
+                crit_rho, _, lr_text = method.partition("-lr")
+                lr = float(lr_text) if lr_text else LRS_SPARSE[0]
+                mask = mask_for(crit_rho, base, trains[A], sd / "masks", seed)
+                record(method, trained(base, trains[A], sd / method, cfg(s, lr, seed), mask), [A], lr)
             elif method == "seq-full":
                 seq = trained(full(1e-4), trains[B], sd / "seq-AB", cfg(s, 1e-4, seed))
                 seq_acc = acc(seq, tests, sd / "seq-full.acc.json")
@@ -261,9 +269,10 @@ def main() -> None:
                 table = acc(model, tests, sd / f"{method}.acc.json")
                 lr = 1e-4 if method.startswith("cpi-fused") else 1e-4 / 3
                 record(method, model, [A, B], lr, {"sequential": sequential(acc_a(), table, A, B)})
-        spent = sd / "minutes.json"  # the compute time of the run that built the seed (a rerun reuses it all)
-        if not spent.is_file() and not args.only:
-            spent.write_text(json.dumps(round((time.time() - ts) / 60, 1)))
+        spent = sd / "minutes.json"  # compute time of the runs that built the seed (a rerun reuses what is there)
+        if not args.only:
+            before = json.loads(spent.read_text()) if spent.is_file() else 0.0
+            spent.write_text(json.dumps(round(before + (time.time() - ts) / 60, 1)))
         times[seed] = json.loads(spent.read_text()) if spent.is_file() else None
         print(f"seed {seed}: {(time.time() - ts) / 60:.1f} min here, {times[seed]} min when built", flush=True)
     doc = {
@@ -276,7 +285,7 @@ def main() -> None:
         "steps": args.steps,
         "batch_size": BATCH,
         "lrs_full": list(LRS_FULL),
-        "lr_sparse": LR_SPARSE,
+        "lrs_sparse": list(LRS_SPARSE),
         "n_test": args.n_test,
         "minutes_per_seed": times,
         "provenance": provenance(args.threads),

@@ -13,6 +13,7 @@ whatever the number of tensors.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from ..storage.masks import MaskWriter
 from ..storage.scope import Scope
 from ..storage.writer import CheckpointWriter, check_output
 from .driver import StreamJob, _check_f16_range, fusion_workers
+from .maths import slerp_coefficients
 from .methods import Method, combine, dare_keep, keep_window, rescale_factor
 
 
@@ -44,6 +46,7 @@ class TensorParams:
     normalize: bool
     lam: float
     rescale: str | None
+    t: float | None = None  # slerp
 
 
 @dataclass
@@ -139,10 +142,36 @@ class MergeJob(StreamJob):
             factors.append(rescale_factor(kind, tp.density[i], before, after))
         return kept, factors
 
+    def _slerp(self, name: str, n: int, t: float):
+        """SLERP from the base (t = 0) to the one model (t = 1), as mergekit's: the angle from the float64
+        norms and dot product of the whole tensors (one pass), then c₀·θᵇ + c₁·θ¹ chunk by chunk."""
+        other = self.models[0]
+        sq0 = sq1 = dot = 0.0
+        for s, e in chunk_ranges(n):
+            a = self._f32(self.base, name, s, e, "base").astype(np.float64)
+            b = self._f32(other, name, s, e, ("v", 0)).astype(np.float64)
+            sq0, sq1, dot = sq0 + float(a @ a), sq1 + float(b @ b), dot + float(a @ b)
+        c0, c1, _ = slerp_coefficients(math.sqrt(sq0), math.sqrt(sq1), dot, t)
+        for s, e in chunk_ranges(n):
+            a, b = self._f32(self.base, name, s, e, "base"), self._f32(other, name, s, e, ("v", 0))
+            out = np.multiply(a, np.float32(c0), out=a)
+            out += np.float32(c1) * b
+            yield out
+
     def tensor(self, name: str, out_code: str):
         n = int(np.prod(self.base.infos[name].shape, dtype=np.int64))
         tp = self.params(name)
         m = self.method
+        if m.name == "slerp":
+            with self.lock:
+                self.report.total += n
+            for out in self._slerp(name, n, tp.t):
+                if not np.isfinite(out).all():
+                    raise nonfinite_error(name, [self.base, *self.models])
+                if out_code == "F16":
+                    _check_f16_range(name, out)
+                yield out if out_code == "F32" else dtypes.from_float32(out, out_code, finite=True)
+            return
         kept, factors = (
             self._selections(name, n, tp) if m.delta else ([None] * len(self.models), [1.0] * len(self.models))
         )

@@ -43,9 +43,11 @@ METHODS = {
         Method("dare_ties", "random", True, False, True, params=("weight", "density")),
         Method("breadcrumbs", "outliers", False, False, False, params=("weight", "density", "gamma")),
         Method("breadcrumbs_ties", "outliers", True, False, False, params=("weight", "density", "gamma")),
+        # base_model is the t = 0 endpoint, the one other model t = 1 (as `fuse`'s SLERP, without cores)
+        Method("slerp", None, False, False, False, delta=False, params=("t",)),
     )
 }
-PLANNED = ("slerp", "tall", "consensus", "localize_stitch", "cpi_ft")  # METHODS §10, not in this release yet
+PLANNED = ("tall", "consensus", "localize_stitch", "cpi_ft")  # METHODS §10, not in this release yet
 DEFAULTS = {"weight": 1.0, "density": 1.0, "gamma": 0.01, "lambda": 1.0}
 
 

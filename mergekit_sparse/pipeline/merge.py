@@ -242,11 +242,19 @@ def parse_merge_config(path: str | Path) -> MergeConfig:
 
     if method is not None and base is not None and isinstance(base, str):
         deltas = [m for m in models if resolve(m) != resolve(base)]
-        if method.delta and len(deltas) < len(models):  # mergekit lists the base among the models: it is θ⁰
+        strip = method.delta or method.name == "slerp"  # slerp: the base is its t = 0 endpoint
+        if strip and len(deltas) < len(models):  # mergekit lists the base among the models: it is θ⁰
             keep = [i for i, m in enumerate(models) if resolve(m) != resolve(base)]
             models, model_params = [models[i] for i in keep], [model_params[i] for i in keep]
         if not models:
             problems.append("config.models: no model besides base_model to merge")
+        elif method.name == "slerp" and len(models) != 1:
+            problems.append(f"config.models: slerp interpolates base_model and one other model, not {len(models)}")
+    if method is not None and method.name == "slerp":
+        if not isinstance(base, str):
+            problems.append("config.base_model: slerp needs base_model (its t = 0 endpoint)")
+        if "t" not in top and not any("t" in mp for mp in model_params):
+            problems.append("config.parameters.t: slerp needs t (0: base_model, 1: the other model)")
     if problems:
         raise DataError(f"invalid merge config {path}:\n  " + "\n  ".join(problems))
     labels = _labels(models)
@@ -368,7 +376,12 @@ def resolver(cfg: MergeConfig, num_layers: int | None):
             rescale = m.rescale
         if rescale is True:
             rescale = "l1" if cfg.semantics == "mergekit" else "inverse"
+        slerp_t = None
+        if m.name == "slerp":
+            slerp_t = next((v for own in cfg.model_params if (v := lookup("t", name, t, own)) is not None), None)
+            slerp_t = float(lookup("t", name, t, None) if slerp_t is None else slerp_t)
         return TensorParams(
+            t=slerp_t,
             weight=per["weight"],
             density=per["density"] if m.sparsify else [1.0] * len(cfg.models),
             gamma=per["gamma"],
