@@ -28,7 +28,8 @@ from .main import cli, emit, force_option, json_option, pickle_option, progress_
 @click.option(
     "--save-masks",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Also write each model's kept entries (TIES trim, Breadcrumbs window) as DIR/<model>.mask.safetensors, "
+    help="Also write each model's kept entries (TIES trim, Breadcrumbs window, TALL mask, localize-stitch γ) as "
+    "DIR/<model>.mask.safetensors, "
     "ordinary mask files for `overlap` and the reports; committed with the merged model.",
 )
 @pickle_option
@@ -36,7 +37,8 @@ from .main import cli, emit, force_option, json_option, pickle_option, progress_
 @json_option
 def merge(config, out, dry_run, shard_size, save_masks, allow_pickle, force, as_json):
     """Merge models with a mergekit config: linear, task_arithmetic, ties, dare_linear, dare_ties,
-    breadcrumbs, breadcrumbs_ties, slerp (METHODS §10), streamed tensor by tensor; `scope: global` under
+    breadcrumbs, breadcrumbs_ties, slerp, and tall, consensus, localize_stitch (METHODS §10), streamed
+    tensor by tensor; `scope: global` under
     `parameters` ranks |τ| over the whole model at once (TIES, Breadcrumbs) instead of per tensor.
 
     The config is mergekit's schema (merge_method, base_model, models, parameters, dtype, out_dtype,

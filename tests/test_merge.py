@@ -203,7 +203,10 @@ def test_config_problems_are_listed_at_once_before_any_tensor_is_read(tmp_path):
     ]:
         assert msg in r.output, (msg, r.output)
     assert not (tmp_path / "out").exists()
-    for method, want in [("model_stock", "is not one of linear, task_arithmetic, ties"), ("tall", "tall is planned")]:
+    for method, want in [
+        ("model_stock", "is not one of linear, task_arithmetic, ties"),
+        ("cpi_ft", "cpi_ft is planned"),
+    ]:
         cfg = config_here(tmp_path, {"merge_method": method, "base_model": "base", "models": [{"model": "a"}]})
         r = CliRunner().invoke(cli, ["merge", str(cfg), "-o", str(tmp_path / "out")])
         assert r.exit_code == 1 and want in r.output, r.output
@@ -443,3 +446,88 @@ def test_slerp_takes_base_and_one_model_and_needs_t(tmp_path):
     merge(config_here(tmp_path, doc), tmp_path / "t0")
     base, got = weights(DATA / "base"), weights(tmp_path / "t0")
     assert all(np.array_equal(got[k], base[k]) for k in base)
+
+
+def _tall_oracle(taus, lambdas):
+    mtl = {k: sum(t[k] for t in taus) for k in taus[0]}
+    masks = [{k: np.abs(t[k]) > np.float32(lam) * np.abs(mtl[k] - t[k]) for k in t} for t, lam in zip(taus, lambdas)]
+    return mtl, masks
+
+
+def test_tall_retrieve_and_consensus_equal_naive_oracles_and_save_the_tall_masks(tmp_path):
+    """TALL masks mₜ = 1[|τₜ| > λₜ|τ_MTL − τₜ|]: `tall` gives θ⁰ + m_r ⊙ τ_MTL for the retrieved model,
+    `consensus` θ⁰ + λ·1[Σₜ mₜ ≥ k] ⊙ τ_MTL; --save-masks writes the mₜ."""
+    from mergekit_sparse.storage.masks import MaskSet
+
+    lambdas = [0.4, 0.2, 0.6]
+    models = [{"model": t, "parameters": {"tall_lambda": lam}} for t, lam in zip("abc", lambdas)]
+    tall = {"merge_method": "tall", "base_model": "base", "models": models, "parameters": {"retrieve": "b"}}
+    merge(config_here(tmp_path, tall, "t.yml"), tmp_path / "tall", "--save-masks", str(tmp_path / "tm"))
+    cons = {
+        "merge_method": "consensus",
+        "base_model": "base",
+        "models": models,
+        "parameters": {"consensus_k": 2, "lambda": 0.8},
+    }
+    merge(config_here(tmp_path, cons, "c.yml"), tmp_path / "cons")
+    base, taus = _taus()
+    mtl, masks = _tall_oracle(taus, lambdas)
+    got_t, got_c = weights(tmp_path / "tall"), weights(tmp_path / "cons")
+    agree = 0
+    for k in base:
+        np.testing.assert_allclose(got_t[k], base[k] + np.where(masks[1][k], mtl[k], 0), rtol=1e-6, atol=1e-7)
+        count = sum(m[k].astype(int) for m in masks)
+        np.testing.assert_allclose(got_c[k], base[k] + 0.8 * np.where(count >= 2, mtl[k], 0), rtol=1e-6, atol=1e-7)
+        agree += int((count >= 2).sum())
+        for t, m in zip("abc", masks):
+            assert np.array_equal(MaskSet.load(tmp_path / "tm" / f"{t}.mask.safetensors").bits(k), m[k]), (t, k)
+    assert 0 < agree < sum(v.size for v in base.values())  # the consensus is neither empty nor everything
+
+
+def test_localize_stitch_is_global_by_default_and_averages_over_the_masks(tmp_path):
+    """localize-stitch: γₜ = top-density |τₜ| over the whole model (ties by the §2 hash); stitched τ =
+    Σₜ (γₜ / Σᵤ γᵤ) ⊙ τₜ, 0 where no γ holds."""
+    base = _quantised_models(tmp_path)
+    dens = [0.1, 0.2, 0.3]
+    doc = {
+        "merge_method": "localize_stitch",
+        "base_model": str(tmp_path / "base"),
+        "models": [{"model": str(tmp_path / t), "parameters": {"density": d}} for t, d in zip("abc", dens)],
+    }
+    cfg = tmp_path / "ls.yml"
+    cfg.write_text(yaml.safe_dump(doc))
+    merge(cfg, tmp_path / "out")
+    got = weights(tmp_path / "out")
+    taus = [{k: weights(tmp_path / t)[k] - base[k] for k in base} for t in "abc"]
+    n_all = sum(v.size for v in base.values())
+    ranks = _ranks(tmp_path)
+    gammas = [_global_top(tau, int(d * n_all), ranks) for tau, d in zip(taus, dens)]
+    for k in base:
+        total = sum(tau[k] * g[k] for tau, g in zip(taus, gammas))
+        count = np.maximum(sum(g[k].astype(np.float32) for g in gammas), 1)
+        np.testing.assert_allclose(got[k], base[k] + total / count, rtol=1e-6, atol=1e-7, err_msg=k)
+    doc["models"] = [{"model": str(tmp_path / "a")}]
+    cfg.write_text(yaml.safe_dump(doc))
+    r = CliRunner().invoke(cli, ["merge", str(cfg), "-o", str(tmp_path / "o2")])
+    assert r.exit_code != 0 and "localize_stitch needs density" in r.output
+
+
+def test_tall_and_consensus_config_errors(tmp_path):
+    doc = {"merge_method": "tall", "base_model": "base", "models": [{"model": "a"}, {"model": "b"}]}
+    r = CliRunner().invoke(cli, ["merge", str(config_here(tmp_path, doc)), "-o", str(tmp_path / "o")])
+    assert r.exit_code != 0 and "tall retrieves one model" in r.output
+    doc["parameters"] = {"retrieve": "zzz"}
+    r = CliRunner().invoke(cli, ["merge", str(config_here(tmp_path, doc)), "-o", str(tmp_path / "o")])
+    assert r.exit_code != 0 and "'zzz' is not one of the models" in r.output
+    doc = {
+        "merge_method": "consensus",
+        "base_model": "base",
+        "models": [{"model": "a", "parameters": {"tall_lambda": -1}}, {"model": "b"}],
+        "parameters": {"consensus_k": 3},
+    }
+    r = CliRunner().invoke(cli, ["merge", str(config_here(tmp_path, doc)), "-o", str(tmp_path / "o")])
+    assert r.exit_code != 0
+    assert (
+        "consensus_k: 3 is more than the 2 models" in r.output
+        and "tall_lambda: -1 is not a number of at least 0" in r.output
+    )

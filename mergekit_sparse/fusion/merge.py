@@ -32,7 +32,7 @@ from ..storage.scope import Scope
 from ..storage.writer import CheckpointWriter, check_output
 from .driver import StreamJob, _check_f16_range, fusion_workers
 from .maths import slerp_coefficients
-from .methods import Method, combine, dare_keep, keep_window, rescale_factor
+from .methods import Method, combine, dare_keep, keep_window, rescale_factor, stitch, tall_masks
 
 
 @dataclass
@@ -47,6 +47,9 @@ class TensorParams:
     lam: float
     rescale: str | None
     t: float | None = None  # slerp
+    tall_lambda: list[float] = field(default_factory=list)  # tall, consensus: per model
+    consensus_k: int = 2
+    retrieve: int = 0  # tall: the model retrieved
 
 
 @dataclass
@@ -134,7 +137,7 @@ class MergeJob(StreamJob):
                     keep = dare_keep(self.seed, i, self.ranks[name], s, e, tp.density[i])
                     before += float(tau.sum(dtype=np.float64))
                     after += float(tau[keep].sum(dtype=np.float64))
-            if self.mask_writers is not None:
+            if self.mask_writers is not None and m.sparsify in ("magnitude", "outliers"):
                 saved = bits if bits is not None else np.packbits(np.ones(n, dtype=bool))
                 self.mask_writers[i].write_packed_at(name, saved)
             kept.append(bits)
@@ -177,9 +180,11 @@ class MergeJob(StreamJob):
         )
         with self.lock:
             self.report.total += n
+        tall = m.name in ("tall", "consensus")
+        packed: list[list[np.ndarray]] = [[] for _ in self.models]  # TALL masks to save, chunk by chunk
         for s, e in chunk_ranges(n):
             b = self._f32(self.base, name, s, e, "base") if m.delta else None
-            taus = []
+            taus, keeps = [], []
             for i, ck in enumerate(self.models):
                 v = self._f32(ck, name, s, e, ("v", i))
                 if not m.delta:
@@ -192,6 +197,7 @@ class MergeJob(StreamJob):
                     keep = np.unpackbits(kept[i][s // 8 : (e + 7) // 8], count=e - s + s % 8)[s % 8 :].astype(bool)
                 else:
                     keep = None
+                keeps.append(keep)
                 if keep is not None:
                     tau[~keep] = 0
                 with self.lock:
@@ -199,14 +205,32 @@ class MergeJob(StreamJob):
                 if factors[i] != 1.0:
                     tau *= np.float32(factors[i])
                 taus.append(tau)
-            mixed = combine(
-                taus,
-                tp.weight,
-                consensus=m.consensus,
-                normalize=tp.normalize,
-                lam=tp.lam if m.delta else 1.0,
-                semantics=self.semantics,
-            )
+            if tall:
+                mtl, masks = tall_masks(taus, tp.tall_lambda)
+                if m.name == "tall":
+                    on = masks[tp.retrieve]
+                else:
+                    on = np.add.reduce([x.astype(np.uint8) for x in masks], dtype=np.int32) >= tp.consensus_k
+                mixed = np.where(on, mtl, np.float32(0))
+                if m.name == "consensus" and tp.lam != 1:
+                    mixed *= np.float32(tp.lam)
+                if self.mask_writers is not None:
+                    for i, x in enumerate(masks):
+                        packed[i].append(np.packbits(x))  # chunks are multiples of 8 entries
+            elif m.name == "localize_stitch":
+                kept = [np.ones(e - s, dtype=bool) if k is None else k for k in keeps]
+                mixed = stitch(taus, kept)
+                if tp.lam != 1:
+                    mixed *= np.float32(tp.lam)
+            else:
+                mixed = combine(
+                    taus,
+                    tp.weight,
+                    consensus=m.consensus,
+                    normalize=tp.normalize,
+                    lam=tp.lam if m.delta else 1.0,
+                    semantics=self.semantics,
+                )
             out = mixed if b is None else np.add(b, mixed, out=mixed)
             if not np.isfinite(out).all():
                 raise nonfinite_error(name, [self.base, *self.models])
@@ -216,6 +240,9 @@ class MergeJob(StreamJob):
                 if out_code == "F16":
                     _check_f16_range(name, out)
                 yield dtypes.from_float32(out, out_code, finite=True)
+        if tall and self.mask_writers is not None:
+            for w, parts in zip(self.mask_writers, packed):
+                w.write_packed_at(name, np.concatenate(parts) if parts else np.zeros(0, np.uint8))
 
 
 def merge_models(
@@ -252,15 +279,16 @@ def merge_models(
     folder = base.folder is not None
     side = [] if folder else [Path(f"{out}.merge.json")]
     ranking = method.sparsify in ("magnitude", "outliers")
+    savable = ranking or method.name in ("tall", "consensus")
     mask_paths = [Path(save_masks) / f"{x}.mask.safetensors" for x in labels] if save_masks else []
     scratch = out.parent / f".{out.name}.masks-{os.getpid()}"
     check_output(out, inputs, force=force, side_files=side + mask_paths, scratch=[scratch])
     if not models:
         raise OptionError("the config merges no model: list them under `models:`")
-    if save_masks and not ranking:
+    if save_masks and not savable:
         raise OptionError(
-            f"--save-masks: {method.name} keeps no ranked selection to save (TIES and Breadcrumbs methods do; "
-            "DARE's drop is a hash of the position, the same for any model)"
+            f"--save-masks: {method.name} keeps no ranked selection to save (TIES, Breadcrumbs, TALL, consensus "
+            "and localize-stitch do; DARE's drop is a hash of the position, the same for any model)"
         )
     code = dtypes.code_of(dtype) if dtype else None
     plan = [(n, code if (code and i.is_float) else i.code, i.shape) for n, i in sorted(base.infos.items())]

@@ -45,10 +45,36 @@ METHODS = {
         Method("breadcrumbs_ties", "outliers", True, False, False, params=("weight", "density", "gamma")),
         # base_model is the t = 0 endpoint, the one other model t = 1 (as `fuse`'s SLERP, without cores)
         Method("slerp", None, False, False, False, delta=False, params=("t",)),
+        # TALL masks mₜ = 1[|τₜ| > λₜ·|τ_MTL − τₜ|]: `tall` retrieves one task, `consensus` keeps τ_MTL where
+        # at least consensus_k masks agree; localize-stitch averages each τₜ over its top-density entries
+        Method("tall", None, False, False, False, params=("tall_lambda",)),
+        Method("consensus", None, False, False, False, params=("tall_lambda",)),
+        Method("localize_stitch", "magnitude", False, False, False, params=("density",)),
     )
 }
-PLANNED = ("tall", "consensus", "localize_stitch", "cpi_ft")  # METHODS §10, not in this release yet
-DEFAULTS = {"weight": 1.0, "density": 1.0, "gamma": 0.01, "lambda": 1.0}
+PLANNED = ("cpi_ft",)  # METHODS §10, not a merge method in this release yet (use `fuse`)
+DEFAULTS = {"weight": 1.0, "density": 1.0, "gamma": 0.01, "lambda": 1.0, "tall_lambda": 0.4, "consensus_k": 2}
+TOP_ONLY = {"consensus": ("consensus_k",), "tall": ("retrieve",)}  # method-specific top-level parameters
+
+
+def tall_masks(taus: list[np.ndarray], lambdas: list[float]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(τ_MTL = Σₜ τₜ, the TALL masks mₜ = 1[|τₜ| > λₜ·|τ_MTL − τₜ|]) of one chunk (Wang et al.)."""
+    mtl = taus[0].copy()
+    for t in taus[1:]:
+        mtl += t
+    return mtl, [np.abs(t) > np.float32(lam) * np.abs(mtl - t) for t, lam in zip(taus, lambdas)]
+
+
+def stitch(taus: list[np.ndarray], kept: list[np.ndarray]) -> np.ndarray:
+    """Localize-and-stitch (dataless): Σₜ (γₜ / Σᵤ γᵤ) ⊙ τₜ, 0 where no mask holds (the τₜ are zero
+    outside their γₜ already)."""
+    total = taus[0].copy()
+    count = kept[0].astype(np.float32)
+    for t, k in zip(taus[1:], kept[1:]):
+        total += t
+        count += k
+    count[count == 0] = 1
+    return np.divide(total, count, out=total)
 
 
 def keep_window(method: Method, n: int, density: float, gamma: float) -> tuple[int, int] | None:

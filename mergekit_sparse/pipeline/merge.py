@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError, OptionError
-from ..fusion.methods import DEFAULTS, METHODS, PLANNED, SEMANTICS, Method
+from ..fusion.methods import DEFAULTS, METHODS, PLANNED, SEMANTICS, TOP_ONLY, Method
 from .config import MAX_CONFIG_BYTES, MAX_CONFIG_NODES, expanded_size, load_yaml
 
 TOP_KEYS = {
@@ -38,7 +38,7 @@ TOP_KEYS = {
 }
 MODEL_KEYS = {"model", "parameters"}
 SHARED = {"normalize", "lambda", "rescale", "int8_mask", "scope", "semantics", "random_seed", "tie_seed"}
-PER_MODEL = {"weight", "density", "gamma"}
+PER_MODEL = {"weight", "density", "gamma", "tall_lambda"}
 DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "fp32": "F32", "bf16": "BF16", "fp16": "F16"}
 SCOPES = ("tensor", "global")  # `row` (Breadcrumbs per row): not in this release yet
 
@@ -137,6 +137,11 @@ def _check_setting(where: str, key: str, setting, problems: list[str]) -> None:
         elif key == "semantics":
             ok = v in SEMANTICS
             want = " or ".join(SEMANTICS)
+        elif key == "retrieve":
+            ok, want = isinstance(v, str), "a model (its path as under models, or its name)"
+        elif key == "consensus_k":
+            ok = isinstance(v, int) and not isinstance(v, bool) and v >= 1
+            want = "an integer of at least 1"
         elif key in ("random_seed", "tie_seed"):
             ok = isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**32
             want = "an integer in [0, 2^32)"
@@ -145,6 +150,8 @@ def _check_setting(where: str, key: str, setting, problems: list[str]) -> None:
             want = "a finite number"
             if ok and key in ("density", "gamma"):
                 ok, want = 0 <= v <= 1, "a number in [0, 1]"
+            elif ok and key == "tall_lambda":
+                ok, want = v >= 0, "a number of at least 0"
         if not ok:
             problems.append(f"{where}.{key}: {v!r} is not {want}")
 
@@ -199,16 +206,17 @@ def parse_merge_config(path: str | Path) -> MergeConfig:
     if not isinstance(top, dict):
         problems.append("config.parameters: expected a mapping")
         top = {}
-    allowed_top = SHARED | (set(method.params) if method else PER_MODEL)
+    allowed_top = SHARED | (set(method.params) | set(TOP_ONLY.get(method.name, ())) if method else PER_MODEL)
     for k, v in top.items():
         if k not in allowed_top:
             problems.append(f"config.parameters.{k}: unknown (known: {', '.join(sorted(allowed_top))})")
         else:
             _check_setting("config.parameters", k, v, problems)
-    for k in ("scope", "semantics", "random_seed", "tie_seed"):
+    for k in ("scope", "semantics", "random_seed", "tie_seed", "consensus_k", "retrieve"):
         if k in top and isinstance(top[k], (list, dict)):
             problems.append(f"config.parameters.{k}: one value for the whole merge, not per tensor")
-    if top.get("scope") == "global" and method is not None and method.sparsify in ("magnitude", "outliers"):
+    scope = top.get("scope", "global" if method is not None and method.name == "localize_stitch" else "tensor")
+    if scope == "global" and method is not None and method.sparsify in ("magnitude", "outliers"):
         # one budget over all tensors: one density (and gamma) per model, and no per-tensor rescale
         for where, own in [("config.parameters", top)] + [
             (f"config.models[{i}].parameters", mp) for i, mp in enumerate(model_params) if isinstance(mp, dict)
@@ -250,6 +258,22 @@ def parse_merge_config(path: str | Path) -> MergeConfig:
             problems.append("config.models: no model besides base_model to merge")
         elif method.name == "slerp" and len(models) != 1:
             problems.append(f"config.models: slerp interpolates base_model and one other model, not {len(models)}")
+    if method is not None and method.name == "localize_stitch":
+        if "density" not in top and not all("density" in mp for mp in model_params):
+            problems.append("config.parameters.density: localize_stitch needs density (the share each γₜ keeps)")
+    if method is not None and method.name == "tall":
+        want = top.get("retrieve")
+        if want is None:
+            problems.append("config.parameters.retrieve: tall retrieves one model: name it (path or name)")
+        elif isinstance(want, str):
+            names = [resolve(m) for m in models] + _labels(models)
+            if resolve(want) not in names and want not in names:
+                problems.append(f"config.parameters.retrieve: {want!r} is not one of the models")
+    if method is not None and method.name == "consensus" and isinstance(top.get("consensus_k"), int):
+        if top["consensus_k"] > len(models):
+            problems.append(
+                f"config.parameters.consensus_k: {top['consensus_k']} is more than the {len(models)} models"
+            )
     if method is not None and method.name == "slerp":
         if not isinstance(base, str):
             problems.append("config.base_model: slerp needs base_model (its t = 0 endpoint)")
@@ -268,7 +292,7 @@ def parse_merge_config(path: str | Path) -> MergeConfig:
         out_dtype=DTYPES[out_dtype] if out_dtype else None,
         tokenizer_source=None if tok in (None, "base") else resolve(tok),
         semantics=top.get("semantics", "mergekit"),
-        scope=top.get("scope", "tensor"),
+        scope=scope,
         seed=int(top.get("random_seed", 0)),
         tie_seed=int(top.get("tie_seed", 0)),
         path=path,
@@ -365,9 +389,17 @@ def resolver(cfg: MergeConfig, num_layers: int | None):
                     return v
         return None
 
+    retrieve = 0
+    if m.name == "tall":
+        want = cfg.parameters["retrieve"]
+        for i, (path, label) in enumerate(zip(cfg.models, cfg.labels)):
+            if want in (label, path) or str(cfg.path.parent.absolute() / want) == path:
+                retrieve = i
+
     def params(name: str) -> TensorParams:
         t = t_of(name)
-        per = {key: [lookup(key, name, t, own) for own in cfg.model_params] for key in ("weight", "density", "gamma")}
+        keys = ("weight", "density", "gamma", "tall_lambda")
+        per = {key: [lookup(key, name, t, own) for own in cfg.model_params] for key in keys}
         per = {k: [DEFAULTS[k] if v is None else float(v) for v in vals] for k, vals in per.items()}
         normalize = lookup("normalize", name, t, None)
         lam = lookup("lambda", name, t, None)
@@ -382,6 +414,9 @@ def resolver(cfg: MergeConfig, num_layers: int | None):
             slerp_t = float(lookup("t", name, t, None) if slerp_t is None else slerp_t)
         return TensorParams(
             t=slerp_t,
+            tall_lambda=per["tall_lambda"],
+            consensus_k=int(cfg.parameters.get("consensus_k", DEFAULTS["consensus_k"])),
+            retrieve=retrieve,
             weight=per["weight"],
             density=per["density"] if m.sparsify else [1.0] * len(cfg.models),
             gamma=per["gamma"],
