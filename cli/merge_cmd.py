@@ -37,7 +37,7 @@ from .main import cli, emit, force_option, json_option, pickle_option, progress_
 @json_option
 def merge(config, out, dry_run, shard_size, save_masks, allow_pickle, force, as_json):
     """Merge models with a mergekit config: linear, task_arithmetic, ties, dare_linear, dare_ties,
-    breadcrumbs, breadcrumbs_ties, slerp, and tall, consensus, localize_stitch (METHODS §10), streamed
+    breadcrumbs, breadcrumbs_ties, slerp, and tall, consensus, localize_stitch, cpi_ft (METHODS §10), streamed
     tensor by tensor; `scope: global` under
     `parameters` ranks |τ| over the whole model at once (TIES, Breadcrumbs) instead of per tensor.
 

@@ -205,7 +205,7 @@ def test_config_problems_are_listed_at_once_before_any_tensor_is_read(tmp_path):
     assert not (tmp_path / "out").exists()
     for method, want in [
         ("model_stock", "is not one of linear, task_arithmetic, ties"),
-        ("cpi_ft", "cpi_ft is planned"),
+        ("cpi_ft", "config.models: cpi_ft fuses at least two models besides base_model"),
     ]:
         cfg = config_here(tmp_path, {"merge_method": method, "base_model": "base", "models": [{"model": "a"}]})
         r = CliRunner().invoke(cli, ["merge", str(cfg), "-o", str(tmp_path / "out")])
@@ -530,4 +530,30 @@ def test_tall_and_consensus_config_errors(tmp_path):
     assert (
         "consensus_k: 3 is more than the 2 models" in r.output
         and "tall_lambda: -1 is not a number of at least 0" in r.output
+    )
+
+
+def test_cpi_ft_from_a_config_equals_sparsemerge_fuse(tmp_path):
+    """merge_method: cpi_ft runs the fuse pipeline: the same bytes as `fuse a b --base base --p 2`."""
+    doc = {
+        "merge_method": "cpi_ft",
+        "base_model": "base",
+        "models": [{"model": "base"}, {"model": "a"}, {"model": "b"}],
+        "parameters": {"p": 2},
+    }
+    merge(config_here(tmp_path, doc), tmp_path / "m")
+    r = CliRunner().invoke(
+        cli,
+        ["fuse", str(DATA / "a"), str(DATA / "b"), "--base", str(DATA / "base"), "--p", "2", "-o", str(tmp_path / "f")],
+    )
+    assert r.exit_code == 0, r.output
+    got, want = weights(tmp_path / "m"), weights(tmp_path / "f")
+    assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in want)
+    base = weights(DATA / "base")
+    assert any(not np.array_equal(got[k], base[k]) for k in got)
+    doc["parameters"] = {"p": 0, "conflict": "loudest"}
+    r = CliRunner().invoke(cli, ["merge", str(config_here(tmp_path, doc)), "-o", str(tmp_path / "x")])
+    assert r.exit_code != 0
+    assert (
+        "p: 0 is not a percentage in (0, 100]" in r.output and "'loudest' is not max-delta or last or mean" in r.output
     )

@@ -50,11 +50,17 @@ METHODS = {
         Method("tall", None, False, False, False, params=("tall_lambda",)),
         Method("consensus", None, False, False, False, params=("tall_lambda",)),
         Method("localize_stitch", "magnitude", False, False, False, params=("density",)),
+        # the `fuse` pipeline (§5): cores at p % of |τ|, SLERP of the rest onto the last model, cores written
+        Method("cpi_ft", None, False, False, False, params=("weight",)),
     )
 }
-PLANNED = ("cpi_ft",)  # METHODS §10, not a merge method in this release yet (use `fuse`)
+PLANNED: tuple[str, ...] = ()  # METHODS §10 methods not in this release
 DEFAULTS = {"weight": 1.0, "density": 1.0, "gamma": 0.01, "lambda": 1.0, "tall_lambda": 0.4, "consensus_k": 2}
-TOP_ONLY = {"consensus": ("consensus_k",), "tall": ("retrieve",)}  # method-specific top-level parameters
+TOP_ONLY = {
+    "consensus": ("consensus_k",),
+    "tall": ("retrieve",),
+    "cpi_ft": ("p", "conflict"),
+}  # method-specific top-level parameters
 
 
 def tall_masks(taus: list[np.ndarray], lambdas: list[float]) -> tuple[np.ndarray, list[np.ndarray]]:

@@ -139,6 +139,10 @@ def _check_setting(where: str, key: str, setting, problems: list[str]) -> None:
             want = " or ".join(SEMANTICS)
         elif key == "retrieve":
             ok, want = isinstance(v, str), "a model (its path as under models, or its name)"
+        elif key == "conflict":
+            from ..fusion.maths import POLICIES
+
+            ok, want = v in POLICIES, " or ".join(POLICIES)
         elif key == "consensus_k":
             ok = isinstance(v, int) and not isinstance(v, bool) and v >= 1
             want = "an integer of at least 1"
@@ -150,6 +154,8 @@ def _check_setting(where: str, key: str, setting, problems: list[str]) -> None:
             want = "a finite number"
             if ok and key in ("density", "gamma"):
                 ok, want = 0 <= v <= 1, "a number in [0, 1]"
+            elif ok and key == "p":
+                ok, want = 0 < v <= 100, "a percentage in (0, 100]"
             elif ok and key == "tall_lambda":
                 ok, want = v >= 0, "a number of at least 0"
         if not ok:
@@ -212,10 +218,15 @@ def parse_merge_config(path: str | Path) -> MergeConfig:
             problems.append(f"config.parameters.{k}: unknown (known: {', '.join(sorted(allowed_top))})")
         else:
             _check_setting("config.parameters", k, v, problems)
-    for k in ("scope", "semantics", "random_seed", "tie_seed", "consensus_k", "retrieve"):
+    for k in ("scope", "semantics", "random_seed", "tie_seed", "consensus_k", "retrieve", "p", "conflict"):
         if k in top and isinstance(top[k], (list, dict)):
             problems.append(f"config.parameters.{k}: one value for the whole merge, not per tensor")
-    scope = top.get("scope", "global" if method is not None and method.name == "localize_stitch" else "tensor")
+    globally = method is not None and method.name in ("localize_stitch", "cpi_ft")  # cores are global (§2)
+    scope = top.get("scope", "global" if globally else "tensor")
+    if method is not None and method.name == "cpi_ft":
+        for i, mp in enumerate(model_params):
+            if isinstance(mp.get("weight"), (list, dict)):
+                problems.append(f"config.models[{i}].parameters.weight: cpi_ft takes one weight per model")
     if scope == "global" and method is not None and method.sparsify in ("magnitude", "outliers"):
         # one budget over all tensors: one density (and gamma) per model, and no per-tensor rescale
         for where, own in [("config.parameters", top)] + [
@@ -256,6 +267,8 @@ def parse_merge_config(path: str | Path) -> MergeConfig:
             models, model_params = [models[i] for i in keep], [model_params[i] for i in keep]
         if not models:
             problems.append("config.models: no model besides base_model to merge")
+        elif method.name == "cpi_ft" and len(models) < 2:
+            problems.append("config.models: cpi_ft fuses at least two models besides base_model")
         elif method.name == "slerp" and len(models) != 1:
             problems.append(f"config.models: slerp interpolates base_model and one other model, not {len(models)}")
     if method is not None and method.name == "localize_stitch":
@@ -447,6 +460,16 @@ def run_merge(
     from ..storage.scope import align
     from ..storage.writer import parse_size
 
+    if cfg.method.name == "cpi_ft":
+        return _run_cpi_ft(
+            cfg,
+            out,
+            force=force,
+            progress=progress,
+            allow_pickle=allow_pickle,
+            shard_size=shard_size,
+            save_masks=save_masks,
+        )
     base = Checkpoint.open(cfg.base, allow_pickle=allow_pickle)
     models = [Checkpoint.open(m, allow_pickle=allow_pickle) for m in cfg.models]
     scope = align([base, *models])
@@ -502,6 +525,31 @@ def run_merge(
     if save_masks:
         doc["masks"] = [str(Path(save_masks) / f"{x}.mask.safetensors") for x in cfg.labels]
     return doc
+
+
+def _run_cpi_ft(cfg: MergeConfig, out: Path, *, save_masks, **kw) -> dict:
+    """`merge_method: cpi_ft`: the `fuse` pipeline (METHODS §5) from a config: cores at `p` % (default 1) of
+    |θᵗ − θ⁰| (`scope: global`, the default, or `tensor`), SLERP folds onto the last model with the models'
+    weights, the cores written back by `conflict` (default max-delta)."""
+    from ..fusion.api import fuse_checkpoints
+
+    if save_masks:
+        raise OptionError("--save-masks: for cpi_ft, write the cores with `sparsemerge core` and fuse with --masks")
+    top = cfg.parameters
+    weights = [float(mp.get("weight", 1.0)) for mp in cfg.model_params]
+    res = fuse_checkpoints(
+        [f"{x}={m}" for x, m in zip(cfg.labels, cfg.models)],
+        out=out,
+        base=cfg.base,
+        percent=float(top.get("p", 1.0)),
+        per_tensor=cfg.scope == "tensor",
+        weights=weights if any(w != 1.0 for w in weights) else None,
+        conflict=top.get("conflict", "max-delta"),
+        dtype=cfg.out_dtype,
+        tie_seed=cfg.tie_seed,
+        **kw,
+    )
+    return res | {"counts": {**res["counts"], "total": res["counts"].get("total", 0), "kept": {}}}
 
 
 def merge_plan(cfg: MergeConfig, *, allow_pickle: bool = False) -> dict:
