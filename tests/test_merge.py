@@ -184,7 +184,7 @@ def test_config_problems_are_listed_at_once_before_any_tensor_is_read(tmp_path):
             {"model": "a", "parameters": {"weight": "heavy", "density": 1.5, "gamma": 0.1}},
             {"model": "b", "extra": 1},
         ],
-        "parameters": {"normalize": "yes", "scope": "row", "bogus": 1},
+        "parameters": {"normalize": "yes", "scope": "sideways", "bogus": 1},
         "tokenizer_source": "union",
         "surprise": True,
     }
@@ -197,7 +197,7 @@ def test_config_problems_are_listed_at_once_before_any_tensor_is_read(tmp_path):
         "config.models[0].parameters.gamma: not a parameter of ties",
         "config.models[1].extra: unknown key",
         "config.parameters.normalize: 'yes' is not true or false",
-        "config.parameters.scope: 'row' is not tensor or global (row scope is not in this release yet)",
+        "config.parameters.scope: 'sideways' is not tensor or global or row",
         "config.parameters.bogus: unknown",
         "config.tokenizer_source: union",
     ]:
@@ -557,3 +557,39 @@ def test_cpi_ft_from_a_config_equals_sparsemerge_fuse(tmp_path):
     assert (
         "p: 0 is not a percentage in (0, 100]" in r.output and "'loudest' is not max-delta or last or mean" in r.output
     )
+
+
+def test_breadcrumbs_row_scope_keeps_the_window_of_every_row(tmp_path):
+    """scope: row: in every row, ranks (⌊γ·c⌋, ⌊γ·c⌋ + ⌊density·c⌋] of |τ| (equal values by the §2 hash of the
+    flat index); a 1-D tensor is one row."""
+    from mergekit_sparse.selection.keys import tie_hash
+
+    base = _quantised_models(tmp_path, step=1 / 32)
+    density, gamma = 0.4, 0.1
+    doc = {
+        "merge_method": "breadcrumbs",
+        "base_model": str(tmp_path / "base"),
+        "models": [{"model": str(tmp_path / "a"), "parameters": {"density": density, "gamma": gamma}}],
+        "parameters": {"scope": "row"},
+    }
+    cfg = tmp_path / "r.yml"
+    cfg.write_text(yaml.safe_dump(doc))
+    merge(cfg, tmp_path / "out", "--save-masks", str(tmp_path / "m"))
+    got, ranks = weights(tmp_path / "out"), _ranks(tmp_path)
+    a = weights(tmp_path / "a")
+    ties = 0
+    for k in base:
+        tau = (a[k] - base[k]).reshape(-1, base[k].shape[-1])
+        cols = tau.shape[1]
+        lo, hi = int(gamma * cols), int(gamma * cols) + int(density * cols)
+        h = tie_hash(0, ranks[k], np.arange(tau.size)).reshape(tau.shape)
+        want = np.zeros(tau.shape, dtype=bool)
+        for r in range(tau.shape[0]):
+            order = sorted(range(cols), key=lambda j: (-abs(float(tau[r, j])), int(h[r, j])))
+            want[r, order[lo:hi]] = True
+            ties += len(set(np.abs(tau[r]).tolist())) < cols
+        np.testing.assert_array_equal(got[k], (base[k] + (tau * want).reshape(base[k].shape)).astype(np.float32), k)
+    assert ties > 10  # the quantised deltas tie inside rows
+    doc = {"merge_method": "ties", "base_model": "base", "models": [{"model": "a"}], "parameters": {"scope": "row"}}
+    r = CliRunner().invoke(cli, ["merge", str(config_here(tmp_path, doc)), "-o", str(tmp_path / "o")])
+    assert r.exit_code != 0 and "row is Breadcrumbs' scope" in r.output

@@ -23,6 +23,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import OptionError
+from ..selection.keys import CHUNK
 from ..selection.passes import chunk_ranges, nonfinite_error
 from ..selection.topk import topk_bits
 from ..storage import atomic, dtypes
@@ -32,7 +33,7 @@ from ..storage.scope import Scope
 from ..storage.writer import CheckpointWriter, check_output
 from .driver import StreamJob, _check_f16_range, fusion_workers
 from .maths import slerp_coefficients
-from .methods import Method, combine, dare_keep, keep_window, rescale_factor, stitch, tall_masks
+from .methods import Method, combine, dare_keep, keep_window, rescale_factor, row_window, stitch, tall_masks
 
 
 @dataclass
@@ -80,12 +81,14 @@ class MergeJob(StreamJob):
         tie_seed: int,
         masks: list | None = None,
         mask_writers: list | None = None,
+        selection: str = "tensor",
     ):
         super().__init__()
         self.method, self.base, self.models, self.labels, self.params = method, base, models, labels, params
         self.ranks, self.semantics, self.seed, self.tie_seed = ranks, semantics, seed, tie_seed
         self.masks = masks  # scope global: per model (MaskSet of the top (γ+)density, MaskSet of the top γ or None)
         self.mask_writers = mask_writers  # --save-masks: per model the MaskWriter of its kept entries
+        self.selection = selection  # the config's scope: tensor, global or row (Breadcrumbs per row)
         self.reference = base
         self.report = MergeReport(method.name, labels, kept={x: 0 for x in labels}, tie_picks={x: 0 for x in labels})
 
@@ -110,6 +113,10 @@ class MergeJob(StreamJob):
             bits, before, after = None, 0.0, 0.0
             need_l1 = tp.rescale == "l1" and m.sparsify is not None
             window = keep_window(m, n, tp.density[i], tp.gamma[i]) if m.sparsify in ("magnitude", "outliers") else None
+            shape = self.base.infos[name].shape
+            cols = int(shape[-1]) if len(shape) else 1
+            if self.selection == "row" and m.sparsify == "outliers":
+                window = keep_window(m, cols, tp.density[i], tp.gamma[i])  # the same window in every row
             if self.masks is not None and m.sparsify in ("magnitude", "outliers"):
                 hi, lo = self.masks[i]
                 bits = None if hi is None else hi.packed(name)
@@ -118,7 +125,20 @@ class MergeJob(StreamJob):
                     bits = top if bits is None else np.bitwise_and(bits, top)
             elif window is not None or (need_l1 and m.sparsify != "random"):
                 mag = self._magnitude(ck, name, n)
-                if window is not None:
+                if window is not None and self.selection == "row" and m.sparsify == "outliers":
+                    lo, hi = window
+                    rows, sel = n // max(cols, 1), np.empty(n, dtype=bool)
+                    step = max(1, CHUNK // max(cols, 1))  # rows per block: bounded scratch for the sort
+                    grid = mag.reshape(rows, cols)
+                    for r in range(0, rows, step):
+                        part = row_window(
+                            grid[r : r + step], lo, hi, seed=self.tie_seed, rank=self.ranks[name], start=r * cols
+                        )
+                        sel[r * cols : (r + step) * cols] = part.reshape(-1)
+                    bits = np.packbits(sel)
+                    if need_l1:
+                        before, after = float(mag.sum(dtype=np.float64)), float(mag[sel].sum(dtype=np.float64))
+                elif window is not None:
                     lo, hi = window
                     sel, _, _, picks = topk_bits(mag, hi, rank=self.ranks[name], seed=self.tie_seed, nonneg=True)
                     if lo > 0:
@@ -322,6 +342,7 @@ def merge_models(
             tie_seed=tie_seed,
             masks=masks,
             mask_writers=writers or None,
+            selection=selection,
         )
         if masks is not None:
             job.report.tie_picks = dict(zip(labels, picks))

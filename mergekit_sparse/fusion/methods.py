@@ -63,6 +63,17 @@ TOP_ONLY = {
 }  # method-specific top-level parameters
 
 
+def row_window(mag: np.ndarray, lo: int, hi: int, *, seed: int, rank: int, start: int) -> np.ndarray:
+    """Breadcrumbs at `scope: row`: in each row of `mag` (rows × cols, |τ| of consecutive rows of one
+    tensor whose first entry has flat index `start`), the entries of ranks [lo, hi) by |τ| descending, equal
+    values ordered by the smallest §2 hash (exact, as the tensor-scope top-k)."""
+    h = tie_hash(seed, rank, np.arange(start, start + mag.size, dtype=np.int64)).reshape(mag.shape)
+    order = np.lexsort((h, -mag), axis=-1)[:, lo:hi]  # per row: largest first, ties by the hash
+    sel = np.zeros(mag.shape, dtype=bool)
+    np.put_along_axis(sel, order, True, axis=-1)
+    return sel
+
+
 def tall_masks(taus: list[np.ndarray], lambdas: list[float]) -> tuple[np.ndarray, list[np.ndarray]]:
     """(τ_MTL = Σₜ τₜ, the TALL masks mₜ = 1[|τₜ| > λₜ·|τ_MTL − τₜ|]) of one chunk (Wang et al.)."""
     mtl = taus[0].copy()

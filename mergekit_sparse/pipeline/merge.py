@@ -40,7 +40,7 @@ MODEL_KEYS = {"model", "parameters"}
 SHARED = {"normalize", "lambda", "rescale", "int8_mask", "scope", "semantics", "random_seed", "tie_seed"}
 PER_MODEL = {"weight", "density", "gamma", "tall_lambda"}
 DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "fp32": "F32", "bf16": "BF16", "fp16": "F16"}
-SCOPES = ("tensor", "global")  # `row` (Breadcrumbs per row): not in this release yet
+SCOPES = ("tensor", "global", "row")  # row: Breadcrumbs per row (the reference)
 
 
 @dataclass
@@ -133,7 +133,7 @@ def _check_setting(where: str, key: str, setting, problems: list[str]) -> None:
             want = "true, false, l1 or inverse"
         elif key == "scope":
             ok = v in SCOPES
-            want = " or ".join(SCOPES) + (" (row scope is not in this release yet)")
+            want = " or ".join(SCOPES)
         elif key == "semantics":
             ok = v in SEMANTICS
             want = " or ".join(SEMANTICS)
@@ -223,6 +223,10 @@ def parse_merge_config(path: str | Path) -> MergeConfig:
             problems.append(f"config.parameters.{k}: one value for the whole merge, not per tensor")
     globally = method is not None and method.name in ("localize_stitch", "cpi_ft")  # cores are global (§2)
     scope = top.get("scope", "global" if globally else "tensor")
+    if scope == "row" and method is not None and method.sparsify != "outliers":
+        problems.append(
+            f"config.parameters.scope: row is Breadcrumbs' scope (breadcrumbs, breadcrumbs_ties), not {name}'s"
+        )
     if method is not None and method.name == "cpi_ft":
         for i, mp in enumerate(model_params):
             if isinstance(mp.get("weight"), (list, dict)):
