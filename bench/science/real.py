@@ -383,7 +383,7 @@ def write_report(rows: list[dict], path: Path) -> None:
     fig.update_layout(
         title="SmolLM2-135M: ID accuracy vs OOD accuracy (up and right is better); lines: Pareto fronts",
         xaxis_title="ID accuracy (trained tasks)",
-        yaxis_title="OOD accuracy (six tasks the base does)",
+        yaxis_title="OOD accuracy (the OOD suite: tasks the base does)",
         height=600,
     )
     write(path, "bench/science: SmolLM2-135M", [("Accuracy vs forgetting", "", fig)])
