@@ -50,7 +50,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "real"))
 sys.path.insert(0, str(HERE))
 
-from run import ROOT, acc, cpi_ft, mask_for, pareto, provenance  # noqa: E402
+from run import ROOT, _ms, acc, cpi_ft, mask_for, provenance  # noqa: E402
+from run import write_report as run_report  # noqa: E402
 
 from mergekit_sparse.evaluation.metrics import run_metrics, sequential  # noqa: E402
 from mergekit_sparse.storage import atomic  # noqa: E402
@@ -298,13 +299,6 @@ def main() -> None:
     write_report(rows, args.out / "report-real.html")
 
 
-def _ms(xs) -> str:
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return "n/a"
-    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs) if len(xs) > 1 else 0:.3f}"
-
-
 def summarise(rows: list[dict]) -> str:
     lines = [
         f"SmolLM2-135M (Q4_1-dequantised): A = {A}, B = {B}; mean ± std over seeds {sorted({r['seed'] for r in rows})}",
@@ -349,44 +343,16 @@ def summarise(rows: list[dict]) -> str:
 
 
 def write_report(rows: list[dict], path: Path) -> None:
-    import plotly.graph_objects as go
-
-    from mergekit_sparse.reports.page import write_report as write
-
-    fig = go.Figure()
-    families = dict.fromkeys(r["method"].split("-")[0] for r in rows)
-    palette = ["#1f77b4", "#d62728", "#ff7f0e", "#2ca02c", "#7f7f7f", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
-    for i, fam in enumerate(families):
-        rs = [r for r in rows if r["method"].split("-")[0] == fam]
-        pts = [(r["id_accuracy"], r["ood_accuracy"]) for r in rs]
-        fig.add_trace(
-            go.Scatter(
-                x=[p[0] for p in pts],
-                y=[p[1] for p in pts],
-                mode="markers",
-                name=fam,
-                marker={"color": palette[i % len(palette)], "size": 9, "opacity": 0.7},
-                text=[f"{r['method']} seed {r['seed']}" for r in rs],
-                hoverinfo="text+x+y",
-            )
-        )
-        front = pareto(pts)
-        fig.add_trace(
-            go.Scatter(
-                x=[p[0] for p in front],
-                y=[p[1] for p in front],
-                mode="lines",
-                showlegend=False,
-                line={"color": palette[i % len(palette)]},
-            )
-        )
-    fig.update_layout(
+    run_report(
+        rows,
+        path,
+        group=lambda r: r["method"].split("-")[0],
+        label=lambda r: f"{r['method']} seed {r['seed']}",
         title="SmolLM2-135M: ID accuracy vs OOD accuracy (up and right is better); lines: Pareto fronts",
-        xaxis_title="ID accuracy (trained tasks)",
-        yaxis_title="OOD accuracy (the OOD suite: tasks the base does)",
-        height=600,
+        page="bench/science: SmolLM2-135M",
+        xaxis="ID accuracy (trained tasks)",
+        yaxis="OOD accuracy (the OOD suite: tasks the base does)",
     )
-    write(path, "bench/science: SmolLM2-135M", [("Accuracy vs forgetting", "", fig)])
 
 
 if __name__ == "__main__":

@@ -291,24 +291,36 @@ def summarise(rows: list[dict], a: str, b: str) -> str:
     return "\n".join(lines)
 
 
-def write_report(rows: list[dict], path: Path) -> None:
+def write_report(
+    rows: list[dict],
+    path: Path,
+    *,
+    group=lambda r: r["method"],
+    label=lambda r: f"{r['method']} lr {r['lr']:g} seed {r['seed']}",
+    title: str = "ID accuracy vs OOD accuracy (up and right is better); lines: Pareto fronts",
+    page: str = "bench/science: accuracy vs forgetting",
+    xaxis: str = "ID accuracy",
+    yaxis: str = "OOD accuracy",
+) -> None:
+    """The Pareto view: one colour per `group` of rows (its points and its Pareto front)."""
     import plotly.graph_objects as go
 
     from mergekit_sparse.reports.page import write_report as write
 
     fig = go.Figure()
-    for i, m in enumerate(dict.fromkeys(r["method"] for r in rows)):
-        rs = [r for r in rows if r["method"] == m]
+    palette = ["#1f77b4", "#d62728", "#ff7f0e", "#2ca02c", "#7f7f7f", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+    for i, name in enumerate(dict.fromkeys(group(r) for r in rows)):
+        rs = [r for r in rows if group(r) == name]
         pts = [(r["id_accuracy"], r["ood_accuracy"]) for r in rs]
-        color = ["#1f77b4", "#d62728", "#ff7f0e", "#2ca02c", "#7f7f7f", "#9467bd", "#8c564b", "#e377c2"][i % 8]
+        color = palette[i % len(palette)]
         fig.add_trace(
             go.Scatter(
                 x=[p[0] for p in pts],
                 y=[p[1] for p in pts],
                 mode="markers",
-                name=m,
+                name=name,
                 marker={"color": color, "size": 8, "opacity": 0.6},
-                text=[f"{m} lr {r['lr']:g} seed {r['seed']}" for r in rs],
+                text=[label(r) for r in rs],
                 hoverinfo="text+x+y",
             )
         )
@@ -318,13 +330,8 @@ def write_report(rows: list[dict], path: Path) -> None:
                 x=[p[0] for p in front], y=[p[1] for p in front], mode="lines", showlegend=False, line={"color": color}
             )
         )
-    fig.update_layout(
-        title="ID accuracy vs OOD accuracy (up and right is better); lines: Pareto fronts",
-        xaxis_title="ID accuracy",
-        yaxis_title="OOD accuracy",
-        height=600,
-    )
-    write(path, "bench/science: accuracy vs forgetting", [("Accuracy vs forgetting", "", fig)])
+    fig.update_layout(title=title, xaxis_title=xaxis, yaxis_title=yaxis, height=600)
+    write(path, page, [("Accuracy vs forgetting", "", fig)])
 
 
 if __name__ == "__main__":

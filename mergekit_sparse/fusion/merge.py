@@ -346,13 +346,13 @@ def merge_models(
         )
         if masks is not None:
             job.report.tie_picks = dict(zip(labels, picks))
-        job.progress = progress
         _merge_into(
             job,
             out,
             plan,
             scope,
             writers,
+            progress=progress,
             settings=settings,
             metadata=metadata,
             card=card,
@@ -416,7 +416,18 @@ def _global_masks(method, base, models, tp: TensorParams, scope: Scope, scratch:
 
 
 def _merge_into(
-    job: MergeJob, out: Path, plan, scope: Scope, writers: list, *, settings, metadata, card, extra_files, **writer_args
+    job: MergeJob,
+    out: Path,
+    plan,
+    scope: Scope,
+    writers: list,
+    *,
+    progress,
+    settings,
+    metadata,
+    card,
+    extra_files,
+    **writer_args,
 ) -> None:
     """The merge pass into a CheckpointWriter; the saved masks (finished here) are committed with it."""
     workers = fusion_workers()
@@ -430,7 +441,7 @@ def _merge_into(
         any_order=workers > 1,
         **writer_args,
     ) as writer:
-        job.run(writer, plan, scope, workers=workers, progress=job.progress)
+        job.run(writer, plan, scope, workers=workers, progress=progress)
         for w in writers:
             w.update_meta(base=base.sources(), sources=[base.sources()])
         writer.together += [w.finish() for w in writers]
