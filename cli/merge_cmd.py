@@ -64,7 +64,8 @@ def merge(config, out, dry_run, shard_size, save_masks, allow_pickle, force, as_
             *(f"  {label}: {path}" for label, path in zip(cfg.labels, cfg.models)),
             f"{plan['tensors']:,} tensors ({plan['in_scope']:,} merged, {plan['copied']:,} copied from the base), "
             f"{plan['parameters']:,} parameters",
-            f"disk needed: {plan['output_bytes'] / 1e6:,.1f} MB; expected peak memory: "
+            f"disk needed: {plan['output_bytes'] / 1e6:,.1f} MB; "
+            f"{'peak memory at most' if plan['peak_memory_is_bound'] else 'expected peak memory'}: "
             f"{plan['peak_memory_bytes'] / 1e6:,.0f} MB (largest tensor: {plan['largest_tensor']})",
         ]
         emit({"config": cfg.to_json(), "plan": plan}, as_json, "\n".join(lines))

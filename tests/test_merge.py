@@ -593,3 +593,21 @@ def test_breadcrumbs_row_scope_keeps_the_window_of_every_row(tmp_path):
     doc = {"merge_method": "ties", "base_model": "base", "models": [{"model": "a"}], "parameters": {"scope": "row"}}
     r = CliRunner().invoke(cli, ["merge", str(config_here(tmp_path, doc)), "-o", str(tmp_path / "o")])
     assert r.exit_code != 0 and "row is Breadcrumbs' scope" in r.output
+
+
+def test_dry_run_at_global_scope_gives_an_upper_bound_of_memory(tmp_path):
+    """Global scope's selection holds tie candidates the headers cannot predict: the plan says "at most"."""
+    doc = {
+        "merge_method": "ties",
+        "base_model": "base",
+        "models": [{"model": t, "parameters": {"density": 0.2}} for t in "ab"],
+    }
+    plans = {}
+    for scope in ("tensor", "global"):
+        doc["parameters"] = {"scope": scope}
+        r = merge(config_here(tmp_path, doc, f"{scope}.yml"), tmp_path / "unused", "--dry-run", "--json")
+        plans[scope] = json.loads(r.output)["plan"]
+    assert not plans["tensor"]["peak_memory_is_bound"] and plans["global"]["peak_memory_is_bound"]
+    assert plans["global"]["peak_memory_bytes"] > plans["tensor"]["peak_memory_bytes"]
+    r = merge(config_here(tmp_path, doc, "g.yml"), tmp_path / "unused", "--dry-run")
+    assert "peak memory at most" in r.output and not (tmp_path / "unused").exists()

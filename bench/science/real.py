@@ -275,7 +275,7 @@ def main() -> None:
         spent = sd / "minutes.json"  # compute time of the runs that built the seed (a rerun reuses what is there)
         if not args.only:
             before = json.loads(spent.read_text()) if spent.is_file() else 0.0
-            spent.write_text(json.dumps(round(before + (time.time() - ts) / 60, 1)))
+            atomic.write_text(spent, json.dumps(round(before + (time.time() - ts) / 60, 1)))
         times[seed] = json.loads(spent.read_text()) if spent.is_file() else None
         print(f"seed {seed}: {(time.time() - ts) / 60:.1f} min here, {times[seed]} min when built", flush=True)
     doc = {
@@ -294,7 +294,7 @@ def main() -> None:
         "provenance": provenance(args.threads),
         "rows": rows,
     }
-    (args.out / "results-real.json").write_text(json.dumps(doc, indent=2))
+    atomic.write_text(args.out / "results-real.json", json.dumps(doc, indent=2))
     print(summarise(rows))
     write_report(rows, args.out / "report-real.html")
 

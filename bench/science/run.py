@@ -58,7 +58,7 @@ def acc(model: Path, tests: dict, cache: Path) -> dict[str, float]:
         return json.loads(cache.read_text())
     table = evaluate(str(model), {t: str(p) for t, p in tests.items()}, limit=40, batch_size=40)
     res = {t: r["accuracy"] for t, r in table["tasks"].items()}
-    cache.write_text(json.dumps(res))
+    atomic.write_text(cache, json.dumps(res))  # a killed run leaves the old cache or none, never half of one
     return res
 
 
@@ -134,8 +134,8 @@ def cpi_ft(
     masks = [MaskSet.load(out / "cores" / f"{t}.mask.safetensors") for t in (a, b)]
     res = compute_overlap(masks, [a, b])
     groups = group_tasks(res.matrix, [a, b], tau=0.1, order="input")
-    (out / "groups.json").write_text(
-        json.dumps(groups_document(res, groups, tau=0.1, order="input", seed=0, settings={}))
+    atomic.write_text(
+        out / "groups.json", json.dumps(groups_document(res, groups, tau=0.1, order="input", seed=0, settings={}))
     )
     fuse(ck, [a, b], onto=ck[-1], onto_is_task=1, scope=scope, out=out / "fused", base=bk, masks=masks, force=True)
     doc = retrain(
@@ -232,11 +232,12 @@ def main() -> None:
             final = cpi_ft(base, full_a, full_b, trains, a, b, d / "cpi", lr=lr, seed=seed)
             cpi_acc = acc(final, tests, d / "cpi-ft.acc.json")
             record("cpi-ft", final, [a, b], {"sequential": sequential(acc_a, cpi_acc, a, b)})
-    (args.out / "results.json").write_text(
+    atomic.write_text(
+        args.out / "results.json",
         json.dumps(
             {"a": a, "b": b, "suite": suite, **OPTIMIZER, "provenance": provenance(args.threads), "rows": rows},
             indent=2,
-        )
+        ),
     )
     print(summarise(rows, a, b))
     write_report(rows, args.out / "report.html")
