@@ -611,3 +611,51 @@ def test_dry_run_at_global_scope_gives_an_upper_bound_of_memory(tmp_path):
     assert plans["global"]["peak_memory_bytes"] > plans["tensor"]["peak_memory_bytes"]
     r = merge(config_here(tmp_path, doc, "g.yml"), tmp_path / "unused", "--dry-run")
     assert "peak memory at most" in r.output and not (tmp_path / "unused").exists()
+
+
+def _combine_oracle(taus, weights, *, consensus, normalize, semantics):
+    """`methods.combine` as the definition reads, one np.where at a time (its first implementation)."""
+    weighted = [t * np.float32(w) for t, w in zip(taus, weights)]
+    if not consensus:
+        mixed = weighted[0].copy()
+        for x in weighted[1:]:
+            mixed += x
+        if normalize:
+            d = float(np.float32(sum(np.float32(w) for w in weights)))
+            mixed /= np.float32(1.0 if abs(d) < 1e-8 else d)
+        return mixed
+    elect = weighted if semantics == "mergekit" else taus
+    total = elect[0].copy()
+    for x in elect[1:]:
+        total += x
+    majority = np.where(total >= 0, np.float32(1), np.float32(-1))
+    mixed, divisor = np.zeros_like(taus[0]), np.zeros_like(taus[0])
+    for x, t, w in zip(weighted, taus, weights):
+        agree = np.sign(x if semantics == "mergekit" else t) == majority
+        mixed += np.where(agree, x, np.float32(0))
+        divisor += np.where(agree, np.float32(w if semantics == "mergekit" else 1.0), np.float32(0))
+    if normalize:
+        divisor[divisor == 0] = 1
+        mixed /= divisor
+    return mixed
+
+
+@pytest.mark.parametrize("semantics", ["mergekit", "reference"])
+@pytest.mark.parametrize("weights", [[1.0, 1.0, 1.0], [0.3, 1.0, 0.7], [1.0, -0.5, 2.0], [1.0, 1.0]])
+def test_the_ties_combine_equals_its_definition_bit_for_bit(semantics, weights):
+    """The sign-bit TIES combine against the where-by-where definition: sparse deltas with exact zeros,
+    -0.0, cancelling pairs (a zero sum elects +1) and bf16-like equal values."""
+    from mergekit_sparse.fusion.methods import combine
+
+    rng = np.random.default_rng(len(weights) + int(10 * abs(weights[1])))
+    n = 20_000
+    taus = []
+    for _ in weights:
+        t = (rng.integers(-4, 5, n) * 2.0**-10).astype(np.float32) * (rng.random(n) < 0.4)
+        t[rng.random(n) < 0.05] = np.float32(-0.0)
+        taus.append(t)
+    taus[1][:500] = -taus[0][:500]  # sums of exactly zero
+    for normalize in (True, False):
+        got = combine(taus, weights, consensus=True, normalize=normalize, lam=1.0, semantics=semantics)
+        want = _combine_oracle(taus, weights, consensus=True, normalize=normalize, semantics=semantics)
+        assert np.array_equal(got.view(np.int32), want.view(np.int32)), (semantics, weights, normalize)

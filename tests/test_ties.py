@@ -267,3 +267,41 @@ def test_kth_largest_key_equals_a_sort_on_wide_narrow_and_duplicate_heavy_keys()
             x = rng.integers(0, 70000, n).astype(np.int32)
         k = int(rng.integers(1, n + 1))
         assert kth_largest_key(x, k) == np.sort(x)[n - k], (trial, n, k)
+
+
+@pytest.mark.parametrize("kind", ["continuous", "bf16-runs", "two-values", "adversarial"])
+def test_the_sampled_bracket_of_large_keys_gives_the_exact_kth_largest(kind, monkeypatch):
+    """Large inputs go through the sampled bracket (`_kth_bracketed`): its three outcomes (the guess, the
+    bracket's candidates, the radix fallback) each give exactly what a sort gives."""
+    from mergekit_sparse.selection import keys
+
+    paths = []
+    radix = keys._kth_radix
+    monkeypatch.setattr(keys, "_kth_radix", lambda key, k: paths.append(key.size) or radix(key, k))
+    rng = np.random.default_rng(1)
+    n = 1 << 17
+    if kind == "continuous":  # the guess misses: the bracket's candidates are a few % of the keys
+        x = np.abs(rng.standard_normal(n)).astype(np.float32).view(np.int32)
+    elif kind == "bf16-runs":  # |Δ| of a bf16 fine-tune: few values, the k-th inside a long run
+        x = (rng.integers(0, 6, n).astype(np.float32) * np.float32(2**-10)).view(np.int32)
+    elif kind == "two-values":
+        x = np.where(rng.random(n) < 0.7, 0, 5).astype(np.int32)
+    else:  # zero at every sampled position (the stride), larger everywhere else: the bracket misses
+        x = rng.integers(1, 1000, n).astype(np.int32)
+        x[:: n // keys.SAMPLE] = 0
+    for k in (1, 7, n // 5, n // 2, n - 3, n):
+        paths.clear()
+        assert keys.kth_largest_key(x, k) == np.sort(x)[n - k], (kind, k)
+        if kind == "adversarial" and k < n // 2:
+            assert paths == [n]  # the fallback ran on everything
+        if kind == "continuous" and k == n // 5:
+            assert paths and paths[0] < n // 10  # only the bracket's keys were ranked
+
+
+def test_smallest_hashes_of_many_ties_equals_a_full_sort():
+    from mergekit_sparse.selection.keys import smallest_hashes, tie_hash
+
+    h = tie_hash(3, 11, np.arange(1 << 17))
+    for r in (1, 100, 5000, (1 << 17) // 3, (1 << 17) - 1):
+        got = np.sort(smallest_hashes(h, r))
+        assert np.array_equal(got, np.sort(np.argsort(h)[:r])), r

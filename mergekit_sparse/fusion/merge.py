@@ -102,7 +102,7 @@ class MergeJob(StreamJob):
         for s, e in chunk_ranges(n):
             part = np.subtract(self._f32(ck, name, s, e, "a"), self._f32(self.base, name, s, e, "b"), out=mag[s:e])
             np.abs(part, out=part)  # +0.0 for -0.0 too: the bits are the sort keys (topk_bits' nonneg)
-            if not np.isfinite(part).all():
+            if not np.isfinite(part.max()):  # the max of |τ| is NaN or Inf when any entry is
                 raise nonfinite_error(name, [self.base, ck])
         return mag
 
@@ -213,13 +213,13 @@ class MergeJob(StreamJob):
                 tau = np.subtract(v, b, out=v)
                 if m.sparsify == "random":
                     keep = dare_keep(self.seed, i, self.ranks[name], s, e, tp.density[i])
-                elif kept[i] is not None:
-                    keep = np.unpackbits(kept[i][s // 8 : (e + 7) // 8], count=e - s + s % 8)[s % 8 :].astype(bool)
+                elif kept[i] is not None:  # chunks start at multiples of 8 entries; 0/1 bytes are bools
+                    keep = np.unpackbits(kept[i][s // 8 : (e + 7) // 8], count=e - s).view(bool)
                 else:
                     keep = None
                 keeps.append(keep)
                 if keep is not None:
-                    tau[~keep] = 0
+                    np.multiply(tau, keep, out=tau)  # -0.0 for a negative τ dropped: the same sums
                 with self.lock:
                     self.report.kept[self.labels[i]] += e - s if keep is None else int(np.count_nonzero(keep))
                 if factors[i] != 1.0:
@@ -252,7 +252,7 @@ class MergeJob(StreamJob):
                     semantics=self.semantics,
                 )
             out = mixed if b is None else np.add(b, mixed, out=mixed)
-            if not np.isfinite(out).all():
+            if not (np.isfinite(out.min()) and np.isfinite(out.max())):  # NaN propagates through both
                 raise nonfinite_error(name, [self.base, *self.models])
             if out_code == "F32":
                 yield out

@@ -90,7 +90,7 @@ def stitch(taus: list[np.ndarray], kept: list[np.ndarray]) -> np.ndarray:
     for t, k in zip(taus[1:], kept[1:]):
         total += t
         count += k
-    count[count == 0] = 1
+    count += count == 0  # no mask holds: 0 / 1
     return np.divide(total, count, out=total)
 
 
@@ -147,7 +147,7 @@ def combine(
     where sign τₜ = γ (zeros never agree); Σ over the agreeing tasks, divided by their Σ wₜ (mergekit) or
     their count (reference) when `normalize`, a zero divisor counting as 1. Then × λ.
     """
-    weighted = [t * np.float32(w) for t, w in zip(taus, weights)]
+    weighted = [t if w == 1 else t * np.float32(w) for t, w in zip(taus, weights)]  # τ·1 is τ, bit for bit
     if not consensus:
         mixed = weighted[0].copy()
         for x in weighted[1:]:
@@ -156,20 +156,43 @@ def combine(
         if normalize:
             mixed /= np.float32(1.0 if abs(divisor) < 1e-8 else divisor)
     else:
+        # γ is kept as its sign bit: x·γ is x with that bit flipped (exact), and x agrees when x·γ > 0, i.e. when
+        # the bits of x·γ are a positive int32. The agreeing entries' sum is γ·Σ max(x·γ, 0), which adds the same
+        # values in the same order as Σ where(agree, x, 0); max(v, 0) is v's bits with a negative v zeroed.
         elect = weighted if semantics == "mergekit" else taus
-        total = elect[0].copy()
-        for x in elect[1:]:
+        total = np.add(elect[0], elect[1]) if len(elect) > 1 else elect[0].copy()
+        for x in elect[2:]:
             total += x
-        majority = np.where(total >= 0, np.float32(1), np.float32(-1))
-        mixed = np.zeros_like(taus[0])
-        divisor = np.zeros_like(taus[0])
+        total += np.float32(0)  # -0.0 -> +0.0: a zero sum elects +1
+        sign = np.bitwise_and(total.view(np.int32), np.int32(-(2**31)), out=total.view(np.int32))
+        mixed, aligned, low = np.zeros_like(total), np.empty_like(sign), np.empty_like(sign)
+        counts = semantics != "mergekit" or all(w == 1 for w in weights)  # the divisor is a count
+        count = np.zeros(total.shape, dtype=np.uint8 if len(taus) < 256 else np.uint32) if counts else None
+        divisor = None if counts else np.zeros_like(total)
         for x, t, w in zip(weighted, taus, weights):
-            agree = np.sign(x if semantics == "mergekit" else t) == majority
-            mixed += np.where(agree, x, np.float32(0))
-            divisor += np.where(agree, np.float32(w if semantics == "mergekit" else 1.0), np.float32(0))
+            np.bitwise_xor(x.view(np.int32), sign, out=aligned)  # x·γ
+            if x is t or semantics == "mergekit":
+                agree = aligned > 0
+                np.right_shift(aligned, 31, out=low)
+                np.invert(low, out=low)
+                np.bitwise_and(aligned, low, out=aligned)  # max(x·γ, 0)
+            else:  # the reference elects on unweighted signs (τ·γ > 0); w < 0 makes x·γ negative there
+                agree = np.bitwise_xor(t.view(np.int32), sign) > 0
+                np.multiply(aligned.view(np.float32), agree, out=aligned.view(np.float32))
+            mixed += aligned.view(np.float32)
+            if counts:
+                np.add(count, agree, out=count)
+            else:
+                divisor += agree * np.float32(w)
+        np.bitwise_xor(mixed.view(np.int32), sign, out=mixed.view(np.int32))  # × γ
+        mixed += np.float32(0)  # -0.0 -> +0.0, as the definition's sum from +0.0 gives
         if normalize:
-            divisor[divisor == 0] = 1
-            mixed /= divisor
+            if counts:
+                np.bitwise_or(count, count == 0, out=count)  # a zero count divides by 1
+                mixed /= count
+            else:
+                divisor += divisor == 0
+                mixed /= divisor
     if lam != 1:
         mixed *= np.float32(lam)
     return mixed

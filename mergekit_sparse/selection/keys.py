@@ -7,12 +7,15 @@ bucket, ~0.4 % relative width).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..errors import OptionError
 
 CHUNK = 1 << 19  # elements per chunk (2 MB of float32): measured fastest of 2^16..2^20 for fuse and core
 BINS = 1 << 16
+SAMPLE = 1 << 12  # entries sampled to bracket a k-th largest key or r-th smallest hash (±4σ of its rank)
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
 
 
@@ -116,18 +119,79 @@ def tie_hash(seed: int, rank: int, positions, out: np.ndarray | None = None) -> 
 
 
 def smallest_hashes(hashes: np.ndarray, r: int) -> np.ndarray:
-    """Indices of the r smallest of distinct `hashes` (any order)."""
+    """Indices of the r smallest of distinct `hashes` (any order).
+
+    Many hashes (a bf16 fine-tune's threshold ties millions of entries) are bracketed first: the hashes
+    are uniform, so a sample places the r-th smallest between two cuts; those below the lower cut are
+    taken and only those between the cuts are partitioned. A bracket that misses falls back to one
+    partition of everything."""
+    m = hashes.size
     if r <= 0:
         return np.zeros(0, dtype=np.int64)
-    if r >= hashes.size:
-        return np.arange(hashes.size)
+    if r >= m:
+        return np.arange(m)
+    if m >= 8 * SAMPLE:
+        sample = np.sort(hashes[:: m // SAMPLE])
+        s = sample.size
+        q = r * s / m  # the r-th smallest's expected place in the sample
+        d = 4 * math.sqrt(q * (1 - q / s)) + 8
+        lo, hi = sample[max(0, math.floor(q - d))], sample[min(s - 1, math.ceil(q + d))]
+        sure = np.flatnonzero(hashes < lo)
+        between = np.flatnonzero((hashes >= lo) & (hashes <= hi))
+        need = r - sure.size
+        if need == 0:
+            return sure
+        if 0 < need <= between.size:
+            return np.concatenate([sure, between[np.argpartition(hashes[between], need - 1)[:need]]])
     return np.argpartition(hashes, r - 1)[:r]
 
 
 def kth_largest_key(key: np.ndarray, k: int) -> int:
-    """The k-th largest of int32 `key` (1 <= k <= key.size), by two 16-bit radix histograms: O(n),
-    insensitive to duplicates (np.partition's introselect takes seconds on the few distinct values of a
-    bf16 fine-tune's |Δ|), and chunked, so it allocates nothing of the size of `key`."""
+    """The k-th largest of int32 `key` (1 <= k <= key.size), exactly, allocating nothing of the size of `key`.
+
+    A large `key` is first bracketed from a strided sample: one pass counts the keys above the bracket and
+    at or above its floor, which proves the k-th largest inside it (or, a bracket of one value, equal to
+    it: a bf16 fine-tune's |Δ| has few distinct values, so the k-th sits in a long run of equal keys); the
+    radix select then runs on the bracket's keys only. A bracket the sample got wrong costs that pass, and
+    the radix select runs on everything (`_kth_radix`)."""
+    if key.size >= 8 * SAMPLE:
+        t = _kth_bracketed(key, k)
+        if t is not None:
+            return t
+    return _kth_radix(key, k)
+
+
+def _kth_bracketed(key: np.ndarray, k: int) -> int | None:
+    n = key.size
+    sample = np.sort(key[:: n // max(SAMPLE, n >> 8)])  # ascending; a larger sample of a larger tensor
+    m = sample.size
+    q = k * m / n  # the k-th largest's expected rank from the top of the sample
+    d = 4 * math.sqrt(q * (1 - q / m)) + 8
+    hi = int(sample[m - min(m, max(1, math.floor(q - d)))])
+    lo = int(sample[m - min(m, math.ceil(q + d))])
+    guess = int(sample[m - min(m, max(1, round(q)))])  # often inside the long run that holds the k-th
+    above = at_least = guess_above = guess_at_least = 0
+    for start in range(0, n, CHUNK):
+        c = key[start : start + CHUNK]
+        above += int(np.count_nonzero(c > hi))
+        at_least += int(np.count_nonzero(c >= lo))
+        if lo < hi:
+            guess_above += int(np.count_nonzero(c > guess))
+            guess_at_least += int(np.count_nonzero(c >= guess))
+    if not above < k <= at_least:
+        return None  # the k-th largest is outside [lo, hi]
+    if lo == hi:
+        return lo
+    if guess_above < k <= guess_at_least:
+        return guess
+    inside = [c[(c >= lo) & (c <= hi)] for c in (key[s : s + CHUNK] for s in range(0, n, CHUNK))]
+    return _kth_radix(np.concatenate(inside), k - above)  # [lo, hi] holds the k-th: the (k - above)-th there
+
+
+def _kth_radix(key: np.ndarray, k: int) -> int:
+    """The k-th largest of int32 `key` by two 16-bit radix histograms: O(n), insensitive to duplicates
+    (np.partition's introselect takes seconds on the few distinct values of a bf16 fine-tune's |Δ|), and
+    chunked."""
     counts = np.zeros(BINS, dtype=np.int64)
     for start in range(0, key.size, CHUNK):
         counts += np.bincount((key[start : start + CHUNK] >> 16) + BINS // 2, minlength=BINS)

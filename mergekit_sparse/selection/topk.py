@@ -253,10 +253,12 @@ def topk_bits(scores, k: int, *, rank: int = 0, seed: int = 0, nonneg: bool = Fa
         for start in range(0, n, CHUNK):
             key[start : start + CHUNK] = float_keys(flat[start : start + CHUNK])  # numpy or torch, any float dtype
     t = kth_largest_key(key, k)
-    mask = np.greater(key, t)
-    eq = np.concatenate(
-        [np.flatnonzero(key[s : s + CHUNK] == t) + s for s in range(0, n, CHUNK)] or [np.zeros(0, np.int64)]
-    )
+    mask, eq = np.empty(n, dtype=bool), []
+    for s in range(0, n, CHUNK):
+        c = key[s : s + CHUNK]
+        np.greater(c, t, out=mask[s : s + CHUNK])
+        eq.append(np.flatnonzero(c == t) + s)
+    eq = np.concatenate(eq)
     r = k - int(np.count_nonzero(mask))
     if r == eq.size:
         mask[eq] = True
