@@ -3,9 +3,13 @@ in the same run: wall time and peak anonymous memory, medians of interleaved rep
 
     python bench/bench_merge.py [--threads 1 2] [--repeats 2] [--tasks add rev caps]
                                 [--methods ties dare_ties] [--scopes tensor global]
+                                [--preset real|synthetic|tie-heavy] [--size 0.5e9]
 
-Inputs: the real-model corpus (SmolLM2-135M, Q4_1-dequantised weights, bf16 fine-tunes by
-`sparsemerge train`; `python bench/real/build.py` makes it), base + 3 tasks. mergekit runs from
+Inputs: `--preset real` (the default), the real-model corpus (SmolLM2-135M, Q4_1-dequantised weights,
+bf16 fine-tunes by `sparsemerge train`; `python bench/real/build.py` makes it), base + 3 tasks; or the
+generated Llama-shaped checkpoints of gen_checkpoints.py (`synthetic`: Gaussian deltas; `tie-heavy`:
+bf16 steps that tie like a fine-tune), base + 3 tasks of `--size` parameters (0.5 B: about 1 GB each
+in bf16, made once under bench/out). mergekit runs from
 bench/.mergekit-venv (see bench/README.md); its column is skipped without it. Targets (merge-family
 issue): TIES ≥ 5× faster than mergekit at tensor scope and ≥ 3× at global scope (mergekit has no global
 scope: its column is its tensor-scope run); anon ≤ 2 × largest float32 tensor + 400 MB + 64 MB per task
@@ -24,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent / "real"))
 from build import cache_root  # noqa: E402
-from common import HERE, mb, measure, sparsemerge, table  # noqa: E402
+from common import HERE, generated_checkpoints, mb, measure, sparsemerge, table  # noqa: E402
 
 MERGEKIT = HERE / ".mergekit-venv" / "bin" / "mergekit-yaml"
 
@@ -47,11 +51,24 @@ def main() -> None:
     ap.add_argument("--tasks", nargs="+", default=["add", "rev", "caps"])
     ap.add_argument("--methods", nargs="+", default=["ties", "dare_ties"], choices=["ties", "dare_ties"])
     ap.add_argument("--scopes", nargs="+", default=["tensor", "global"], choices=["tensor", "global"])
+    ap.add_argument("--preset", default="real", choices=["real", "synthetic", "tie-heavy"])
+    ap.add_argument("--size", type=float, default=0.5e9, help="parameters of a generated preset")
     args = ap.parse_args()
-    root = cache_root()
-    base, tasks = root / "base", [root / "ft" / t for t in args.tasks]
-    if not all(p.is_dir() for p in [base, *tasks]):
-        raise SystemExit(f"the corpus is missing under {root}: run python bench/real/build.py")
+    if args.preset == "real":
+        root = cache_root()
+        base, tasks = root / "base", [root / "ft" / t for t in args.tasks]
+        if not all(p.is_dir() for p in [base, *tasks]):
+            raise SystemExit(f"the corpus is missing under {root}: run python bench/real/build.py")
+        what = (
+            f"SmolLM2-135M (Q4_1-dequantised), base + {len(tasks)} bf16 fine-tunes ({', '.join(args.tasks)}), "
+            "density 0.2"
+        )
+    else:
+        root, _, _ = generated_checkpoints(args.size, args.preset, tasks=len(args.tasks))
+        base, tasks = root / "base", [root / f"task{i}" for i in range(len(args.tasks))]
+        what = (
+            f"generated {args.preset} Llama, {args.size / 1e9:g} B parameters, base + {len(tasks)} tasks, density 0.2"
+        )
     from safetensors import safe_open
 
     largest = 0
@@ -109,9 +126,7 @@ def main() -> None:
                     )
                     print(table(rows[-1:], HEADER), flush=True)
     print()
-    print(
-        f"SmolLM2-135M (Q4_1-dequantised), base + {len(tasks)} bf16 fine-tunes ({', '.join(args.tasks)}), density 0.2"
-    )
+    print(what)
     print(table(rows, HEADER))
 
 

@@ -67,10 +67,10 @@ def sparsemerge() -> str:
     return str(BIN / "sparsemerge")
 
 
-def generated_checkpoints(size: float, preset: str = "synthetic") -> tuple[Path, int, float]:
-    """Generate (once) base + 2 task checkpoints of ~`size` parameters under bench/out (`preset`:
-    synthetic or tie-heavy, see gen_checkpoints.py); returns (folder, largest tensor's element count,
-    the anon memory bound 2 × largest f32 + 400 MB)."""
+def generated_checkpoints(size: float, preset: str = "synthetic", tasks: int = 2) -> tuple[Path, int, float]:
+    """Generate (once) base + `tasks` task checkpoints (task0, task1, …) of ~`size` parameters under
+    bench/out (`preset`: synthetic or tie-heavy, see gen_checkpoints.py); returns (folder, largest tensor's
+    element count, the anon memory bound 2 × largest f32 + 400 MB)."""
     import math
 
     from gen_checkpoints import llama_shapes
@@ -85,7 +85,7 @@ def generated_checkpoints(size: float, preset: str = "synthetic") -> tuple[Path,
             "--params",
             str(size),
             "--tasks",
-            "2",
+            str(tasks),
             "--preset",
             preset,
         ],

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..selection.keys import hist_quantiles, key_histogram
 from ..selection.passes import Buffers, chunk_ranges, nonfinite_error, run_passes
-from ..selection.topk import TopK, make_selector, tie_summary
+from ..selection.topk import make_selector, tie_summary
 from ..storage import atomic, dtypes
 from ..storage.checkpoint import Checkpoint
 from ..storage.masks import TIE_PREFIX, MaskWriter, pack
@@ -147,19 +147,10 @@ def compute_cores(
     progress: bool = False,
     tie_seed: int = 0,
     side_files=None,
-    ks: list[int] | None = None,
-    hold: list | None = None,
 ) -> list[CoreSummary]:
     """Write `<label>.mask.safetensors` per task into `out_dir` and return their summaries; `side_files`
-    (summaries -> {path: text}, e.g. core.json) are committed together with the masks.
-
-    `ks` gives each task its own global k instead of ⌊percent·N/100⌋ (the merge family's per-model
-    density); with `hold`, the finished masks are not committed but appended to it as temporaries
-    (`atomic.AtomicPath`, readable at `.tmp`) for the caller to commit with its own output or discard."""
-    if ks is not None:
-        selectors = [TopK(k, scope.numel(), ranks=scope.ranks, seed=tie_seed) for k in ks]
-    else:
-        selectors = [make_selector(percent, scope, per_tensor=per_tensor, seed=tie_seed) for _ in tasks]
+    (summaries -> {path: text}, e.g. core.json) are committed together with the masks."""
+    selectors = [make_selector(percent, scope, per_tensor=per_tensor, seed=tie_seed) for _ in tasks]
     meta_common = {
         "criterion": "delta",
         "tie_seed": tie_seed,
@@ -290,9 +281,6 @@ def compute_cores(
                 ties=tie_summary(sel, scope.numel(), seed=tie_seed),
             )
         )
-    if hold is not None:
-        hold.extend(finished)
-        return out
     sides: list[atomic.AtomicPath] = []
     try:  # the masks and the side files (core.json) are one output: a kill leaves all or none
         for path, text in (side_files(out) if side_files else {}).items():

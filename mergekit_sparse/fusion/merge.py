@@ -9,13 +9,15 @@ Per tensor, at `scope: tensor`:
   drop), the rescale, and the combination (`methods.combine`), written as θ⁰ + τ_merged.
 Anonymous memory: one tensor's float32 |τ| (its bits are the sort keys), its bool selection, plus per task its packed bits and a chunk,
 whatever the number of tensors.
+
+At `scope: global` each model's selection is a `selection.cuts.Cut` (threshold and hash cut over every
+tensor in scope), found before the merge pass in a sample and one or two passes over its |τ|; the merge
+pass applies it chunk by chunk, so nothing of a tensor's size is held.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -79,14 +81,14 @@ class MergeJob(StreamJob):
         semantics: str,
         seed: int,
         tie_seed: int,
-        masks: list | None = None,
+        cuts: list | None = None,
         mask_writers: list | None = None,
         selection: str = "tensor",
     ):
         super().__init__()
         self.method, self.base, self.models, self.labels, self.params = method, base, models, labels, params
         self.ranks, self.semantics, self.seed, self.tie_seed = ranks, semantics, seed, tie_seed
-        self.masks = masks  # scope global: per model (MaskSet of the top (γ+)density, MaskSet of the top γ or None)
+        self.cuts = cuts  # scope global: per model (Cut of the top (γ+)density or None, Cut of the top γ or None)
         self.mask_writers = mask_writers  # --save-masks: per model the MaskWriter of its kept entries
         self.selection = selection  # the config's scope: tensor, global or row (Breadcrumbs per row)
         self.reference = base
@@ -117,12 +119,8 @@ class MergeJob(StreamJob):
             cols = int(shape[-1]) if len(shape) else 1
             if self.selection == "row" and m.sparsify == "outliers":
                 window = keep_window(m, cols, tp.density[i], tp.gamma[i])  # the same window in every row
-            if self.masks is not None and m.sparsify in ("magnitude", "outliers"):
-                hi, lo = self.masks[i]
-                bits = None if hi is None else hi.packed(name)
-                if lo is not None:
-                    top = np.invert(lo.packed(name))
-                    bits = top if bits is None else np.bitwise_and(bits, top)
+            if self.cuts is not None and m.sparsify in ("magnitude", "outliers"):
+                pass  # scope global: the cuts decide each chunk in the merge pass
             elif window is not None or (need_l1 and m.sparsify != "random"):
                 mag = self._magnitude(ck, name, n)
                 if window is not None and self.selection == "row" and m.sparsify == "outliers":
@@ -157,13 +155,22 @@ class MergeJob(StreamJob):
                     keep = dare_keep(self.seed, i, self.ranks[name], s, e, tp.density[i])
                     before += float(tau.sum(dtype=np.float64))
                     after += float(tau[keep].sum(dtype=np.float64))
-            if self.mask_writers is not None and m.sparsify in ("magnitude", "outliers"):
+            if self.mask_writers is not None and m.sparsify in ("magnitude", "outliers") and self.cuts is None:
                 saved = bits if bits is not None else np.packbits(np.ones(n, dtype=bool))
                 self.mask_writers[i].write_packed_at(name, saved)
             kept.append(bits)
             kind = tp.rescale if m.sparsify is not None else None
             factors.append(rescale_factor(kind, tp.density[i], before, after))
         return kept, factors
+
+    def _cut_keep(self, cut: tuple, tau: np.ndarray, rank: int, start: int) -> np.ndarray:
+        """Scope global: the chunk's entries in the model's top (γ+)density and not in its top γ."""
+        keys = np.abs(tau, out=self.bufs.get("keys", tau.size)[: tau.size]).view(np.int32)
+        hi, lo = cut
+        keep = hi.keep(keys, rank, start) if hi is not None else np.ones(tau.size, dtype=bool)
+        if lo is not None:
+            keep &= ~lo.keep(keys, rank, start)
+        return keep
 
     def _slerp(self, name: str, n: int, t: float):
         """SLERP from the base (t = 0) to the one model (t = 1), as mergekit's: the angle from the float64
@@ -201,7 +208,9 @@ class MergeJob(StreamJob):
         with self.lock:
             self.report.total += n
         tall = m.name in ("tall", "consensus")
-        packed: list[list[np.ndarray]] = [[] for _ in self.models]  # TALL masks to save, chunk by chunk
+        cuts = self.cuts if m.sparsify in ("magnitude", "outliers") else None
+        save = self.mask_writers is not None and (tall or cuts is not None)
+        packed: list[list[np.ndarray]] = [[] for _ in self.models]  # masks to save, chunk by chunk
         for s, e in chunk_ranges(n):
             b = self._f32(self.base, name, s, e, "base") if m.delta else None
             taus, keeps = [], []
@@ -215,8 +224,14 @@ class MergeJob(StreamJob):
                     keep = dare_keep(self.seed, i, self.ranks[name], s, e, tp.density[i])
                 elif kept[i] is not None:  # chunks start at multiples of 8 entries; 0/1 bytes are bools
                     keep = np.unpackbits(kept[i][s // 8 : (e + 7) // 8], count=e - s).view(bool)
+                elif cuts is not None and cuts[i] != (None, None):
+                    keep = self._cut_keep(cuts[i], tau, self.ranks[name], s)
                 else:
                     keep = None
+                if cuts is not None and save:
+                    packed[i].append(
+                        np.packbits(keep) if keep is not None else np.full((e - s + 7) // 8, 255, np.uint8)
+                    )
                 keeps.append(keep)
                 if keep is not None:
                     np.multiply(tau, keep, out=tau)  # -0.0 for a negative τ dropped: the same sums
@@ -260,7 +275,7 @@ class MergeJob(StreamJob):
                 if out_code == "F16":
                     _check_f16_range(name, out)
                 yield dtypes.from_float32(out, out_code, finite=True)
-        if tall and self.mask_writers is not None:
+        if save:
             for w, parts in zip(self.mask_writers, packed):
                 w.write_packed_at(name, np.concatenate(parts) if parts else np.zeros(0, np.uint8))
 
@@ -292,8 +307,8 @@ def merge_models(
     (an HF folder when the base is one, else a .safetensors file with `OUT.merge.json` beside it).
 
     `selection` is the config's `scope`: `tensor` ranks |τ| inside each tensor, `global` over every tensor
-    in scope at once (the exact streaming top-k of `core`: one sampling pass and one full pass into
-    scratch mask files, then the merge pass). `save_masks` writes each model's kept entries (TIES trim,
+    in scope at once (exact, METHODS §2: a sample and one or two passes over each model's |τ| find its
+    threshold and hash cut, which decide every chunk in the merge pass; no mask is stored). `save_masks` writes each model's kept entries (TIES trim,
     Breadcrumbs window) as `<label>.mask.safetensors` there, committed with the merged model."""
     inputs = [base.path] + [c.path for c in models]
     folder = base.folder is not None
@@ -301,8 +316,7 @@ def merge_models(
     ranking = method.sparsify in ("magnitude", "outliers")
     savable = ranking or method.name in ("tall", "consensus")
     mask_paths = [Path(save_masks) / f"{x}.mask.safetensors" for x in labels] if save_masks else []
-    scratch = out.parent / f".{out.name}.masks-{os.getpid()}"
-    check_output(out, inputs, force=force, side_files=side + mask_paths, scratch=[scratch])
+    check_output(out, inputs, force=force, side_files=side + mask_paths)
     if not models:
         raise OptionError("the config merges no model: list them under `models:`")
     if save_masks and not savable:
@@ -312,12 +326,11 @@ def merge_models(
         )
     code = dtypes.code_of(dtype) if dtype else None
     plan = [(n, code if (code and i.is_float) else i.code, i.shape) for n, i in sorted(base.infos.items())]
-    held: list = []  # the global selection's scratch masks (temporaries, never committed)
     writers: list = []
     try:
-        masks = None
+        cuts = None
         if selection == "global" and ranking and scope.names:
-            masks, picks = _global_masks(method, base, models, params(scope.names[0]), scope, scratch, held, tie_seed)
+            cuts, picks = _global_cuts(method, base, models, params(scope.names[0]), scope, tie_seed, fusion_workers())
         if save_masks:
             Path(save_masks).mkdir(parents=True, exist_ok=True)
             meta = {
@@ -340,11 +353,11 @@ def merge_models(
             semantics=semantics,
             seed=seed,
             tie_seed=tie_seed,
-            masks=masks,
+            cuts=cuts,
             mask_writers=writers or None,
             selection=selection,
         )
-        if masks is not None:
+        if cuts is not None:
             job.report.tie_picks = dict(zip(labels, picks))
         _merge_into(
             job,
@@ -366,18 +379,17 @@ def merge_models(
         for w in writers:
             w.discard()
         raise
-    finally:
-        for item in held:
-            item.discard()
-        shutil.rmtree(scratch, ignore_errors=True)
     return job.report
 
 
-def _global_masks(method, base, models, tp: TensorParams, scope: Scope, scratch: Path, held: list, tie_seed: int):
-    """Scope global: per model the mask of its top ⌊density·N⌋ |τ| over all N entries in scope (Breadcrumbs:
-    the top ⌊(γ+density)·N⌋ and the top ⌊γ·N⌋ dropped from it), by `core`'s exact streaming selection."""
-    from ..analysis.cores import compute_cores
-    from ..storage.masks import MaskSet
+def _global_cuts(method, base, models, tp: TensorParams, scope: Scope, tie_seed: int, workers: int):
+    """Scope global: per model the `Cut` of its top ⌊density·N⌋ |τ| over all N entries in scope (Breadcrumbs:
+    of the top ⌊(γ+density)·N⌋, and of the top ⌊γ·N⌋ dropped from it), by `selection.cuts.top_k_cut`: a
+    sample and one or two passes over |τ| per cut, nothing of the model's size held; models side by side
+    when there are several workers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..selection.cuts import top_k_cut
 
     total = scope.numel()
     jobs = []  # (model index, which, k)
@@ -389,30 +401,50 @@ def _global_masks(method, base, models, tp: TensorParams, scope: Scope, scratch:
         if hi <= lo:
             raise OptionError(f"density {d} selects no parameter of the {total} in scope (scope: global)")
         if hi < total:
-            jobs.append((i, "hi", hi))
+            jobs.append((i, 0, hi))
         if lo > 0:
-            jobs.append((i, "lo", lo))
+            jobs.append((i, 1, lo))
+
+    def one(job):
+        i, _, k = job
+        chunks, sample = _abs_tau_stream(base, models[i], scope)
+        return top_k_cut(chunks, sample, k, total, seed=tie_seed)
+
+    with ThreadPoolExecutor(max(1, min(workers, len(jobs) or 1))) as pool:
+        found = list(pool.map(one, jobs))
     out = [[None, None] for _ in models]
-    picks = [0] * len(models)
-    if jobs:
-        scratch.mkdir(parents=True, exist_ok=True)
-        sums = compute_cores(
-            base,
-            [models[i] for i, _, _ in jobs],
-            scope,
-            percent=100.0,
-            out_dir=scratch,
-            labels=[f"{i}-{which}" for i, which, _ in jobs],
-            force=True,
-            tie_seed=tie_seed,
-            ks=[k for _, _, k in jobs],
-            hold=held,
-        )
-        for (i, which, _), summary, tmp in zip(jobs, sums, held):
-            out[i][0 if which == "hi" else 1] = MaskSet.load(tmp.tmp)
-            if which == "hi":
-                picks[i] = summary.ties["tie_picks"]
-    return out, picks
+    for (i, which, _), cut in zip(jobs, found):
+        out[i][which] = cut
+    return [tuple(x) for x in out], [0 if c is None else c.picks for c, _ in out]
+
+
+def _abs_tau_stream(base: Checkpoint, ck: Checkpoint, scope: Scope):
+    """(chunks, sample) of |τ| = |θ − θ⁰| in float32 for `selection.cuts`: its int32 keys chunk by chunk over
+    every tensor in scope (one reused buffer: consumers copy what they keep), and every step-th of them."""
+    names = scope.names
+
+    def chunks():
+        a_buf, b_buf = np.empty(CHUNK, np.float32), np.empty(CHUNK, np.float32)
+        for name in names:
+            v, b = ck.array(name).reshape(-1), base.array(name).reshape(-1)
+            cv, cb, rank = ck.infos[name].code, base.infos[name].code, scope.ranks[name]
+            for s, e in chunk_ranges(v.size):
+                a = dtypes.to_float32(v[s:e], cv, a_buf[: e - s])
+                np.subtract(a, dtypes.to_float32(b[s:e], cb, b_buf[: e - s]), out=a)
+                np.abs(a, out=a)
+                if not np.isfinite(a.max()):
+                    raise nonfinite_error(name, [base, ck])
+                yield rank, s, a.view(np.int32)
+
+    def sample(step: int) -> np.ndarray:
+        parts = []
+        for name in names:
+            v, b = ck.array(name).reshape(-1)[::step], base.array(name).reshape(-1)[::step]
+            a = dtypes.to_float32(v, ck.infos[name].code) - dtypes.to_float32(b, base.infos[name].code)
+            parts.append(np.abs(a, out=a).view(np.int32))
+        return np.concatenate(parts) if parts else np.zeros(0, np.int32)
+
+    return chunks, sample
 
 
 def _merge_into(

@@ -575,22 +575,21 @@ def merge_plan(cfg: MergeConfig, *, allow_pickle: bool = False) -> dict:
     n = scope.numel(largest) if largest else 0
     ranks = cfg.method.sparsify in ("magnitude", "outliers")
     # at tensor scope a ranking method holds one tensor's float32 |τ| (its bits are the keys) and two bool
-    # masks (6 bytes an entry), plus per model its packed bits; at global scope the selection is `core`'s
-    # (two float32 copies of the largest tensor and its candidate window) and the merge pass reads the
-    # mask files; every method holds per model a float32 chunk and the combination's scratch (a few
-    # chunks), and 100 MB of interpreter and libraries
+    # masks (6 bytes an entry), plus per model its packed bits; at global scope each selection worker holds
+    # two float32 chunks, the sample (its sorted copy and its parts) and at most CANDIDATES bracket values
+    # (twice, when they are joined), and the merge pass decides each chunk from the cuts; every method holds
+    # per model a float32 chunk and the combination's scratch (a few chunks), and 100 MB of interpreter and
+    # libraries
+    passes = 6 * CHUNK * 4 * (len(models) + 2)
     if ranks and cfg.scope == "global":
-        # core's selection: its tie candidates (16 bytes each, at most CANDIDATE_CAP per model) are what a
-        # threshold run of equal bf16 |τ| fills, so this is an upper bound (measured: 765 MB for three
-        # SmolLM2-135M fine-tunes at density 0.2, against this bound's 1.1 GB)
-        from ..selection.topk import CANDIDATE_CAP
+        from ..fusion.driver import fusion_workers
+        from ..selection.cuts import CANDIDATES, SAMPLE
 
-        selection = 8 * n + 16 * min(CANDIDATE_CAP, scope.numel()) * len(models)
-    elif ranks:
-        selection = 6 * n + (n // 8) * len(models)
+        per_worker = 2 * 4 * CHUNK + 3 * 4 * SAMPLE + 2 * 4 * CANDIDATES
+        peak = max(min(fusion_workers(), len(models) * 2) * per_worker, passes) + (100 << 20)
     else:
-        selection = 0
-    peak = selection + 6 * CHUNK * 4 * (len(models) + 2) + (100 << 20)
+        selection = 6 * n + (n // 8) * len(models) if ranks else 0
+        peak = selection + passes + (100 << 20)
     return {
         "tensors": len(base.infos),
         "in_scope": len(scope.names),
