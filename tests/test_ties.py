@@ -305,3 +305,19 @@ def test_smallest_hashes_of_many_ties_equals_a_full_sort():
     for r in (1, 100, 5000, (1 << 17) // 3, (1 << 17) - 1):
         got = np.sort(smallest_hashes(h, r))
         assert np.array_equal(got, np.sort(np.argsort(h)[:r])), r
+
+
+def test_tie_hash_of_a_range_equals_the_hash_of_its_indices():
+    """DARE's drop and the row windows hash whole ranges without an index array; the offset wraps mod 2⁶⁴."""
+    from mergekit_sparse.errors import OptionError
+    from mergekit_sparse.selection.keys import HASH_BLOCK, MAX_INDEX, tie_hash_range
+
+    for seed, rank, start, end in [
+        (0, 0, 0, 10),
+        (3, 7, 5, 3 * HASH_BLOCK + 17),
+        (2**63, 9, MAX_INDEX - 70, MAX_INDEX),
+    ]:
+        want = tie_hash(seed, rank, np.arange(start, end))
+        assert np.array_equal(tie_hash_range(seed, rank, start, end), want), (seed, rank, start)
+    with pytest.raises(OptionError):
+        tie_hash_range(0, 0, MAX_INDEX - 1, MAX_INDEX + 1)

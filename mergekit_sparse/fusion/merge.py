@@ -149,12 +149,15 @@ class MergeJob(StreamJob):
                         before, after = float(mag.sum(dtype=np.float64)), float(mag[sel].sum(dtype=np.float64))
                 elif need_l1:
                     before = after = float(mag.sum(dtype=np.float64))
-            elif need_l1:  # DARE with the l1 rescale: both norms, chunk by chunk
+            elif need_l1:  # DARE with the l1 rescale: both norms, chunk by chunk; the drop kept as bits
+                parts = []
                 for s, e in chunk_ranges(n):
                     tau = np.abs(self._f32(ck, name, s, e, "a") - self._f32(self.base, name, s, e, "b"))
                     keep = dare_keep(self.seed, i, self.ranks[name], s, e, tp.density[i])
                     before += float(tau.sum(dtype=np.float64))
                     after += float(tau[keep].sum(dtype=np.float64))
+                    parts.append(np.packbits(keep))
+                bits = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
             if self.mask_writers is not None and m.sparsify in ("magnitude", "outliers") and self.cuts is None:
                 saved = bits if bits is not None else np.packbits(np.ones(n, dtype=bool))
                 self.mask_writers[i].write_packed_at(name, saved)
@@ -220,10 +223,10 @@ class MergeJob(StreamJob):
                     taus.append(v)
                     continue
                 tau = np.subtract(v, b, out=v)
-                if m.sparsify == "random":
-                    keep = dare_keep(self.seed, i, self.ranks[name], s, e, tp.density[i])
-                elif kept[i] is not None:  # chunks start at multiples of 8 entries; 0/1 bytes are bools
+                if kept[i] is not None:  # chunks start at multiples of 8 entries; 0/1 bytes are bools
                     keep = np.unpackbits(kept[i][s // 8 : (e + 7) // 8], count=e - s).view(bool)
+                elif m.sparsify == "random":
+                    keep = dare_keep(self.seed, i, self.ranks[name], s, e, tp.density[i])
                 elif cuts is not None and cuts[i] != (None, None):
                     keep = self._cut_keep(cuts[i], tau, self.ranks[name], s)
                 else:

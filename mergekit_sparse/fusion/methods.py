@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..selection.keys import tie_hash
+from ..selection.keys import tie_hash_range
 
 SEMANTICS = ("mergekit", "reference")
 RESCALES = ("l1", "inverse")  # plus None: no rescale
@@ -67,7 +67,7 @@ def row_window(mag: np.ndarray, lo: int, hi: int, *, seed: int, rank: int, start
     """Breadcrumbs at `scope: row`: in each row of `mag` (rows × cols, |τ| of consecutive rows of one
     tensor whose first entry has flat index `start`), the entries of ranks [lo, hi) by |τ| descending, equal
     values ordered by the smallest §2 hash (exact, as the tensor-scope top-k)."""
-    h = tie_hash(seed, rank, np.arange(start, start + mag.size, dtype=np.int64)).reshape(mag.shape)
+    h = tie_hash_range(seed, rank, start, start + mag.size).reshape(mag.shape)
     order = np.lexsort((h, -mag), axis=-1)[:, lo:hi]  # per row: largest first, ties by the hash
     sel = np.zeros(mag.shape, dtype=bool)
     np.put_along_axis(sel, order, True, axis=-1)
@@ -118,7 +118,7 @@ def dare_keep(seed: int, task: int, rank: int, start: int, end: int, density: fl
     if density <= 0:
         return np.zeros(end - start, dtype=bool)
     limit = np.uint64(int(density * 2.0**64))  # exact: scaling by a power of two
-    return tie_hash(seed + 1 + task, rank, np.arange(start, end, dtype=np.int64)) < limit
+    return tie_hash_range(seed + 1 + task, rank, start, end) < limit
 
 
 def rescale_factor(kind: str | None, density: float, before: float, after: float, eps: float = 1e-7) -> float:

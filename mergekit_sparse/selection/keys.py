@@ -105,17 +105,38 @@ def tie_hash(seed: int, rank: int, positions, out: np.ndarray | None = None) -> 
     t = np.empty(min(pos.size, HASH_BLOCK), dtype=np.uint64)
     for a in range(0, pos.size, HASH_BLOCK):
         x = h[a : a + HASH_BLOCK]
-        s = t[: x.size]
         np.add(pos[a : a + HASH_BLOCK].astype(np.uint64, copy=False), off, out=x)  # x
-        np.right_shift(x, np.uint64(30), out=s)
-        np.bitwise_xor(x, s, out=x)
-        np.multiply(x, _MIX1, out=x)
-        np.right_shift(x, np.uint64(27), out=s)
-        np.bitwise_xor(x, s, out=x)
-        np.multiply(x, _MIX2, out=x)
-        np.right_shift(x, np.uint64(31), out=s)
-        np.bitwise_xor(x, s, out=x)
+        _mix(x, t[: x.size])
     return h
+
+
+def tie_hash_range(seed: int, rank: int, start: int, end: int) -> np.ndarray:
+    """`tie_hash` of the flat indices start, start + 1, …, end - 1 (no index array is built)."""
+    if not 0 <= start <= end <= MAX_INDEX:
+        raise OptionError(f"flat index {end - 1} is out of the tie hash's range (tensors below 2^40 entries)")
+    off = hash_offset(seed, rank)
+    h = np.empty(end - start, dtype=np.uint64)
+    t = np.empty(min(h.size, HASH_BLOCK), dtype=np.uint64)
+    for a in range(0, h.size, HASH_BLOCK):
+        x = h[a : a + HASH_BLOCK]
+        np.add(_IOTA[: x.size], np.uint64((off + start + a) % (1 << 64)), out=x)  # wraps as uint64 does
+        _mix(x, t[: x.size])
+    return h
+
+
+_IOTA = np.arange(HASH_BLOCK, dtype=np.uint64)
+
+
+def _mix(x: np.ndarray, s: np.ndarray) -> None:
+    """splitmix64's finaliser on uint64 `x`, in place (`s`: scratch of x's size)."""
+    np.right_shift(x, np.uint64(30), out=s)
+    np.bitwise_xor(x, s, out=x)
+    np.multiply(x, _MIX1, out=x)
+    np.right_shift(x, np.uint64(27), out=s)
+    np.bitwise_xor(x, s, out=x)
+    np.multiply(x, _MIX2, out=x)
+    np.right_shift(x, np.uint64(31), out=s)
+    np.bitwise_xor(x, s, out=x)
 
 
 def smallest_hashes(hashes: np.ndarray, r: int) -> np.ndarray:
