@@ -586,8 +586,9 @@ class TopK:
         if n > CANDIDATE_CAP or need <= 0 or need > n:
             return False
         names = {i: name for name, i in self.order.items()}
-        # the need-th largest value, then the entries equal to it taken by their hash (METHODS §2)
-        t = np.partition(vals, n - need)[n - need]
+        # the need-th largest value (by its key: np.partition's introselect crawls over the few distinct
+        # values of a bf16 fine-tune's |Δ|), then the entries equal to it taken by their hash (METHODS §2)
+        t = np.float32(key_to_float(kth_largest_key(float_keys(vals), need)))
         chosen_mask = vals > t
         eq = np.flatnonzero(vals == t)
         r = need - int(np.count_nonzero(chosen_mask))
