@@ -1,8 +1,13 @@
-"""Helpers shared by the test modules: the CLI in-process, the one-error-line check, an interrupted run."""
+"""Helpers shared by the test modules: the CLI in-process or as a process, the one-error-line check, an
+interrupted run."""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 from click.testing import CliRunner
 
@@ -15,6 +20,17 @@ def sm(*args, ok: bool = True):
     if ok:
         assert r.exit_code == 0, r.output
     return r
+
+
+def run_cli(*args, env=None):
+    """`sparsemerge ARGS` as a process (what a fault hook that kills the process needs)."""
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "sparsemerge"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+    )
 
 
 def one_error_line(r, *needles: str) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import run_cli
 from safetensors.torch import load_file, save_file
 
 from mergekit_sparse.cli.main import cli
@@ -275,16 +276,6 @@ def test_the_library_checks_nothing_with_assert():
         if isinstance(n, ast.Assert)
     ]
     assert not found, found
-
-
-def run_cli(*args, env=None):
-    return subprocess.run(
-        [str(Path(sys.executable).parent / "sparsemerge"), *map(str, args)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        timeout=300,
-    )
 
 
 @pytest.mark.parametrize("command", ["fuse", "core"])

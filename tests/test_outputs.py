@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from helpers import interrupted_at_step, sm
+from helpers import interrupted_at_step, run_cli, sm
 from helpers import one_error_line as one_error
 from safetensors.torch import load_file, save_file
 
@@ -441,3 +441,156 @@ def test_a_full_disk_while_training_or_evaluating_is_one_error_line(tiny_base, d
     r = sm("eval", "--model", tiny_base, "--task", f"t={data}", "--limit", 2, "-o", tmp_path / "acc.json", ok=False)
     one_error(r, "no space left")
     assert not list(tmp_path.glob("*acc.json*"))
+
+
+def same_tensors(a: Path, b: Path) -> bool:
+    x, y = load_file(str(a)), load_file(str(b))
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def _sparsemerge(*args, env=None, **kw):
+    """`sparsemerge ARGS` started as a process of its own."""
+    import subprocess
+    import sys
+
+    return subprocess.Popen(
+        [str(Path(sys.executable).parent / "sparsemerge"), *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+        **kw,
+    )
+
+
+def test_two_real_processes_writing_one_output_never_both_succeed(planted, tmp_path):
+    """Two `sparsemerge fuse` processes on one output: the second, started while the first writes (the
+    first slowed by the test hook), fails at once with one line; started together without --force,
+    exactly one succeeds every time and the output is that one's, whole."""
+    import time
+
+    args = ["fuse", planted["a"], planted["b"], "--base", planted["base"], "--p", 50, "--no-check"]
+    solo = tmp_path / "solo.safetensors"
+    sm(*args, "-o", solo)
+    out = tmp_path / "f.safetensors"
+    first = _sparsemerge(*args, "-o", out, env={"MERGEKIT_SPARSE_FAULT": "slow:0.2"})
+    lock = tmp_path / ".f.safetensors.lock"
+    deadline = time.monotonic() + 60
+    while not lock.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert lock.exists(), first.communicate()
+    second = _sparsemerge(*args, "-o", out, "--force")
+    _, err = second.communicate(timeout=120)
+    assert second.returncode == 1 and "another process is writing" in err and "Traceback" not in err, err
+    assert first.wait(timeout=120) == 0, first.communicate()
+    assert same_tensors(out, solo)
+    for trial in range(3):
+        out = tmp_path / f"t{trial}.safetensors"
+        procs = [_sparsemerge(*args, "-o", out) for _ in range(2)]
+        results = [(p.wait(timeout=120), p.communicate()[1]) for p in procs]
+        assert sorted(rc for rc, _ in results) == [0, 1], results
+        loser = next(e for rc, e in results if rc)
+        assert loser.strip().splitlines()[-1].startswith("Error:") and "Traceback" not in loser, loser
+        assert same_tensors(out, solo)
+    assert not list(tmp_path.glob(".*lock")) and not list(tmp_path.glob("*partial*"))
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder on a real read-only file system (a tmpfs mounted ro; skipped where mounting is not allowed)."""
+    import subprocess
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip("cannot mount a read-only file system here (needs root)")
+    try:
+        yield ro
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
+
+
+def test_a_read_only_file_system_is_one_error_line(tiny_base, tiny_tasks, read_only_folder):
+    before = [digest(Path(p) / "model.safetensors") for p in (tiny_base, *tiny_tasks[:2])]
+    for args in (
+        ["core", "--base", tiny_base, *tiny_tasks[:2], "--p", 5, "-o", read_only_folder / "c"],
+        ["fuse", *tiny_tasks[:2], "--base", tiny_base, "--p", 5, "-o", read_only_folder / "f", "--no-check"],
+    ):
+        one_error(sm(*args, ok=False), "read-only file system")
+    assert not list(read_only_folder.iterdir())
+    assert [digest(Path(p) / "model.safetensors") for p in (tiny_base, *tiny_tasks[:2])] == before
+
+
+@pytest.mark.parametrize("fault,says", [("enospc", "no space left"), ("erofs", "read-only file system")])
+def test_a_write_failing_midway_is_one_error_line_and_leaves_nothing(tiny_base, tiny_tasks, tmp_path, fault, says):
+    """The file system fills up or turns read-only in the middle of an output (the test hook fails the
+    third tensor write, or the small side file): one line, nothing left, for core and fuse."""
+    for kind in (f"{fault}:3", f"{fault}-text"):
+        outs = {"c": tmp_path / f"c-{kind}", "f": tmp_path / f"f-{kind}"}
+        for key, args in (
+            ("c", ["core", "--base", tiny_base, *tiny_tasks[:2], "--p", 5, "-o", outs["c"]]),
+            ("f", ["fuse", *tiny_tasks[:2], "--base", tiny_base, "--p", 5, "-o", outs["f"], "--no-check"]),
+        ):
+            r = run_cli(*args, env={"MERGEKIT_SPARSE_FAULT": kind})
+            lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+            assert r.returncode == 1 and lines[-1].startswith("Error:") and says in lines[-1], (kind, r.stderr)
+            assert "Traceback" not in r.stderr
+            assert not outs[key].exists() or not any(p for p in outs[key].iterdir() if not p.name.startswith("."))
+        assert not list(tmp_path.rglob("*partial*")) and not list(tmp_path.rglob(".*.tmp*"))
+
+
+def test_a_killed_or_failed_training_snapshot_keeps_the_last_good_one(tiny_base, data, tmp_path):
+    """Killed halfway through a snapshot (its weights written, not its optimizer state): the rerun resumes
+    from the snapshot before and ends with the weights of an uninterrupted run. A full or read-only disk at
+    a snapshot: one line, the last good snapshot kept, no temporaries."""
+    args = ["train", "--model", tiny_base, "--data", data, "--steps", 6, "--lr", "3e-3", "--batch-size", 4,
+            "--save-every", 2, "--seed", 3]  # fmt: skip
+    sm(*args, "-o", tmp_path / "ref")
+    out = tmp_path / "out"
+    r = run_cli(*args, "-o", out, env={"MERGEKIT_SPARSE_FAULT": "kill-snapshot:2"})  # the step-4 snapshot
+    assert r.returncode == -9, r.stderr
+    assert json.loads((tmp_path / "out.work" / "snapshot" / "step.json").read_text())["step"] == 2
+    r = run_cli(*args, "-o", out)
+    assert r.returncode == 0 and "resuming from the snapshot at step 2" in r.stderr, r.stderr
+    assert same_tensors(out / "model.safetensors", tmp_path / "ref" / "model.safetensors")
+    assert not (tmp_path / "out.work").exists()
+    for fault, says in (("enospc", "no space left"), ("erofs", "read-only file system")):
+        out = tmp_path / f"out-{fault}"
+        r = run_cli(*args, "-o", out, env={"MERGEKIT_SPARSE_FAULT": f"{fault}-snapshot:2"})
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert r.returncode == 1 and lines[-1].startswith("Error:") and says in lines[-1], r.stderr
+        work = tmp_path / f"out-{fault}.work"
+        assert json.loads((work / "snapshot" / "step.json").read_text())["step"] == 2
+        assert sorted(p.name for p in work.iterdir()) == ["log.jsonl", "settings.json", "snapshot"]
+        assert not out.exists()
+
+
+def test_a_stage_without_its_record_is_redone_and_a_failed_record_is_one_line(tiny_base, tiny_tasks, data, tmp_path):
+    """retrain killed between a stage's committed model and its stage.json: the rerun redoes that stage
+    (never skips it) and ends where an uninterrupted run ends; a full disk at the record: one line, the
+    earlier stages' records intact, and the rerun skips exactly those."""
+    sm("core", "--base", tiny_base, *tiny_tasks[:2], "--p", 5, "-o", tmp_path / "c")
+    (tmp_path / "g.json").write_text(json.dumps({"tasks": ["math", "code"], "groups": [["math"], ["code"]]}))
+    args = ["retrain", "--model", tiny_tasks[1], "--groups", tmp_path / "g.json", "--masks", tmp_path / "c",
+            "--data", f"math={data}", "--data", f"code={data}", "--per-task", 4, "--steps", 2, "--batch-size", 4,
+            "--json"]  # fmt: skip
+    sm(*args, "-o", tmp_path / "ref")
+    rt = tmp_path / "rt"
+    r = run_cli(*args, "-o", rt, env={"MERGEKIT_SPARSE_FAULT": "kill-stage.json:1"})
+    assert r.returncode == -9 and (rt / "stage-1" / "model.safetensors").is_file()
+    assert not (rt / "stage-1" / "stage.json").exists()
+    r = run_cli(*args, "-o", rt)
+    assert r.returncode == 0, r.stderr
+    assert [s.get("skipped", False) for s in json.loads(r.stdout)["stages"]] == [False, False]
+    for k in (1, 2):
+        assert same_tensors(
+            rt / f"stage-{k}" / "model.safetensors", tmp_path / "ref" / f"stage-{k}" / "model.safetensors"
+        )
+    rt = tmp_path / "rt2"
+    r = run_cli(*args, "-o", rt, env={"MERGEKIT_SPARSE_FAULT": "enospc-stage.json:2"})
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 1 and lines[-1].startswith("Error:") and "no space left" in lines[-1], r.stderr
+    assert (rt / "stage-1" / "stage.json").is_file() and not (rt / "stage-2" / "stage.json").exists()
+    r = run_cli(*args, "-o", rt)
+    assert [s.get("skipped", False) for s in json.loads(r.stdout)["stages"]] == [True, False], r.stderr

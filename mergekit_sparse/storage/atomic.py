@@ -24,6 +24,8 @@ def os_error(e: OSError, where: Path) -> OutputError:
             f"no space left on the device while writing {where}; free space or write elsewhere "
             "(the partial output was removed)"
         )
+    if e.errno == errno.EROFS:
+        return OutputError(f"{where} is on a read-only file system; write elsewhere (the partial output was removed)")
     return OutputError(f"cannot write {where} ({e.strerror}); the partial output was removed")
 
 
@@ -225,10 +227,36 @@ class Committable:
         return False
 
 
-def write_small(path: Path, text: str) -> None:
-    """Write a small text file in place (inside a temporary output; the fault hook simulates a full disk)."""
-    if os.environ.get("MERGEKIT_SPARSE_FAULT") == "enospc-text":  # test hook: a full file system
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+def fault_point(site: str) -> None:
+    """Test hook: MERGEKIT_SPARSE_FAULT=KIND-SITE:N (KIND kill, enospc or erofs) makes the N-th time this
+    process reaches `site` (e.g. `snapshot`, halfway through a training snapshot) die by SIGKILL or fail."""
+    kind, _, rest = os.environ.get("MERGEKIT_SPARSE_FAULT", "").partition("-")
+    where, _, n = rest.partition(":")
+    if where != site or kind not in ("kill", "enospc", "erofs") or not n.isdigit():
+        return
+    count = _FAULTS[site] = _FAULTS.get(site, 0) + 1
+    if count == int(n):
+        if kind == "kill":
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+        code = errno.ENOSPC if kind == "enospc" else errno.EROFS
+        raise OSError(code, os.strerror(code))
+
+
+_FAULTS: dict[str, int] = {}
+
+
+def write_small(path: Path, text: str, site: str | None = None) -> None:
+    """Write a small text file in place (inside a temporary output). Test hooks: MERGEKIT_SPARSE_FAULT=
+    enospc-text / erofs-text fails every small write; KIND-NAME:N (`fault_point`) the N-th of the file
+    NAME (`site`, e.g. stage.json)."""
+    fault = os.environ.get("MERGEKIT_SPARSE_FAULT")
+    if fault in ("enospc-text", "erofs-text"):
+        code = errno.ENOSPC if fault == "enospc-text" else errno.EROFS
+        raise OSError(code, os.strerror(code))
+    if site and fault:
+        fault_point(site)
     path.write_text(text, encoding="utf-8")
 
 
@@ -241,7 +269,7 @@ def staged_text(path: str | os.PathLike, text: str, *, force: bool = True) -> At
         raise os_error(e, path) from None
     target = AtomicPath(path, force=force, is_dir=False)
     try:
-        write_small(target.tmp, text)
+        write_small(target.tmp, text, site=path.name)
     except OSError as e:
         target.discard()
         raise os_error(e, path) from None

@@ -94,19 +94,31 @@ def check_output(out: Path, inputs: list[Path], *, force: bool, side_files=(), s
         try:
             parent.mkdir(parents=True)
         except OSError as e:
+            if e.errno == errno.EROFS:
+                raise OutputError(
+                    f"cannot create the output folder {parent}: it is on a read-only file system; choose another -o path"
+                ) from None
             raise OutputError(f"cannot create the output folder {parent} ({e.strerror})") from None
     if not os.access(parent, os.W_OK):
+        if os.statvfs(parent).f_flag & os.ST_RDONLY:
+            raise OutputError(f"output folder {parent} is on a read-only file system; choose another -o path")
         raise OutputError(f"output folder {parent} is not writable; choose another -o path")
 
 
 def _fault_injection() -> None:
-    """Test hook: MERGEKIT_SPARSE_FAULT=kill:N or enospc:N makes the N-th tensor write of the process
-    die by SIGKILL or fail with ENOSPC, so the fault tests hit a real mid-write state."""
+    """Test hook: MERGEKIT_SPARSE_FAULT=kill:N, enospc:N or erofs:N makes the N-th tensor write of the
+    process die by SIGKILL or fail with ENOSPC or EROFS, so the fault tests hit a real mid-write state;
+    slow:SECONDS sleeps before every tensor write (a writer that stays mid-write for a race test)."""
     spec = os.environ.get("MERGEKIT_SPARSE_FAULT")
     if not spec:
         return
     kind, _, n = spec.partition(":")
-    if kind not in ("kill", "enospc") or not n.isdigit():
+    if kind == "slow":
+        import time
+
+        time.sleep(float(n))
+        return
+    if kind not in ("kill", "enospc", "erofs") or not n.isdigit():
         return  # another hook's spec (kill-commit:K, enospc-text)
     _fault_injection.count = getattr(_fault_injection, "count", 0) + 1
     if _fault_injection.count == int(n):
@@ -114,8 +126,8 @@ def _fault_injection() -> None:
             import signal
 
             os.kill(os.getpid(), signal.SIGKILL)
-        if kind == "enospc":
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        code = errno.ENOSPC if kind == "enospc" else errno.EROFS
+        raise OSError(code, os.strerror(code))
 
 
 def _storage(piece, code: str, name: str) -> np.ndarray:

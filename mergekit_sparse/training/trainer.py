@@ -258,9 +258,13 @@ def _snapshot(work: Path, model, opt: MaskedAdamW, step: int) -> None:
     snap = AtomicPath(work / "snapshot", force=True, is_dir=True)
     try:
         save_file({k: v.contiguous() for k, v in saved_state(model).items()}, snap.tmp / "model.safetensors")
+        atomic.fault_point("snapshot")
         torch.save(opt.state_dict(), snap.tmp / "optimizer.pt")
         (snap.tmp / "step.json").write_text(json.dumps({"step": step}))
         snap.commit()
+    except OSError as e:  # a full or read-only disk: the last good snapshot stays, the new one is dropped
+        snap.discard()
+        raise atomic.os_error(e, work / "snapshot") from None
     except BaseException:
         snap.discard()
         raise
