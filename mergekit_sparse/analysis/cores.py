@@ -11,6 +11,7 @@ Several tasks share every pass, so the base is read once per pass whatever the t
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,11 +29,16 @@ from ..storage.scope import Scope
 from .names import layer_key, sorted_layers
 
 
-def delta_chunks(base: Checkpoint, tasks: list[Checkpoint]):
+def delta_chunks(base: Checkpoint, tasks: list[Checkpoint], *, lazy: bool = False):
     """chunks(name, ranges) -> (start, [|θ_task − θ_base| for each task]) per range, float32 numpy arrays
     (read lazily). The yielded arrays are scratch buffers, valid until the next chunk: consumers copy
-    what they keep."""
+    what they keep. `lazy`: full-pass chunks give each task's |Δ| as a callable instead, so the worker
+    that counts a task also converts it (`run_passes` calls them; the base is converted once a chunk)."""
     bufs = Buffers()
+
+    def delta(t: Checkpoint, i: int, name: str, s: int, e: int, w0: np.ndarray) -> np.ndarray:
+        d = t.float32(name, s, e, out=bufs.get(i + 1, e - s))
+        return np.abs(np.subtract(d, w0, out=d), out=d)
 
     def chunks(name: str, ranges, gather: bool = False):
         if gather:  # every range at once, concatenated (few ops for many sample blocks)
@@ -45,11 +51,10 @@ def delta_chunks(base: Checkpoint, tasks: list[Checkpoint]):
             return
         for s, e in ranges:
             w0 = base.float32(name, s, e, out=bufs.get(0, e - s))
-            out = []
-            for i, t in enumerate(tasks):
-                d = t.float32(name, s, e, out=bufs.get(i + 1, e - s))
-                out.append(np.abs(np.subtract(d, w0, out=d), out=d))  # (e - s,)
-            yield s, out
+            if lazy:
+                yield s, [functools.partial(delta, t, i, name, s, e, w0) for i, t in enumerate(tasks)]
+            else:
+                yield s, [delta(t, i, name, s, e, w0) for i, t in enumerate(tasks)]  # (e - s,) each
 
     return chunks
 
@@ -91,7 +96,7 @@ def prepare_selectors(
     run_passes(
         selectors,
         scope,
-        delta_chunks(base, tasks),
+        delta_chunks(base, tasks, lazy=True),
         sources=[[base, t] for t in tasks],
         progress=progress,
         desc=desc,
@@ -208,7 +213,7 @@ def compute_cores(
             run_passes(
                 selectors,
                 scope,
-                delta_chunks(base, tasks),
+                delta_chunks(base, tasks, lazy=True),
                 sources=[[base, t] for t in tasks],
                 progress=progress,
                 desc="core",

@@ -196,6 +196,8 @@ def _feed_passes(selectors, scope, chunks, sources, progress, desc, emit, sample
 
                 def feed(i, start=start, scores=scores, n=n, name=name, weight=weight):
                     sel, sc = selectors[i], scores[i]
+                    if callable(sc):  # computed by the worker that consumes it (`delta_chunks(lazy=True)`)
+                        sc = sc()
                     counting = sel.wants() is Pass.COUNT
                     try:
                         sel.observe(name, start, sc, **weight)
