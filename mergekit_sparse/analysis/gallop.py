@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 from ..errors import NonFiniteError, OptionError
 from ..selection.keys import hist_quantiles, key_histogram
-from ..selection.passes import chunk_ranges, run_passes
+from ..selection.passes import Buffers, chunk_ranges, run_passes
 from ..selection.topk import TopK, k_for, tie_summary
 from ..storage import atomic
 from ..storage.checkpoint import Checkpoint
@@ -54,8 +54,8 @@ def score(
     criterion: str, theta: torch.Tensor, grad: torch.Tensor, *, name: str = "", seed: int = 0, start: int = 0
 ) -> torch.Tensor:
     """The selection score of every entry (float32, same shape as θ); `start` is the flat offset of a chunk."""
-    if criterion == "gallop":
-        return grad.abs() / (theta.abs() + EPS)
+    if criterion == "gallop":  # |g| / (|θ| + ε), two temporaries instead of four
+        return grad.abs().div_(theta.abs().add_(EPS))
     if criterion == "saft":
         return grad.abs()
     if criterion == "pafi":
@@ -132,9 +132,12 @@ def select_sparse(
     k = k_for(rho, total, what="rho")
     sels = [TopK(k, total, ranks=scope.ranks, seed=tie_seed) for _ in criteria]
 
+    bufs = Buffers()  # the chunks' float32 copies, reused: every consumer is done with a chunk before the next
+
     def chunks(name, ranges):
         for s, e in ranges:  # float32 chunks of the read-only mappings
-            th, g = torch.from_numpy(params.float32(name, s, e)), torch.from_numpy(grads.float32(name, s, e))
+            th = torch.from_numpy(params.float32(name, s, e, out=bufs.get("theta", e - s)))
+            g = torch.from_numpy(grads.float32(name, s, e, out=bufs.get("grad", e - s)))
             if not math.isfinite(float(g.sum())) and not torch.isfinite(g).all():  # a sum is one cheap pass
                 raise NonFiniteError(f"tensor '{name}' in {grads.path} holds NaN/Inf gradients")
             yield s, [score(c, th, g, name=name, seed=seed, start=s) for c in criteria]
@@ -174,8 +177,8 @@ def select_sparse(
             n = scope.numel(name)
             parts = {c: [] for c in criteria}
             for s, e in chunk_ranges(n):
-                theta = torch.from_numpy(params.float32(name, s, e))
-                g = torch.from_numpy(grads.float32(name, s, e))
+                theta = torch.from_numpy(params.float32(name, s, e, out=bufs.get("theta", e - s)))
+                g = torch.from_numpy(grads.float32(name, s, e, out=bufs.get("grad", e - s)))
                 masks = {}
                 for c, sel in zip(criteria, sels):
                     sc = score(c, theta, g, name=name, seed=seed, start=s)
