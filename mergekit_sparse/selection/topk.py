@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import NonFiniteError, OptionError
+from ..storage.masks import ascending
 from .keys import (
     BINS,
     CHUNK,
@@ -608,10 +609,10 @@ class TopK:
         self.ties_at_hi = t == self.hi  # the sure entries equal to hi are tie picks too
         picked = np.flatnonzero(chosen_mask & (vals == t))
         for tid, at in _by_tensor(tens[picked]):
-            self.tie_extra[names[tid]] = np.sort(pos[picked[at]])
-        chosen = np.flatnonzero(chosen_mask)  # in scan order
+            self.tie_extra[names[tid]] = ascending(pos[picked[at]])
+        chosen = np.flatnonzero(chosen_mask)  # in scan order: a tensor's chunks arrive in order
         for tid, at in _by_tensor(tens[chosen]):
-            self.extra[names[tid]] = np.sort(pos[chosen[at]])
+            self.extra[names[tid]] = ascending(pos[chosen[at]])
         self._phase = "window"
         return True
 
