@@ -75,24 +75,29 @@ def test_the_cut_selects_exactly_the_sorted_top_k(kind, share, monkeypatch):
 def test_each_fallback_path_still_selects_exactly(monkeypatch):
     """The guess and bracket forced to miss (radix passes over everything), the bracket's values over the
     cap (radix passes over the bracket), the hash bracket forced to miss (the histogram of hashes)."""
+    monkeypatch.setattr(cuts, "SAMPLE", 1 << 12)  # a sample far smaller than the data
     rng = np.random.default_rng(0)
+    seen = []  # keys each radix select ranked
+    radix = cuts.radix_select
+    monkeypatch.setattr(cuts, "radix_select", lambda ch, k: seen.append(sum(c.size for c in ch())) or radix(ch, k))
+
+    # continuous scores (the guess misses) with the bracket's values over the cap: the radix over the bracket
+    t = scores("continuous", rng)
+    total = sum(x.size for x in t)
+    k = int(0.3 * total)
+    monkeypatch.setattr(cuts, "CANDIDATES", 10)
+    cut = cuts.top_k_cut(*stream(t), k, total, seed=1)
+    assert len(seen) == 1 and 0 < seen[0] < total // 10
+    assert all(np.array_equal(a, b) for a, b in zip(chosen(cut, t), oracle(t, k, 1)))
+
+    # a sample that lies (all zeros): the bracket misses, the radix runs over every key
     t = scores("bf16", rng)
     total = sum(x.size for x in t)
     k = int(0.3 * total)
     want = oracle(t, k, 1)
-    calls = []
-    radix = cuts._radix
-    monkeypatch.setattr(cuts, "_radix", lambda *a: calls.append(a[2:]) or radix(*a))
-
-    # the bracket's values over the cap: the radix passes over the bracket only
-    monkeypatch.setattr(cuts, "CANDIDATES", 10)
-    cut = cuts.top_k_cut(*stream(t), k, total, seed=1)
-    assert all(np.array_equal(a, b) for a, b in zip(chosen(cut, t), want))
-
-    # a sample that lies (all zeros): the bracket misses, the radix runs over every key
-    calls.clear()
+    seen.clear()
     cut = cuts.top_k_cut(stream(t)[0], lambda step: np.zeros(100, np.int32), k, total, seed=1)
-    assert calls == [(-(2**31), 2**31 - 1)]
+    assert seen == [total]
     assert all(np.array_equal(a, b) for a, b in zip(chosen(cut, t), want))
 
     # the hash bracket misses (a spread that points the wrong way): the histogram of hashes decides

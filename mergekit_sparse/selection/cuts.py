@@ -31,7 +31,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from ..errors import OptionError
-from .keys import BINS, tie_hash
+from .keys import BINS, bracket, radix_select, tie_hash
 
 ALL = 1 << 64  # a hash cut above every hash: the whole run of t is taken
 SAMPLE = 1 << 20  # scores sampled over the whole scope
@@ -79,28 +79,21 @@ def top_k_cut(chunks: Chunks, sample: Callable[[int], np.ndarray], k: int, total
         raise OptionError(f"cannot select {k} of {total} parameters")
     step = max(1, total // SAMPLE)
     s = np.sort(sample(step))
-    m = s.size
-    q = k * m / total  # the k-th largest's expected rank from the top of the sample
-    d = 4 * math.sqrt(max(q * (1 - q / m), 0.0)) + 8
-    hi = int(s[m - min(m, max(1, math.floor(q - d)))])
-    lo = int(s[m - min(m, math.ceil(q + d))])
-    guess = int(s[m - min(m, max(1, round(q)))])
+    lo, hi, guess = bracket(s, k, total)
     inside = int(np.searchsorted(s, hi, side="right") - np.searchsorted(s, lo, side="left"))
     keep_values = inside * step * 2 <= CANDIDATES  # twice the sample's estimate of the bracket's keys
     c = _count(chunks, lo, hi, guess, keep_values)
     if c["guess_above"] < k <= c["guess_at_least"]:
         t, above, eq = guess, c["guess_above"], c["guess_at_least"] - c["guess_above"]
     elif c["above"] < k <= c["at_least"] and c["values"] is not None:
-        from .keys import _kth_radix
-
         vals = c["values"]
-        t = _kth_radix(vals, k - c["above"]) if vals.size else lo
+        t = radix_select(lambda: [vals], k - c["above"])[0] if vals.size else lo
         above, eq = c["above"] + int(np.count_nonzero(vals > t)), int(np.count_nonzero(vals == t))
-    elif c["above"] < k <= c["at_least"]:
-        t, above, eq = _radix(chunks, k - c["above"], lo, hi)
+    elif c["above"] < k <= c["at_least"]:  # too many bracket values to keep: the radix over the bracket
+        t, above, eq = radix_select(lambda: (x[(x >= lo) & (x <= hi)] for _, _, x in chunks()), k - c["above"])
         above += c["above"]
     else:  # the bracket missed: the radix select over everything
-        t, above, eq = _radix(chunks, k, -(2**31), 2**31 - 1)
+        t, above, eq = radix_select(lambda: (x for _, _, x in chunks()), k)
     r = k - above
     cut = ALL if r == eq else _hash_cut(chunks, t, r, eq, seed)
     return Cut(key=t, hash_cut=cut, seed=seed, k=k, above=above, ties=eq)
@@ -126,30 +119,6 @@ def _count(chunks: Chunks, lo: int, hi: int, guess: int, keep_values: bool) -> d
         values = []
     out["values"] = None if values is None else (np.concatenate(values) if values else np.zeros(0, np.int32))
     return out
-
-
-def _radix(chunks: Chunks, k: int, lo: int, hi: int) -> tuple[int, int, int]:
-    """(t, entries in [lo, hi] above t, entries equal to t) for t the k-th largest key in [lo, hi]: two
-    passes of 16-bit histograms of the keys in the range."""
-    counts = np.zeros(BINS, dtype=np.int64)
-    for v in _in_range(chunks, lo, hi):
-        counts += np.bincount((v >> 16) + BINS // 2, minlength=BINS)
-    from_top = np.cumsum(counts[::-1])
-    i = int(np.searchsorted(from_top, k))
-    high = BINS - 1 - i - BINS // 2
-    above = int(from_top[i - 1]) if i else 0
-    low = np.zeros(BINS, dtype=np.int64)
-    for v in _in_range(chunks, lo, hi):
-        low += np.bincount(v[(v >> 16) == high] & 0xFFFF, minlength=BINS)
-    from_top_low = np.cumsum(low[::-1])
-    j = int(np.searchsorted(from_top_low, k - above))
-    t = (high << 16) | (BINS - 1 - j)
-    return t, above + (int(from_top_low[j - 1]) if j else 0), int(low[BINS - 1 - j])
-
-
-def _in_range(chunks: Chunks, lo: int, hi: int) -> Iterator[np.ndarray]:
-    for _, _, c in chunks():
-        yield c if lo == -(2**31) and hi == 2**31 - 1 else c[(c >= lo) & (c <= hi)]
 
 
 def _eq_hashes(chunks: Chunks, t: int, seed: int) -> Iterator[np.ndarray]:

@@ -182,15 +182,20 @@ def kth_largest_key(key: np.ndarray, k: int) -> int:
     return _kth_radix(key, k)
 
 
-def _kth_bracketed(key: np.ndarray, k: int) -> int | None:
-    n = key.size
-    sample = np.sort(key[:: n // max(SAMPLE, n >> 8)])  # ascending; a larger sample of a larger tensor
+def bracket(sample: np.ndarray, k: int, n: int) -> tuple[int, int, int]:
+    """(lo, hi, guess) around the k-th largest of n keys from a sorted (ascending) sample of them: ±4σ of
+    the sampled rank, and the point estimate (often inside the long run of equal keys that holds the k-th)."""
     m = sample.size
     q = k * m / n  # the k-th largest's expected rank from the top of the sample
-    d = 4 * math.sqrt(q * (1 - q / m)) + 8
+    d = 4 * math.sqrt(max(q * (1 - q / m), 0.0)) + 8
     hi = int(sample[m - min(m, max(1, math.floor(q - d)))])
     lo = int(sample[m - min(m, math.ceil(q + d))])
-    guess = int(sample[m - min(m, max(1, round(q)))])  # often inside the long run that holds the k-th
+    return lo, hi, int(sample[m - min(m, max(1, round(q)))])
+
+
+def _kth_bracketed(key: np.ndarray, k: int) -> int | None:
+    n = key.size
+    lo, hi, guess = bracket(np.sort(key[:: n // max(SAMPLE, n >> 8)]), k, n)  # a larger tensor, a larger sample
     above = at_least = guess_above = guess_at_least = 0
     for start in range(0, n, CHUNK):
         c = key[start : start + CHUNK]
@@ -210,19 +215,25 @@ def _kth_bracketed(key: np.ndarray, k: int) -> int | None:
 
 
 def _kth_radix(key: np.ndarray, k: int) -> int:
-    """The k-th largest of int32 `key` by two 16-bit radix histograms: O(n), insensitive to duplicates
-    (np.partition's introselect takes seconds on the few distinct values of a bf16 fine-tune's |Δ|), and
-    chunked."""
+    """The k-th largest of int32 `key` (`radix_select` over its chunks)."""
+    return radix_select(lambda: (key[s : s + CHUNK] for s in range(0, key.size, CHUNK)), k)[0]
+
+
+def radix_select(chunks, k: int) -> tuple[int, int, int]:
+    """(t, keys above t, keys equal to t) for t the k-th largest of the int32 keys that `chunks()` yields
+    (called twice: one pass per 16-bit radix histogram). O(n), insensitive to duplicates (np.partition's
+    introselect takes seconds on the few distinct values of a bf16 fine-tune's |Δ|), and chunked."""
     counts = np.zeros(BINS, dtype=np.int64)
-    for start in range(0, key.size, CHUNK):
-        counts += np.bincount((key[start : start + CHUNK] >> 16) + BINS // 2, minlength=BINS)
+    for c in chunks():
+        counts += np.bincount((c >> 16) + BINS // 2, minlength=BINS)
     from_top = np.cumsum(counts[::-1])
     i = int(np.searchsorted(from_top, k))  # the bucket holding the k-th largest, counted from the top
     high = BINS - 1 - i - BINS // 2  # its high 16 bits, signed
     above = int(from_top[i - 1]) if i else 0
-    low_counts = np.zeros(BINS, dtype=np.int64)
-    for start in range(0, key.size, CHUNK):
-        c = key[start : start + CHUNK]
-        low_counts += np.bincount(c[(c >> 16) == high] & 0xFFFF, minlength=BINS)
-    j = int(np.searchsorted(np.cumsum(low_counts[::-1]), k - above))
-    return (high << 16) | (BINS - 1 - j)
+    low = np.zeros(BINS, dtype=np.int64)
+    for c in chunks():
+        low += np.bincount(c[(c >> 16) == high] & 0xFFFF, minlength=BINS)
+    from_top_low = np.cumsum(low[::-1])
+    j = int(np.searchsorted(from_top_low, k - above))
+    t = (high << 16) | (BINS - 1 - j)
+    return t, above + (int(from_top_low[j - 1]) if j else 0), int(low[BINS - 1 - j])
