@@ -423,18 +423,17 @@ def _global_cuts(method, base, models, tp: TensorParams, scope: Scope, tie_seed:
 
 def _abs_tau_stream(base: Checkpoint, ck: Checkpoint, scope: Scope):
     """(chunks, sample) of |τ| = |θ − θ⁰| in float32 for `selection.cuts`: its int32 keys chunk by chunk over
-    every tensor in scope (one reused buffer: consumers copy what they keep), and every step-th of them."""
+    every tensor in scope (`core`'s reader, `delta_chunks`: reused buffers, consumers copy what they keep),
+    and every step-th of them."""
+    from ..analysis.cores import delta_chunks
+
     names = scope.names
 
     def chunks():
-        a_buf, b_buf = np.empty(CHUNK, np.float32), np.empty(CHUNK, np.float32)
+        read = delta_chunks(base, [ck])
         for name in names:
-            v, b = ck.array(name).reshape(-1), base.array(name).reshape(-1)
-            cv, cb, rank = ck.infos[name].code, base.infos[name].code, scope.ranks[name]
-            for s, e in chunk_ranges(v.size):
-                a = dtypes.to_float32(v[s:e], cv, a_buf[: e - s])
-                np.subtract(a, dtypes.to_float32(b[s:e], cb, b_buf[: e - s]), out=a)
-                np.abs(a, out=a)
+            rank = scope.ranks[name]
+            for s, (a,) in read(name, chunk_ranges(int(np.prod(scope.shapes[name], dtype=np.int64)))):
                 if not np.isfinite(a.max()):
                     raise nonfinite_error(name, [base, ck])
                 yield rank, s, a.view(np.int32)
