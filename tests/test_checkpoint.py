@@ -244,3 +244,41 @@ def test_writer_in_any_order_places_every_tensor_and_refuses_a_missing_one(tiny_
             for name in ck.names[1:]:
                 w.write(name, ck.tensor(name))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["any"]
+
+
+@pytest.mark.parametrize("any_order", [False, True])
+def test_writer_metadata_given_as_a_callable_is_resolved_at_commit_into_every_shard(tiny_base, tmp_path, any_order):
+    """fuse and merge pass their base record (with the base's content fingerprint, hashed during the pass)
+    as a callable: it is called once, after every tensor is written, and lands in every shard's header and
+    the index, the shards already closed by then included; when it fails, nothing is left behind."""
+    ck = Checkpoint.open(tiny_base)
+    plan = [(n, i.dtype, i.shape) for n, i in ck.infos.items()]
+    written: list[str] = []
+    calls: list[int] = []
+
+    def late() -> dict[str, str]:
+        calls.append(len(written))
+        return {"base_model": "x" * 3000, "base_fingerprint": "sha256-tensors-v1:" + "f" * 64}
+
+    out = tmp_path / "late"
+    with CheckpointWriter(out, plan, folder=True, shard_bytes=20_000, metadata=late, any_order=any_order) as w:
+        for name in ck.names:
+            w.write(name, ck.tensor(name))
+            written.append(name)
+    assert calls == [len(ck.names)]  # once, after the last tensor
+    got = Checkpoint.open(out)
+    assert len(got.files) > 1 and all(torch.equal(got.tensor(n), ck.tensor(n)) for n in ck.names)
+    for f in got.files:
+        with safe_open(str(f), "pt") as h:
+            assert h.metadata() == {"format": "pt", **late()}
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["base_fingerprint"] == late()["base_fingerprint"]
+
+    def failing() -> dict[str, str]:
+        raise CheckpointError("the base changed while it was read")
+
+    with pytest.raises(CheckpointError, match="changed while"):
+        with CheckpointWriter(tmp_path / "failed", plan, folder=True, shard_bytes=20_000, metadata=failing) as w:
+            for name in ck.names:
+                w.write(name, ck.tensor(name))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["late"]

@@ -85,7 +85,7 @@ def fuse(
     dtype=None,
     shard_bytes: int | None = None,
     force: bool = False,
-    metadata: dict[str, str] | None = None,
+    metadata=None,  # a dict, or a callable called at commit (see CheckpointWriter)
     progress: bool = False,
     check: bool = False,
     settings: dict | None = None,
@@ -155,7 +155,6 @@ def fuse(
 
     def write(counting: bool) -> FuseReport:
         job.start(counting)
-        meta = metadata() if callable(metadata) else metadata  # (callables: fingerprints hashed meanwhile)
         # tensors are independent when cores come from mask files or the counting pass, so several
         # workers may fuse at once (the fallback's selection pass stays on one worker)
         workers = fusion_workers() if counting or masks is not None else 1
@@ -164,7 +163,7 @@ def fuse(
             plan,
             folder=folder,
             shard_bytes=shard_bytes,
-            metadata=meta,
+            metadata=metadata,  # a callable is called at commit: the fingerprints are hashed during the pass
             reference=onto.folder,
             inputs=inputs,
             force=force,

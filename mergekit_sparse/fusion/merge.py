@@ -470,7 +470,7 @@ def _merge_into(
         out,
         plan,
         folder=base.folder is not None,
-        metadata=metadata() if callable(metadata) else metadata,
+        metadata=metadata,  # a callable is called at commit: the fingerprints are hashed during the pass
         reference=base.folder,
         any_order=workers > 1,
         **writer_args,

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from . import dtypes
 from .atomic import AtomicPath, Committable, os_error, roll_forward, staged_text, write_small
 from .checkpoint import INDEX_NAME, SINGLE_NAME
 
+LATE_METADATA_ROOM = 16384  # header bytes kept for metadata given as a callable (paths and fingerprints)
 REFERENCE_FILES = (
     "config.json",
     "generation_config.json",
@@ -227,12 +229,18 @@ class SafetensorsStream:
         self._written.add(name)
 
     def set_metadata(self, metadata: dict[str, str]) -> None:
-        """Rewrite the metadata in place (it must fit in the header's reserved room)."""
+        """Rewrite the metadata in place (it must fit in the header's reserved room); the file may be
+        closed already (a finished shard)."""
         self._header["__metadata__"] = dict(metadata)
         raw = json.dumps(self._header, separators=(",", ":")).encode()
         room = self.data_start - 8
         if len(raw) > room:
             raise RuntimeError(f"{self.path}: metadata outgrew the reserved header room")  # a bug, not a user error
+        if self._f.closed:
+            with open(self.path, "r+b") as f:
+                f.seek(8)
+                f.write(raw + b" " * (room - len(raw)))
+            return
         pos = self._f.tell()
         self._f.seek(8)
         self._f.write(raw + b" " * (room - len(raw)))
@@ -282,7 +290,9 @@ class CheckpointWriter(Committable):
     `plan` lists (name, dtype, shape) in the order tensors will be written (the order in the
     files). With `any_order`, every file is opened at once and `write_chunks` takes the tensors in
     any order, from several threads if need be (each tensor from one thread). Shards are cut by
-    `shard_bytes` (None: one file). `commit()` puts the finished output in place and
+    `shard_bytes` (None: one file). `metadata` may be a callable, called when the output is committed
+    (for values known only after the pass, such as content fingerprints hashed meanwhile): every file's
+    header then keeps `LATE_METADATA_ROOM` bytes for it. `commit()` puts the finished output in place and
     `discard()` removes the temporary output (leaving a `with` block does one or the other).
     """
 
@@ -293,7 +303,7 @@ class CheckpointWriter(Committable):
         *,
         folder: bool,
         shard_bytes: int | None = None,
-        metadata: dict[str, str] | None = None,
+        metadata: dict[str, str] | Callable[[], dict[str, str]] | None = None,
         reference: Path | None = None,
         inputs: list[Path] = (),
         force: bool = False,
@@ -308,7 +318,10 @@ class CheckpointWriter(Committable):
         self.together: list = []  # finished temporaries (atomic.AtomicPath) of other outputs, committed with it
         self.force = force
         check_output(self.out, list(inputs), force=force)
-        self.plan, self.folder, self.metadata = plan, folder, metadata or {}
+        self._late_metadata = metadata if callable(metadata) else None
+        self._reserve = LATE_METADATA_ROOM if self._late_metadata else 0
+        self.plan, self.folder = plan, folder
+        self.metadata = {} if self._late_metadata else dict(metadata or {})
         self.reference, self.config_dtype = reference, config_dtype
         self.shards = _cut_shards(plan, shard_bytes) if folder else [plan]
         self._atomic = AtomicPath(self.out, force=force, is_dir=folder)
@@ -322,7 +335,7 @@ class CheckpointWriter(Committable):
         if any_order:
             try:
                 for i, shard in enumerate(self.shards):
-                    stream = SafetensorsStream(self._shard_path(i), shard, {"format": "pt", **self.metadata})
+                    stream = self._open_stream(i)
                     stream.flush()  # the header, before any positional write
                     self._opened.append(stream)
                     for name, dtype, _, nbytes in stream.entries:
@@ -337,6 +350,10 @@ class CheckpointWriter(Committable):
             except OSError as e:
                 self.discard()
                 raise os_error(e, self.out) from None
+
+    def _open_stream(self, i: int, entries=None) -> SafetensorsStream:
+        entries = self.shards[i] if entries is None else entries
+        return SafetensorsStream(self._shard_path(i), entries, {"format": "pt", **self.metadata}, reserve=self._reserve)
 
     def _shard_path(self, i: int) -> Path:
         if not self.folder:
@@ -362,9 +379,7 @@ class CheckpointWriter(Committable):
                     self._stream.close()
                 self._shard_i += 1
                 self._in_shard = 0
-                self._stream = SafetensorsStream(
-                    self._shard_path(self._shard_i), self.shards[self._shard_i], {"format": "pt", **self.metadata}
-                )
+                self._stream = self._open_stream(self._shard_i)
                 self._opened.append(self._stream)
             stream = self._stream
             _, dtype, shape, nbytes = stream.upcoming()
@@ -412,7 +427,11 @@ class CheckpointWriter(Committable):
 
         def finish() -> None:
             if not self._opened:  # an empty plan still yields a valid file
-                self._opened.append(SafetensorsStream(self._shard_path(0), [], {"format": "pt", **self.metadata}))
+                self._opened.append(self._open_stream(0, []))
+            if self._late_metadata is not None:
+                self.metadata = dict(self._late_metadata())
+                for stream in self._opened:
+                    stream.set_metadata({"format": "pt", **self.metadata})
             for stream in self._opened:
                 stream.close()
             if self.folder:
