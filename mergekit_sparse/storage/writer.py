@@ -236,14 +236,15 @@ class SafetensorsStream:
         room = self.data_start - 8
         if len(raw) > room:
             raise RuntimeError(f"{self.path}: metadata outgrew the reserved header room")  # a bug, not a user error
+        padded = raw + b" " * (room - len(raw))
         if self._f.closed:
             with open(self.path, "r+b") as f:
                 f.seek(8)
-                f.write(raw + b" " * (room - len(raw)))
+                f.write(padded)
             return
         pos = self._f.tell()
         self._f.seek(8)
-        self._f.write(raw + b" " * (room - len(raw)))
+        self._f.write(padded)
         self._f.seek(pos)
 
     def leave_holes(self, names) -> None:
